@@ -1,0 +1,1 @@
+"""The audit trail: AuditEvent, the recorder, and the live activity feed."""

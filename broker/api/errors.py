@@ -1,0 +1,67 @@
+"""The JSON error shape of every API outside the proxy: {"error": {"type", "message"}}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpRequest, JsonResponse
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+_TYPES = {
+    status.HTTP_400_BAD_REQUEST: "invalid_request",
+    status.HTTP_401_UNAUTHORIZED: "authentication_error",
+    status.HTTP_403_FORBIDDEN: "permission_denied",
+    status.HTTP_404_NOT_FOUND: "not_found",
+    status.HTTP_405_METHOD_NOT_ALLOWED: "method_not_allowed",
+    status.HTTP_406_NOT_ACCEPTABLE: "not_acceptable",
+    status.HTTP_409_CONFLICT: "conflict",
+    status.HTTP_413_REQUEST_ENTITY_TOO_LARGE: "request_too_large",
+    status.HTTP_415_UNSUPPORTED_MEDIA_TYPE: "unsupported_media_type",
+    status.HTTP_429_TOO_MANY_REQUESTS: "rate_limited",
+}
+
+
+def error_body(status_code: int, message: str, *, error_type: str | None = None) -> dict[str, Any]:
+    return {"error": {"type": error_type or _TYPES.get(status_code, "error"), "message": message}}
+
+
+def _flatten(detail: Any, prefix: str = "") -> list[str]:
+    """Turn DRF's nested validation details into readable 'field: message' lines."""
+    if isinstance(detail, dict):
+        lines: list[str] = []
+        for key, value in detail.items():
+            label = "" if key == "non_field_errors" else f"{prefix}{key}"
+            lines.extend(_flatten(value, f"{label}." if label else ""))
+        return lines
+    if isinstance(detail, list):
+        return [line for item in detail for line in _flatten(item, prefix)]
+    text = str(detail)
+    return [f"{prefix.rstrip('.')}: {text}" if prefix else text]
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None
+    if isinstance(exc, exceptions.APIException):
+        if isinstance(exc, exceptions.ValidationError):
+            message = "; ".join(_flatten(exc.detail)) or "invalid request"
+        else:
+            message = "; ".join(_flatten(exc.detail))
+        error_type = getattr(exc, "error_type", None)
+        if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
+            # 401 needs a challenge; DRF only adds one when an authenticator declares it.
+            response.status_code = status.HTTP_401_UNAUTHORIZED
+            response["WWW-Authenticate"] = 'Bearer realm="keybroker"'
+        response.data = error_body(response.status_code, message, error_type=error_type)
+    return response
+
+
+def json_not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    return JsonResponse(error_body(404, f"no such path: {request.path}"), status=404)
+
+
+def json_server_error(request: HttpRequest) -> JsonResponse:
+    return JsonResponse(error_body(500, "internal error; see the server log"), status=500)

@@ -1,0 +1,26 @@
+"""A last line of defence: log records never carry a credential, whatever a caller passes."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+# keybroker's own secrets (crd_, ckr_, cks_, cka_) and Anthropic keys and OAuth tokens.
+SECRET_PATTERN = re.compile(r"\b(?:crd|ckr|cks|cka)_[A-Za-z0-9_-]{8,}|sk-ant-[A-Za-z0-9_-]{8,}")
+
+
+def redact(text: str) -> str:
+    return SECRET_PATTERN.sub("[redacted]", text)
+
+
+class RedactSecretsFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_info and record.exc_info[1] is not None:
+            # Exception text is rendered later by the formatter; render and clean it now.
+            formatted = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = redact(formatted)
+        return True

@@ -1,0 +1,1 @@
+"""Business rules. Views, serializers, admin actions, commands and tasks call these."""

@@ -1,0 +1,243 @@
+"""keybroker settings: one module, every value from the environment (see README)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from broker import __version__
+from broker.env import env_bool, env_int, env_secret, env_str, generated_secret
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VERSION = __version__
+
+DATA_DIR = Path(env_str("KEYBROKER_DATA_DIR") or BASE_DIR / "var").resolve()
+DATA_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+DEBUG = env_bool("KEYBROKER_DEBUG", default=False)
+SECRET_KEY = env_secret("KEYBROKER_SECRET_KEY") or generated_secret(DATA_DIR / "secret_key")
+
+# Stored upstream secrets are encrypted with this key (django-cryptography-5 reads
+# CRYPTOGRAPHY_KEY). It is deliberately not SECRET_KEY: rotating the session key must not
+# make every stored credential unreadable.
+ENCRYPTION_KEY = env_secret("KEYBROKER_ENCRYPTION_KEY") or generated_secret(
+    DATA_DIR / "encryption_key"
+)
+CRYPTOGRAPHY_KEY = ENCRYPTION_KEY
+
+HOST = env_str("KEYBROKER_HOST", "127.0.0.1")
+PORT = env_int("KEYBROKER_PORT", default=8400, minimum=1, maximum=65535)
+
+
+def _public_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ImproperlyConfigured(
+            "KEYBROKER_PUBLIC_URL must be an http(s) URL such as https://keys.example.com, "
+            f"not {raw!r}"
+        )
+    return raw.rstrip("/")
+
+
+_display_host = "127.0.0.1" if HOST in {"0.0.0.0", "::"} else HOST  # noqa: S104
+PUBLIC_URL = _public_url(env_str("KEYBROKER_PUBLIC_URL") or f"http://{_display_host}:{PORT}")
+_public_host = urlsplit(PUBLIC_URL).hostname or ""
+
+ALLOWED_HOSTS = sorted(
+    {_public_host, HOST, "127.0.0.1", "localhost", "[::1]"}
+    | {h.strip() for h in env_str("KEYBROKER_ALLOWED_HOSTS").split(",") if h.strip()}
+)
+CSRF_TRUSTED_ORIGINS = [f"{urlsplit(PUBLIC_URL).scheme}://{urlsplit(PUBLIC_URL).netloc}"]
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = PUBLIC_URL.startswith("https://")
+SESSION_COOKIE_HTTPONLY = True
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+
+# --- Database -------------------------------------------------------------------------
+def _database(url: str) -> dict[str, object]:
+    if not url:
+        return {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": str(DATA_DIR / "keybroker.sqlite3"),
+            # The web server and the Celery worker write from separate processes: WAL lets
+            # readers go on during a write, IMMEDIATE avoids lock-upgrade deadlocks.
+            "OPTIONS": {
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+            },
+        }
+    scheme = urlsplit(url).scheme
+    # Never echo the URL itself: it usually carries a password.
+    if scheme not in {"postgres", "postgresql", "pgsql", "sqlite"}:
+        raise ImproperlyConfigured(
+            f"DATABASE_URL must start with postgres:// or sqlite://, not {scheme or 'nothing'}://"
+        )
+    try:
+        config = dj_database_url.parse(url, conn_health_checks=True)
+    except Exception:  # dj-database-url raises several types for malformed URLs
+        raise ImproperlyConfigured(
+            "DATABASE_URL is malformed (check host, port and name)"
+        ) from None
+    if not config.get("NAME"):
+        raise ImproperlyConfigured("DATABASE_URL names no database")
+    return dict(config)
+
+
+DATABASES = {"default": _database(env_str("DATABASE_URL"))}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+
+# --- Redis: cache, channel layer, Celery broker ----------------------------------------
+REDIS_EMBEDDED = not env_str("REDIS_URL")
+REDIS_SOCKET = DATA_DIR / "redis.sock"
+REDIS_URL = env_str("REDIS_URL") or f"unix://{REDIS_SOCKET}"
+if urlsplit(REDIS_URL).scheme not in {"redis", "rediss", "unix"}:
+    raise ImproperlyConfigured("REDIS_URL must start with redis://, rediss:// or unix://")
+REDIS_KEY_PREFIX = env_str("KEYBROKER_REDIS_PREFIX", "keybroker")
+
+
+def _celery_broker_url(url: str) -> str:
+    # kombu spells a unix-socket Redis as redis+socket://
+    return "redis+socket://" + url.removeprefix("unix://") if url.startswith("unix://") else url
+
+
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": REDIS_KEY_PREFIX,
+        "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
+    }
+}
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [{"address": REDIS_URL}], "prefix": f"{REDIS_KEY_PREFIX}:channels"},
+    }
+}
+
+CELERY_BROKER_URL = _celery_broker_url(REDIS_URL)
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"{REDIS_KEY_PREFIX}:celery:"}
+CELERY_TASK_DEFAULT_QUEUE = "keybroker"
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_SOFT_TIME_LIMIT = 60
+CELERY_TASK_TIME_LIMIT = 90
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_WORKER_SEND_TASK_EVENTS = False
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+HEARTBEAT_INTERVAL_SECONDS = 10
+# /ready calls the worker down when its last heartbeat is older than this.
+HEARTBEAT_MAX_AGE_SECONDS = env_int("KEYBROKER_HEARTBEAT_MAX_AGE", default=45, minimum=15)
+CELERY_BEAT_SCHEDULE = {
+    "heartbeat": {
+        "task": "broker.tasks.heartbeat",
+        "schedule": HEARTBEAT_INTERVAL_SECONDS,
+        "options": {"expires": HEARTBEAT_INTERVAL_SECONDS - 1},
+    },
+}
+
+
+# --- Django ----------------------------------------------------------------------------
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "channels",
+    "broker",
+    "proxy",
+    "audit",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "broker.urls"
+ASGI_APPLICATION = "broker.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = DATA_DIR / "static"
+
+REST_FRAMEWORK = {
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+    "EXCEPTION_HANDLER": "broker.api.errors.exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "keybroker",
+    "DESCRIPTION": (
+        "Credential broker for AI agents: agents enroll, an admin approves them, and they "
+        "mint short-lived crd_ tokens to call upstream APIs through the proxy."
+    ),
+    "VERSION": VERSION,
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"redact_secrets": {"()": "broker.logging.RedactSecretsFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["redact_secrets"],
+        },
+    },
+    "root": {"handlers": ["console"], "level": env_str("KEYBROKER_LOG_LEVEL", "INFO").upper()},
+    "loggers": {
+        "django.request": {"level": "ERROR"},
+        "httpx": {"level": "WARNING"},
+    },
+}

@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from broker.api.health import HealthView, ReadyView
+
+admin.site.site_header = "keybroker"
+admin.site.site_title = "keybroker admin"
+admin.site.index_title = "Credentials, agents and activity"
+
+urlpatterns = [
+    path("health", HealthView.as_view(), name="health"),
+    path("ready", ReadyView.as_view(), name="ready"),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("admin/", admin.site.urls),
+]
+
+handler404 = "broker.api.errors.json_not_found"
+handler500 = "broker.api.errors.json_server_error"

@@ -1,0 +1,1 @@
+"""The async streaming proxy to upstream APIs."""
