@@ -71,8 +71,12 @@ def _database(url: str) -> dict[str, object]:
                 "timeout": 20,
             },
         }
-    scheme = urlsplit(url).scheme
     # Never echo the URL itself: it usually carries a password.
+    malformed = ImproperlyConfigured("DATABASE_URL is malformed (check host, port and name)")
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        raise malformed from None
     if scheme not in {"postgres", "postgresql", "pgsql", "sqlite"}:
         raise ImproperlyConfigured(
             f"DATABASE_URL must start with postgres:// or sqlite://, not {scheme or 'nothing'}://"
@@ -80,9 +84,7 @@ def _database(url: str) -> dict[str, object]:
     try:
         config = dj_database_url.parse(url, conn_health_checks=True)
     except Exception:  # dj-database-url raises several types for malformed URLs
-        raise ImproperlyConfigured(
-            "DATABASE_URL is malformed (check host, port and name)"
-        ) from None
+        raise malformed from None
     if not config.get("NAME"):
         raise ImproperlyConfigured("DATABASE_URL names no database")
     return dict(config)

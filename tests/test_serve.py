@@ -1,0 +1,177 @@
+"""`manage.py serve` as an operator runs it: real processes, embedded SQLite and Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import REPO, clean_env, free_port
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Broker:
+    data_dir: Path
+    port: int
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.process = subprocess.Popen(
+            [sys.executable, "manage.py", "serve"],
+            cwd=REPO,
+            env=self.env,
+            stdout=(self.data_dir / "stdout").open("wb"),
+            stderr=(self.data_dir / "stderr").open("wb"),
+        )
+        return self.process
+
+    def output(self) -> str:
+        return (self.data_dir / "stdout").read_text() + (self.data_dir / "stderr").read_text()
+
+    def child_pids(self) -> dict[str, int]:
+        return {m[0]: int(m[1]) for m in re.findall(r"started (\w+) \(pid (\d+)\)", self.output())}
+
+    def wait_ready(self, timeout: float = 90) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                pytest.fail(f"serve exited early:\n{self.output()}")
+            try:
+                response = httpx.get(f"{self.url}/ready", timeout=2)
+                if response.status_code == 200:
+                    return dict(response.json())
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        pytest.fail(f"serve was not ready within {timeout}s:\n{self.output()}")
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis(unix_socket_path=str(self.data_dir / "redis.sock"))
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    data_dir = Path(tempfile.mkdtemp(prefix="kbserve-"))
+    port = free_port()
+    env = clean_env(
+        KEYBROKER_DATA_DIR=str(data_dir),
+        KEYBROKER_PORT=str(port),
+        KEYBROKER_WORKER_CONCURRENCY="1",
+    )
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True)
+    instance = Broker(data_dir, port, env)
+    yield instance
+    if instance.process is not None and instance.process.poll() is None:
+        instance.process.kill()
+        instance.process.wait()
+    for pid in instance.child_pids().values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_serve_runs_redis_worker_and_web_and_stops_cleanly_on_sigterm(broker: Broker) -> None:
+    process = broker.start()
+    ready = broker.wait_ready()
+    assert ready["checks"] == {
+        "database": {"ok": True, "detail": "sqlite"},
+        "redis": {"ok": True, "detail": "embedded"},
+        "worker": ready["checks"]["worker"],  # type: ignore[index]
+    }
+    assert f"{broker.url}/admin/" in broker.output()
+    assert f"{broker.url}/api/docs/" in broker.output()
+    assert (broker.data_dir / "secret_key").stat().st_mode & 0o777 == 0o600
+
+    # Beat schedules the heartbeat task through the embedded Redis and the worker runs it:
+    # remove the last heartbeat and watch a new one arrive.
+    heartbeat_key = "keybroker:worker:heartbeat"
+    client = broker.redis()
+    assert client.delete(heartbeat_key) == 1
+    deadline = time.monotonic() + 30
+    while client.get(heartbeat_key) is None:
+        assert time.monotonic() < deadline, f"no task ran within 30s:\n{broker.output()}"
+        time.sleep(0.5)
+    assert httpx.get(f"{broker.url}/ready").status_code == 200
+
+    children = broker.child_pids()
+    assert set(children) == {"redis", "celery", "uvicorn"}
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    assert not [name for name, pid in children.items() if alive(pid)]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{broker.url}/health", timeout=2)
+
+
+def test_a_child_that_dies_is_reported_and_stops_everything(broker: Broker) -> None:
+    process = broker.start()
+    broker.wait_ready()
+    children = broker.child_pids()
+    os.kill(children["redis"], signal.SIGKILL)
+    assert process.wait(timeout=60) != 0
+    assert "redis exited unexpectedly" in broker.output()
+    assert not [name for name, pid in children.items() if alive(pid)]
+
+
+def test_a_taken_port_stops_serve_with_one_clear_line(broker: Broker) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", broker.port))
+        squatter.listen()
+        process = broker.start()
+        assert process.wait(timeout=60) == 1
+    lines = broker.output().strip().splitlines()
+    assert lines == [
+        f"CommandError: port {broker.port} on 127.0.0.1 is already in use; "
+        "stop what is using it or set KEYBROKER_PORT"
+    ]
+    assert not (broker.data_dir / "redis.sock").exists()
+
+
+@pytest.mark.parametrize(
+    ("database_url", "expected"),
+    [
+        ("postgres://kb:hunter2@[::1:5432/kb", "DATABASE_URL is malformed"),
+        ("mysql://kb:hunter2@db/kb", "DATABASE_URL must start with postgres:// or sqlite://"),
+        ("postgres://kb:hunter2@127.0.0.1:1/kb", "cannot use the database (OperationalError"),
+    ],
+)
+def test_a_bad_database_url_stops_serve_with_one_clear_line(
+    broker: Broker, database_url: str, expected: str
+) -> None:
+    broker.env["DATABASE_URL"] = database_url
+    process = broker.start()
+    assert process.wait(timeout=60) == 1
+    output = broker.output()
+    assert len(output.strip().splitlines()) == 1, output
+    assert expected in output
+    assert "Traceback" not in output
+    assert "hunter2" not in output
