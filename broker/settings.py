@@ -6,10 +6,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import dj_database_url
+import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
 
 from broker import __version__
 from broker.env import env_bool, env_int, env_secret, env_str, generated_secret
+
+# Lets admin and form classes be subscripted for the type checker (ModelAdmin[Backend]).
+django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VERSION = __version__
@@ -23,6 +27,10 @@ SECRET_KEY = env_secret("KEYBROKER_SECRET_KEY") or generated_secret(DATA_DIR / "
 # Stored upstream secrets are encrypted with this key (django-cryptography-5 reads
 # CRYPTOGRAPHY_KEY). It is deliberately not SECRET_KEY: rotating the session key must not
 # make every stored credential unreadable.
+# None when the key comes from the environment; then the operator owns its rotation.
+ENCRYPTION_KEY_PATH = (
+    None if env_secret("KEYBROKER_ENCRYPTION_KEY") else DATA_DIR / "encryption_key"
+)
 ENCRYPTION_KEY = env_secret("KEYBROKER_ENCRYPTION_KEY") or generated_secret(
     DATA_DIR / "encryption_key"
 )
@@ -136,11 +144,18 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 HEARTBEAT_INTERVAL_SECONDS = 10
 # /ready calls the worker down when its last heartbeat is older than this.
 HEARTBEAT_MAX_AGE_SECONDS = env_int("KEYBROKER_HEARTBEAT_MAX_AGE", default=45, minimum=15)
+BACKEND_VALIDATE_TIMEOUT_SECONDS = env_int("KEYBROKER_VALIDATE_TIMEOUT", default=10, minimum=1)
+BACKEND_VALIDATE_INTERVAL_SECONDS = env_int("KEYBROKER_VALIDATE_INTERVAL", default=3600, minimum=60)
 CELERY_BEAT_SCHEDULE = {
     "heartbeat": {
         "task": "broker.tasks.heartbeat",
         "schedule": HEARTBEAT_INTERVAL_SECONDS,
         "options": {"expires": HEARTBEAT_INTERVAL_SECONDS - 1},
+    },
+    "backends-validate": {
+        "task": "broker.tasks.backends_validate_all",
+        "schedule": BACKEND_VALIDATE_INTERVAL_SECONDS,
+        "options": {"expires": BACKEND_VALIDATE_INTERVAL_SECONDS - 30},
     },
 }
 
@@ -155,6 +170,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "broker",
     "proxy",
@@ -206,7 +222,10 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
-    "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "broker.api.auth.AdminTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
     "EXCEPTION_HANDLER": "broker.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
@@ -220,6 +239,9 @@ SPECTACULAR_SETTINGS = {
     ),
     "VERSION": VERSION,
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI from the installed sidecar package: the docs work without internet access.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
 }
 

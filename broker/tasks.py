@@ -1,11 +1,29 @@
+"""Celery entry points: take an id, fetch, return early if the row is gone, call a service."""
+
 from __future__ import annotations
 
 from celery import shared_task
 
 from broker.health import worker_heartbeat_record
+from broker.models import Backend
+from broker.services.backends import backend_validate
 
 
 @shared_task(ignore_result=True)
 def heartbeat() -> None:
     """Proves end to end that beat schedules, Redis carries and a worker runs tasks."""
     worker_heartbeat_record()
+
+
+@shared_task(ignore_result=True)
+def backend_validate_task(backend_id: int) -> None:
+    backend = Backend.objects.filter(pk=backend_id).first()
+    if backend is None:
+        return
+    backend_validate(backend=backend)
+
+
+@shared_task(ignore_result=True)
+def backends_validate_all() -> None:
+    for backend_id in Backend.objects.filter(enabled=True).values_list("pk", flat=True):
+        backend_validate_task.delay(backend_id)

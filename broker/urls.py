@@ -5,6 +5,12 @@ from django.urls import path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from broker.api.backends import (
+    BackendDetailView,
+    BackendListView,
+    BackendRotateView,
+    BackendValidateView,
+)
 from broker.api.health import HealthView, ReadyView
 
 admin.site.site_header = "keybroker"
@@ -18,6 +24,10 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("admin/", admin.site.urls),
+    path("v1/admin/backends/", BackendListView.as_view(), name="admin-backends"),
+    path("v1/admin/backends/<str:name>", BackendDetailView.as_view(), name="admin-backend"),
+    path("v1/admin/backends/<str:name>/rotate", BackendRotateView.as_view()),
+    path("v1/admin/backends/<str:name>/validate", BackendValidateView.as_view()),
 ]
 
 handler404 = "broker.api.errors.json_not_found"

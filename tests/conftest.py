@@ -3,7 +3,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from django.conf import settings
 
 from broker.embedded_redis import start_embedded_redis
 from broker.redis import redis_client
+from tests.fake_anthropic import FakeAnthropic, serve_in_thread
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,27 +67,30 @@ def live_url() -> Iterator[str]:
 
     Tests that use it need ``transactional_db`` so the server thread sees their rows.
     """
-    import threading
-
-    import uvicorn
-
     from broker.asgi import application
 
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            application, host="127.0.0.1", port=port, lifespan="off", log_level="warning"
-        )
-    )
-    thread = threading.Thread(target=server.run, name="live-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
+    server = serve_in_thread(application, port)
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
-    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def _fake_anthropic_server() -> Iterator[FakeAnthropic]:
+    fake = FakeAnthropic()
+    port = free_port()
+    server = serve_in_thread(fake, port)
+    fake.url = f"http://127.0.0.1:{port}"
+    yield fake
+    server.should_exit = True
+
+
+@pytest.fixture
+def fake_anthropic(_fake_anthropic_server: FakeAnthropic) -> Iterator[FakeAnthropic]:
+    """The fake upstream, fresh for each test: no valid keys, no requests seen."""
+    _fake_anthropic_server.reset()
+    yield _fake_anthropic_server
+    _fake_anthropic_server.reset()
 
 
 CHROMIUM = Path("/usr/bin/chromium")

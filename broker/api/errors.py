@@ -9,6 +9,8 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from broker.errors import ServiceError
+
 _TYPES = {
     status.HTTP_400_BAD_REQUEST: "invalid_request",
     status.HTTP_401_UNAUTHORIZED: "authentication_error",
@@ -42,6 +44,9 @@ def _flatten(detail: Any, prefix: str = "") -> list[str]:
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, ServiceError):
+        body = error_body(exc.status_code, exc.message, error_type=exc.error_type)
+        return Response(body, status=exc.status_code)
     response = drf_exception_handler(exc, context)
     if response is None:
         return None

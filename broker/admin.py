@@ -1,0 +1,188 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+from broker.errors import ServiceError
+from broker.models import AdminToken, Backend, ValidationState
+from broker.services.backends import (
+    TtlBounds,
+    backend_add,
+    backend_check_kind,
+    backend_check_secret,
+    backend_clean_base_url,
+    backend_clean_name,
+    backend_rotate,
+    backend_update,
+    backend_validate,
+)
+from proxy.providers import PROVIDERS
+
+STATE_COLOURS = {
+    ValidationState.VALID: "#1a7f37",
+    ValidationState.INVALID: "#cf222e",
+    ValidationState.UNREACHABLE: "#bf8700",
+    ValidationState.UNKNOWN: "#6e7781",
+}
+
+
+class BackendForm(forms.ModelForm[Backend]):
+    kind = forms.ChoiceField(choices=[(k, p.label) for k, p in PROVIDERS.items()])
+    base_url = forms.CharField(
+        required=False,
+        help_text="Leave blank for the provider's default (https://api.anthropic.com).",
+    )
+    # Never pre-filled; on the change form blank means "keep the current secret".
+    new_secret = forms.CharField(
+        label="Secret",
+        required=False,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="sk-ant-api… or sk-ant-oat…. Write-only: it is never shown again.",
+    )
+
+    class Meta:
+        model = Backend
+        fields = [
+            "name",
+            "kind",
+            "base_url",
+            "token_ttl_min",
+            "token_ttl_default",
+            "token_ttl_max",
+            "enabled",
+        ]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.fields[
+                "new_secret"
+            ].help_text = "Leave blank to keep the current secret; a new one rotates it."
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        # The same checks the services run, so mistakes show on the form, not as a 500.
+        checks: dict[str, Callable[[], object]] = {
+            "name": lambda: (
+                backend_clean_name(data.get("name", "")) if not self.instance.pk else None
+            ),
+            "kind": lambda: backend_check_kind(data.get("kind", "")),
+            "base_url": lambda: data.get("base_url") and backend_clean_base_url(data["base_url"]),
+            "token_ttl_max": lambda: TtlBounds(
+                data.get("token_ttl_min") or 0,
+                data.get("token_ttl_max") or 0,
+                data.get("token_ttl_default") or 0,
+            ).check(),
+        }
+        if data.get("new_secret") or not self.instance.pk:
+            checks["new_secret"] = lambda: backend_check_secret(
+                kind=data.get("kind", "anthropic"), secret=data.get("new_secret", "")
+            )
+        for field, check in checks.items():
+            try:
+                check()
+            except ServiceError as exc:
+                self.add_error(
+                    field if field in self.fields else None, exc.message.split(": ", 1)[-1]
+                )
+        return data
+
+
+@admin.register(Backend)
+class BackendAdmin(admin.ModelAdmin[Backend]):
+    form = BackendForm
+    list_display = [
+        "name",
+        "kind",
+        "status",
+        "secret_fingerprint",
+        "validation_checked_at",
+        "enabled",
+    ]
+    list_filter = ["validation_state", "kind", "enabled"]
+    search_fields = ["name"]
+    actions = ["validate_now"]
+    fields = [
+        "name", "kind", "base_url", "new_secret", "token_ttl_min", "token_ttl_default",
+        "token_ttl_max", "enabled", "secret_fingerprint", "auth_scheme", "status",
+        "validation_message", "validation_checked_at", "created_at", "rotated_at",
+    ]  # fmt: skip
+    readonly_fields = [
+        "secret_fingerprint", "auth_scheme", "status", "validation_message",
+        "validation_checked_at", "created_at", "rotated_at",
+    ]  # fmt: skip
+
+    def get_readonly_fields(
+        self, request: HttpRequest, obj: Backend | None = None
+    ) -> list[str] | tuple[str, ...]:
+        # A backend's name is in every agent's base_url and its kind fixes the secret format.
+        return [*self.readonly_fields, "name", "kind"] if obj is not None else self.readonly_fields
+
+    @admin.display(description="status", ordering="validation_state")
+    def status(self, backend: Backend) -> SafeString:
+        colour = STATE_COLOURS.get(ValidationState(backend.validation_state), "#6e7781")
+        return format_html(
+            '<span class="kb-status kb-status-{}" style="color:#fff;background:{};padding:2px 8px;'
+            'border-radius:10px" title="{}">{}</span>',
+            backend.validation_state,
+            colour,
+            backend.validation_message,
+            backend.validation_state,
+        )
+
+    def save_model(
+        self, request: HttpRequest, obj: Backend, form: BackendForm, change: bool
+    ) -> None:
+        data = form.cleaned_data
+        ttl = TtlBounds(data["token_ttl_min"], data["token_ttl_max"], data["token_ttl_default"])
+        if not change:
+            created = backend_add(
+                name=data["name"],
+                kind=data["kind"],
+                secret=data["new_secret"],
+                base_url=data.get("base_url") or None,
+                ttl=ttl,
+                by=request.user,
+            )
+            obj.pk = created.pk
+            return
+        current = Backend.objects.get(pk=obj.pk)
+        backend_update(
+            backend=current,
+            base_url=data.get("base_url") or None,
+            ttl=ttl,
+            enabled=data["enabled"],
+            by=request.user,
+        )
+        if data.get("new_secret"):
+            backend_rotate(backend=current, secret=data["new_secret"], by=request.user)
+
+    @admin.action(description="Validate now against the upstream")
+    def validate_now(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+        for backend in queryset:
+            result = backend_validate(backend=backend)
+            level = messages.SUCCESS if result.state == ValidationState.VALID else messages.WARNING
+            self.message_user(request, f"{backend.name}: {result.state} ({result.message})", level)
+
+
+@admin.register(AdminToken)
+class AdminTokenAdmin(admin.ModelAdmin[AdminToken]):
+    """Read-only: tokens are created with `manage.py admintoken create` (shown once)."""
+
+    list_display = ["name", "display_prefix", "user", "created_at", "last_used_at", "revoked_at"]
+    list_select_related = ["user"]
+    readonly_fields = ["name", "display_prefix", "user", "created_at", "last_used_at", "revoked_at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: AdminToken | None = None) -> bool:
+        return False

@@ -1,0 +1,162 @@
+"""Admin REST API for backends: /v1/admin/backends/."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from broker.api.serializers import StrictInputSerializer
+from broker.models import Backend
+from broker.services.backends import (
+    TtlBounds,
+    backend_add,
+    backend_get,
+    backend_remove,
+    backend_rotate,
+    backend_update,
+    backend_validate,
+)
+
+
+class BackendOutput(serializers.ModelSerializer[Backend]):
+    fingerprint = serializers.CharField(source="secret_fingerprint")
+    ttl = serializers.SerializerMethodField()
+    validation = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Backend
+        fields = [
+            "name", "kind", "base_url", "fingerprint", "auth_scheme", "enabled", "ttl",
+            "validation", "created_at", "rotated_at",
+        ]  # fmt: skip
+
+    def get_ttl(self, backend: Backend) -> dict[str, int]:
+        return {
+            "min": backend.token_ttl_min,
+            "default": backend.token_ttl_default,
+            "max": backend.token_ttl_max,
+        }
+
+    def get_validation(self, backend: Backend) -> dict[str, Any]:
+        return {
+            "state": backend.validation_state,
+            "checked_at": backend.validation_checked_at,
+            "message": backend.validation_message,
+        }
+
+
+class TtlInput(StrictInputSerializer):
+    min = serializers.IntegerField(min_value=1)
+    default = serializers.IntegerField(min_value=1)
+    max = serializers.IntegerField(min_value=1)
+
+
+class BackendCreateInput(StrictInputSerializer):
+    name = serializers.CharField(max_length=63)
+    kind = serializers.CharField(max_length=32, default="anthropic")
+    secret = serializers.CharField(write_only=True, trim_whitespace=True, max_length=4096)
+    base_url = serializers.CharField(max_length=300, required=False)
+    ttl = TtlInput(required=False)
+
+
+class BackendUpdateInput(StrictInputSerializer):
+    base_url = serializers.CharField(max_length=300, required=False)
+    ttl = TtlInput(required=False)
+    enabled = serializers.BooleanField(required=False)
+
+
+class SecretInput(StrictInputSerializer):
+    secret = serializers.CharField(write_only=True, trim_whitespace=True, max_length=4096)
+
+
+def _ttl(data: dict[str, Any]) -> TtlBounds | None:
+    ttl = data.get("ttl")
+    return TtlBounds(ttl["min"], ttl["max"], ttl["default"]) if ttl else None
+
+
+class BackendListView(APIView):
+    @extend_schema(operation_id="admin_backends_list", responses=BackendOutput(many=True))
+    def get(self, request: Request) -> Response:
+        return Response(BackendOutput(Backend.objects.all(), many=True).data)
+
+    @extend_schema(
+        operation_id="admin_backends_create",
+        request=BackendCreateInput,
+        responses={201: BackendOutput},
+        description="Add a backend. The secret is write-only: no response ever contains it.",
+    )
+    def post(self, request: Request) -> Response:
+        data = BackendCreateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        backend = backend_add(
+            name=data.validated_data["name"],
+            kind=data.validated_data["kind"],
+            secret=data.validated_data["secret"],
+            base_url=data.validated_data.get("base_url"),
+            ttl=_ttl(data.validated_data),
+            by=request.user,
+        )
+        return Response(BackendOutput(backend).data, status=status.HTTP_201_CREATED)
+
+
+class BackendDetailView(APIView):
+    @extend_schema(operation_id="admin_backends_inspect", responses=BackendOutput)
+    def get(self, request: Request, name: str) -> Response:
+        return Response(BackendOutput(backend_get(name=name)).data)
+
+    @extend_schema(
+        operation_id="admin_backends_update", request=BackendUpdateInput, responses=BackendOutput
+    )
+    def patch(self, request: Request, name: str) -> Response:
+        backend = backend_get(name=name)
+        data = BackendUpdateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        backend = backend_update(
+            backend=backend,
+            base_url=data.validated_data.get("base_url"),
+            ttl=_ttl(data.validated_data),
+            enabled=data.validated_data.get("enabled"),
+            by=request.user,
+        )
+        return Response(BackendOutput(backend).data)
+
+    @extend_schema(operation_id="admin_backends_remove", responses={204: None})
+    def delete(self, request: Request, name: str) -> Response:
+        force = request.query_params.get("force", "").lower() in {"1", "true", "yes"}
+        backend_remove(backend=backend_get(name=name), force=force, by=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class BackendRotateView(APIView):
+    @extend_schema(
+        operation_id="admin_backends_rotate",
+        request=SecretInput,
+        responses=BackendOutput,
+        description="Replace the secret; agents and their live tokens keep working.",
+    )
+    def post(self, request: Request, name: str) -> Response:
+        backend = backend_get(name=name)
+        data = SecretInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        backend = backend_rotate(
+            backend=backend, secret=data.validated_data["secret"], by=request.user
+        )
+        return Response(BackendOutput(backend).data)
+
+
+class BackendValidateView(APIView):
+    @extend_schema(
+        operation_id="admin_backends_validate",
+        request=None,
+        responses=BackendOutput,
+        description="Check the secret against the upstream's GET /v1/models now.",
+    )
+    def post(self, request: Request, name: str) -> Response:
+        backend = backend_get(name=name)
+        backend_validate(backend=backend)
+        return Response(BackendOutput(backend).data)

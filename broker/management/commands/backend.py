@@ -1,0 +1,101 @@
+"""`manage.py backend add|ls|inspect|validate|rotate|rm`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+
+from broker.api.backends import BackendOutput
+from broker.management.commands._output import as_json, read_secret, service_errors, table
+from broker.models import Backend
+from broker.services.backends import (
+    TtlBounds,
+    backend_add,
+    backend_get,
+    backend_remove,
+    backend_rotate,
+    backend_validate,
+)
+
+
+class Command(BaseCommand):
+    help = "Manage upstream backends (the real API keys keybroker holds)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        sub = parser.add_subparsers(dest="action", required=True)
+        add = sub.add_parser("add", help="store a new upstream credential")
+        add.add_argument("name")
+        add.add_argument("--kind", default="anthropic")
+        add.add_argument("--api-key", help="the secret; '-' reads stdin; omitted: prompt")
+        add.add_argument("--base-url", help="default: the provider's (https://api.anthropic.com)")
+        add.add_argument("--ttl-min", type=int, default=60, help="seconds (default 60)")
+        add.add_argument("--ttl-default", type=int, default=600, help="seconds (default 600)")
+        add.add_argument("--ttl-max", type=int, default=3600, help="seconds (default 3600)")
+        sub.add_parser("ls", help="list backends")
+        inspect = sub.add_parser("inspect", help="show one backend")
+        inspect.add_argument("name")
+        inspect.add_argument("--json", action="store_true")
+        validate = sub.add_parser("validate", help="check the secret against the upstream now")
+        validate.add_argument("name")
+        rotate = sub.add_parser("rotate", help="replace the secret; agents keep working")
+        rotate.add_argument("name")
+        rotate.add_argument("--api-key", help="the new secret; '-' reads stdin; omitted: prompt")
+        rm = sub.add_parser("rm", help="remove a backend")
+        rm.add_argument("name")
+        rm.add_argument("--force", action="store_true")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        with service_errors():
+            getattr(self, f"do_{options['action']}")(**options)
+
+    def do_add(self, **options: Any) -> None:
+        backend = backend_add(
+            name=options["name"],
+            kind=options["kind"],
+            secret=read_secret(options["api_key"], prompt="API key (not echoed): "),
+            base_url=options["base_url"],
+            ttl=TtlBounds(options["ttl_min"], options["ttl_max"], options["ttl_default"]),
+        )
+        self.stdout.write(
+            f"added backend {backend.name} ({backend.secret_fingerprint}); "
+            "validation against the upstream is queued (see `backend inspect`)"
+        )
+
+    def do_ls(self, **options: Any) -> None:
+        rows = [
+            (b.name, b.kind, b.validation_state, b.secret_fingerprint, b.base_url,
+             "yes" if b.enabled else "no",
+             b.validation_checked_at and f"{b.validation_checked_at:%Y-%m-%d %H:%M}")
+            for b in Backend.objects.all()
+        ]  # fmt: skip
+        headers = ["NAME", "KIND", "STATE", "FINGERPRINT", "BASE URL", "ENABLED", "CHECKED"]
+        self.stdout.write(table(rows, headers) if rows else "no backends yet")
+
+    def do_inspect(self, **options: Any) -> None:
+        data = BackendOutput(backend_get(name=options["name"])).data
+        if options["json"]:
+            self.stdout.write(as_json(data))
+            return
+        for key, value in data.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items())
+            self.stdout.write(f"{key:12} {value}")
+
+    def do_validate(self, **options: Any) -> None:
+        backend = backend_get(name=options["name"])
+        result = backend_validate(backend=backend)
+        self.stdout.write(f"{backend.name}: {result.state} ({result.message})")
+
+    def do_rotate(self, **options: Any) -> None:
+        backend = backend_get(name=options["name"])
+        old = backend.secret_fingerprint
+        backend = backend_rotate(
+            backend=backend,
+            secret=read_secret(options["api_key"], prompt="New API key (not echoed): "),
+        )
+        self.stdout.write(f"rotated {backend.name}: {old} -> {backend.secret_fingerprint}")
+
+    def do_rm(self, **options: Any) -> None:
+        backend_remove(backend=backend_get(name=options["name"]), force=options["force"])
+        self.stdout.write(f"removed backend {options['name']}")

@@ -1,0 +1,105 @@
+"""Upstream providers: what a backend's kind means (base URL, secret formats, auth headers).
+
+A new kind registers a Provider here; the Backend model, its services and the proxy only
+ever talk to this interface.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+ANTHROPIC_VERSION = "2023-06-01"
+OAUTH_BETA = "oauth-2025-04-20"
+
+
+class ProviderError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class AuthScheme:
+    """How a secret travels upstream: ``x-api-key`` or ``bearer``."""
+
+    name: str
+    beta_flag: str | None = None
+
+    def headers(self, secret: str, *, anthropic_beta: str | None = None) -> dict[str, str]:
+        headers = (
+            {"authorization": f"Bearer {secret}"}
+            if self.name == "bearer"
+            else {"x-api-key": secret}
+        )
+        if self.beta_flag:
+            flags = [f.strip() for f in (anthropic_beta or "").split(",") if f.strip()]
+            if self.beta_flag not in flags:
+                flags.append(self.beta_flag)
+            headers["anthropic-beta"] = ",".join(flags)
+        return headers
+
+
+API_KEY = AuthScheme("x-api-key")
+OAUTH_BEARER = AuthScheme("bearer", beta_flag=OAUTH_BETA)
+SCHEMES = {scheme.name: scheme for scheme in (API_KEY, OAUTH_BEARER)}
+
+
+@dataclass(frozen=True)
+class Provider:
+    kind: str
+    label: str
+    default_base_url: str
+    models_path: str
+
+    def auth_scheme(self, secret: str) -> AuthScheme:
+        raise NotImplementedError
+
+    def fingerprint(self, secret: str) -> str:
+        raise NotImplementedError
+
+    def validation_headers(self, secret: str) -> dict[str, str]:
+        raise NotImplementedError
+
+
+_ANTHROPIC_SECRET = re.compile(r"^(sk-ant-(api|oat)\d*-)[A-Za-z0-9_-]{8,}$")
+
+
+@dataclass(frozen=True)
+class AnthropicProvider(Provider):
+    def _match(self, secret: str) -> re.Match[str]:
+        match = _ANTHROPIC_SECRET.match(secret)
+        if match is None:
+            raise ProviderError(
+                "an Anthropic secret is an API key (sk-ant-api…) or an OAuth token (sk-ant-oat…)"
+            )
+        return match
+
+    def auth_scheme(self, secret: str) -> AuthScheme:
+        return API_KEY if self._match(secret)[2] == "api" else OAUTH_BEARER
+
+    def fingerprint(self, secret: str) -> str:
+        return f"{self._match(secret)[1]}…{secret[-4:]}"
+
+    def validation_headers(self, secret: str) -> dict[str, str]:
+        return {
+            "anthropic-version": ANTHROPIC_VERSION,
+            **self.auth_scheme(secret).headers(secret),
+        }
+
+
+PROVIDERS: dict[str, Provider] = {
+    "anthropic": AnthropicProvider(
+        kind="anthropic",
+        label="Anthropic",
+        default_base_url="https://api.anthropic.com",
+        models_path="/v1/models",
+    ),
+}
+
+
+def provider_for(kind: str) -> Provider:
+    try:
+        return PROVIDERS[kind]
+    except KeyError:
+        raise ProviderError(
+            f"unknown kind {kind!r}; known kinds: {', '.join(sorted(PROVIDERS))}"
+        ) from None
