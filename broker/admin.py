@@ -69,12 +69,10 @@ class BackendForm(forms.ModelForm[Backend]):
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
+        adding = not self.instance.pk
+        kind = data.get("kind", "") if adding else self.instance.kind
         # The same checks the services run, so mistakes show on the form, not as a 500.
         checks: dict[str, Callable[[], object]] = {
-            "name": lambda: (
-                backend_clean_name(data.get("name", "")) if not self.instance.pk else None
-            ),
-            "kind": lambda: backend_check_kind(data.get("kind", "")),
             "base_url": lambda: data.get("base_url") and backend_clean_base_url(data["base_url"]),
             "token_ttl_max": lambda: TtlBounds(
                 data.get("token_ttl_min") or 0,
@@ -82,9 +80,12 @@ class BackendForm(forms.ModelForm[Backend]):
                 data.get("token_ttl_default") or 0,
             ).check(),
         }
-        if data.get("new_secret") or not self.instance.pk:
+        if adding:
+            checks["name"] = lambda: backend_clean_name(data.get("name", ""))
+            checks["kind"] = lambda: backend_check_kind(kind)
+        if adding or data.get("new_secret"):
             checks["new_secret"] = lambda: backend_check_secret(
-                kind=data.get("kind", "anthropic"), secret=data.get("new_secret", "")
+                kind=kind, secret=data.get("new_secret", "")
             )
         for field, check in checks.items():
             try:
@@ -170,7 +171,9 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
         for backend in queryset:
             result = backend_validate(backend=backend)
             level = messages.SUCCESS if result.state == ValidationState.VALID else messages.WARNING
-            self.message_user(request, f"{backend.name}: {result.state} ({result.message})", level)
+            self.message_user(
+                request, f"backend {backend.name}: {result.state} ({result.message})", level
+            )
 
 
 @admin.register(AdminToken)

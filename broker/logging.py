@@ -24,3 +24,14 @@ class RedactSecretsFilter(logging.Filter):
             formatted = logging.Formatter().formatException(record.exc_info)
             record.exc_text = redact(formatted)
         return True
+
+
+class QuietReadinessFilter(logging.Filter):
+    """A 503 from /ready is an answer for the load balancer, not a server error to log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request = getattr(record, "request", None)
+        return not (
+            getattr(record, "status_code", None) == 503
+            and getattr(request, "path", None) == "/ready"
+        )

@@ -239,6 +239,8 @@ SPECTACULAR_SETTINGS = {
     ),
     "VERSION": VERSION,
     "SERVE_INCLUDE_SCHEMA": False,
+    # Separate request and response components, so write-only fields (secrets) show as such.
+    "COMPONENT_SPLIT_REQUEST": True,
     # Swagger UI from the installed sidecar package: the docs work without internet access.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
@@ -248,7 +250,10 @@ SPECTACULAR_SETTINGS = {
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"redact_secrets": {"()": "broker.logging.RedactSecretsFilter"}},
+    "filters": {
+        "redact_secrets": {"()": "broker.logging.RedactSecretsFilter"},
+        "quiet_readiness": {"()": "broker.logging.QuietReadinessFilter"},
+    },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
     },
@@ -261,7 +266,7 @@ LOGGING = {
     },
     "root": {"handlers": ["console"], "level": env_str("KEYBROKER_LOG_LEVEL", "INFO").upper()},
     "loggers": {
-        "django.request": {"level": "ERROR"},
+        "django.request": {"level": "ERROR", "filters": ["quiet_readiness"]},
         "httpx": {"level": "WARNING"},
     },
 }

@@ -10,6 +10,7 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from broker.errors import ServiceError
+from broker.logging import redact
 
 _TYPES = {
     status.HTTP_400_BAD_REQUEST: "invalid_request",
@@ -26,7 +27,13 @@ _TYPES = {
 
 
 def error_body(status_code: int, message: str, *, error_type: str | None = None) -> dict[str, Any]:
-    return {"error": {"type": error_type or _TYPES.get(status_code, "error"), "message": message}}
+    # Messages may echo input; a credential pasted into the wrong field is never sent back.
+    return {
+        "error": {
+            "type": error_type or _TYPES.get(status_code, "error"),
+            "message": redact(message),
+        }
+    }
 
 
 def _flatten(detail: Any, prefix: str = "") -> list[str]:

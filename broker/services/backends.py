@@ -84,6 +84,7 @@ def backend_check_kind(kind: str) -> None:
 
 def backend_check_secret(*, kind: str, secret: str) -> tuple[str, str]:
     """The (auth scheme, fingerprint) of a well-formed secret; ServiceError otherwise."""
+    backend_check_kind(kind)
     if not secret.strip():
         raise ServiceError("secret: must not be empty")
     provider = provider_for(kind)

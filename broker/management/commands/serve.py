@@ -79,9 +79,13 @@ class Command(BaseCommand):
         supervisor.install_signal_handlers()
         try:
             if settings.REDIS_EMBEDDED:
+                # Redis's own chatter goes to a file; its failures still stop `serve`.
+                redis_log = (settings.DATA_DIR / "redis.log").open("ab")
                 redis_process = start_embedded_redis(
                     data_dir=settings.DATA_DIR,
                     socket_path=settings.REDIS_SOCKET,
+                    stdout=redis_log,
+                    stderr=redis_log,
                     **child_popen_options(),
                 )
                 supervisor.adopt("redis", redis_process)
@@ -96,7 +100,7 @@ class Command(BaseCommand):
             supervisor.spawn(
                 "celery",
                 [
-                    python, "-m", "celery", "-A", "broker", "worker", "--beat",
+                    python, "-m", "celery", "-A", "broker", "--quiet", "worker", "--beat",
                     "--concurrency", str(concurrency), "--loglevel", "INFO",
                     "--schedule", settings.CELERY_BEAT_SCHEDULE_FILENAME,
                     "--hostname", f"keybroker@{socket.gethostname()}",

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.test import Client
+
+from broker.models import Backend
+from broker.services.backends import backend_add
+from tests.fake_anthropic import FakeAnthropic
+from tests.keys import api_key
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def admin_client() -> Client:
+    get_user_model().objects.create_superuser("alice", password="alice-pw-123")
+    client = Client()
+    client.login(username="alice", password="alice-pw-123")
+    return client
+
+
+def form(**overrides: Any) -> dict[str, Any]:
+    return {
+        "name": "anthropic",
+        "kind": "anthropic",
+        "base_url": "",
+        "new_secret": api_key(),
+        "token_ttl_min": 60,
+        "token_ttl_default": 600,
+        "token_ttl_max": 3600,
+        "enabled": "on",
+        **overrides,
+    }
+
+
+def test_alice_adds_a_backend_and_never_sees_its_secret_again(admin_client: Client) -> None:
+    key = api_key(tail="Xy9Q")
+    response = admin_client.post("/admin/broker/backend/add/", form(new_secret=key))
+    assert response.status_code == 302, response.content.decode()[:2000]
+    backend = Backend.objects.get()
+    assert backend.secret == key
+    assert backend.base_url == "https://api.anthropic.com"
+    listing = admin_client.get("/admin/broker/backend/")
+    change = admin_client.get(f"/admin/broker/backend/{backend.pk}/change/")
+    for page in (listing, change):
+        assert page.status_code == 200
+        assert key not in page.content.decode()
+    assert "sk-ant-api03-…Xy9Q" in listing.content.decode()
+    assert 'class="kb-status kb-status-unknown"' in listing.content.decode()
+    # The password box is never pre-filled.
+    assert 'name="new_secret"' in change.content.decode()
+    assert 'name="new_secret" value' not in change.content.decode()
+
+
+def test_a_blank_secret_keeps_it_and_a_new_one_rotates(admin_client: Client) -> None:
+    key, new_key = api_key(), api_key(tail="N3w2")
+    backend = backend_add(name="anthropic", secret=key)
+    url = f"/admin/broker/backend/{backend.pk}/change/"
+    assert admin_client.post(url, form(new_secret="", token_ttl_max=1800)).status_code == 302
+    backend.refresh_from_db()
+    assert (backend.secret, backend.token_ttl_max, backend.rotated_at) == (key, 1800, None)
+    assert admin_client.post(url, form(new_secret=new_key)).status_code == 302
+    backend.refresh_from_db()
+    assert backend.secret == new_key
+    assert backend.rotated_at is not None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"new_secret": "hunter2"}, "an Anthropic secret is an API key"),
+        ({"new_secret": ""}, "must not be empty"),
+        ({"name": "Bad Name"}, "use 1-63 lowercase"),
+        ({"base_url": "http://api.example.com"}, "must use https://"),
+        ({"token_ttl_min": 900, "token_ttl_max": 60}, "token TTL bounds"),
+    ],
+)
+def test_bad_input_shows_on_the_form_and_saves_nothing(
+    admin_client: Client, overrides: dict[str, Any], error: str
+) -> None:
+    response = admin_client.post("/admin/broker/backend/add/", form(**overrides))
+    assert response.status_code == 200
+    assert error in response.content.decode()
+    assert "hunter2" not in response.content.decode()
+    assert not Backend.objects.exists()
+
+
+def test_validate_now_checks_the_upstream(
+    admin_client: Client, fake_anthropic: FakeAnthropic
+) -> None:
+    key = api_key()
+    fake_anthropic.valid_keys.add(key)
+    backend = backend_add(name="anthropic", secret=key, base_url=fake_anthropic.url)
+    response = admin_client.post(
+        "/admin/broker/backend/",
+        {"action": "validate_now", "_selected_action": [backend.pk]},
+        follow=True,
+    )
+    assert "Backend anthropic: valid" in response.content.decode()
+    assert 'class="kb-status kb-status-valid"' in response.content.decode()
+    assert key not in response.content.decode()

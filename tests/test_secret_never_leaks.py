@@ -1,0 +1,93 @@
+"""One story through every surface, then a scan of everything it produced for the secrets."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.db import connection
+from django.test import Client
+
+from audit.models import AuditEvent
+from broker.services.admin_tokens import admintoken_create
+from tests.fake_anthropic import FakeAnthropic
+from tests.keys import api_key, oauth_token
+
+pytestmark = pytest.mark.django_db
+
+
+def test_no_surface_ever_shows_an_upstream_secret(
+    fake_anthropic: FakeAnthropic, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    first, second, bearer = api_key(), api_key(), oauth_token()
+    fake_anthropic.valid_keys.add(bearer)
+    get_user_model().objects.create_superuser("alice", password="alice-pw-123")
+    token = admintoken_create(name="ci", username="alice").plaintext
+    api = Client(HTTP_AUTHORIZATION=f"Bearer {token}")
+    browser = Client()
+    browser.login(username="alice", password="alice-pw-123")
+
+    def post(url: str, body: object) -> bytes:
+        return api.post(url, json.dumps(body), content_type="application/json").content
+
+    seen: list[bytes] = [
+        post(
+            "/v1/admin/backends/",
+            {"name": "anthropic", "secret": first, "base_url": fake_anthropic.url},
+        ),
+        post(
+            "/v1/admin/backends/",
+            {"name": "oauth", "secret": bearer, "base_url": fake_anthropic.url},
+        ),
+        # Bad input that carries a secret: a wrong name, an unknown field, a key as the name.
+        post("/v1/admin/backends/", {"name": "Bad Name", "secret": second}),
+        post("/v1/admin/backends/", {"name": "x", "secret": second, "extra": second}),
+        post("/v1/admin/backends/", {"name": second, "secret": second}),
+        api.get(f"/v1/admin/backends/{second}").content,
+        post("/v1/admin/backends/anthropic/validate", {}),  # fails: 401 upstream
+        post("/v1/admin/backends/anthropic/rotate", {"secret": second}),
+        post("/v1/admin/backends/anthropic/rotate", {"secret": "sk-ant-api03-short"}),
+        post("/v1/admin/backends/oauth/validate", {}),
+        api.get("/v1/admin/backends/").content,
+        api.get("/v1/admin/backends/anthropic").content,
+        browser.get("/admin/broker/backend/").content,
+        browser.get("/admin/broker/backend/1/change/").content,
+        browser.get("/admin/broker/backend/2/change/").content,
+        browser.get("/admin/audit/auditevent/").content,
+        browser.post("/admin/broker/backend/add/", {"name": "x", "new_secret": first}).content,
+        browser.get(f"/no/such/{first}").content,
+        api.get("/api/schema/").content,
+    ]
+    commands = [
+        ["backend", "ls"],
+        ["backend", "inspect", "anthropic", "--json"],
+        ["backend", "validate", "anthropic"],
+        ["backend", "validate", "oauth"],
+    ]
+    for command in commands:
+        out, err = io.StringIO(), io.StringIO()
+        call_command(*command, stdout=out, stderr=err)
+        seen.append((out.getvalue() + err.getvalue()).encode())
+
+    audit_rows = json.dumps(list(AuditEvent.objects.values()), default=str).encode()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT * FROM broker_backend")
+        raw_rows = repr(cursor.fetchall()).encode()
+    logs = "\n".join(
+        r.getMessage() + (caplog.handler.format(r) if r.exc_info else "") for r in caplog.records
+    ).encode()
+
+    assert len(seen) > 20
+    for secret in (first, second, bearer):
+        for blob in [*seen, audit_rows, raw_rows, logs]:
+            assert secret.encode() not in blob
+            assert secret[13:45].encode() not in blob
+    # The story did happen: the scans looked at real output, not at empty pages.
+    assert b"sk-ant-api03-\xe2\x80\xa6" in seen[10]
+    assert b"upstream answered 401" in seen[6]
+    assert AuditEvent.objects.filter(action="backend.rotated").exists()
