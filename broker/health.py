@@ -64,4 +64,23 @@ def readiness() -> dict[str, Check]:
 
 
 def health_counts() -> dict[str, int]:
-    return {"admins": get_user_model().objects.filter(is_staff=True, is_active=True).count()}
+    from broker.models import Backend
+
+    return {
+        "admins": get_user_model().objects.filter(is_staff=True, is_active=True).count(),
+        "backends": Backend.objects.count(),
+    }
+
+
+def backend_states() -> dict[str, dict[str, str]]:
+    """Each enabled backend's last validation, for /ready's details (it never fails /ready:
+    one bad upstream key must not take every keybroker instance out of the load balancer)."""
+    from broker.models import Backend
+
+    try:
+        rows = Backend.objects.filter(enabled=True).values_list(
+            "name", "validation_state", "validation_message"
+        )
+        return {name: {"state": state, "detail": message} for name, state, message in rows}
+    except Exception:
+        return {}

@@ -7,7 +7,10 @@ from typing import Any
 import pytest
 from django.contrib.auth import get_user_model
 
+from broker.models import Backend
 from tests.conftest import ARTIFACTS
+from tests.fake_anthropic import FakeAnthropic
+from tests.keys import api_key
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -43,3 +46,33 @@ def test_charlie_with_a_wrong_password_stays_out(browser: Any, live_url: str) ->
         assert "/admin/login/" in page.url
     finally:
         page.close()
+
+
+def test_alice_adds_a_backend_and_validates_it_from_the_list(
+    browser: Any, live_url: str, fake_anthropic: FakeAnthropic
+) -> None:
+    get_user_model().objects.create_superuser("alice", password="alice-pw-123")
+    key = api_key(tail="Br0w")
+    fake_anthropic.valid_keys.add(key)
+    page = browser.new_page()
+    try:
+        page.goto(f"{live_url}/admin/login/?next=/admin/broker/backend/add/")
+        page.fill("#id_username", "alice")
+        page.fill("#id_password", "alice-pw-123")
+        page.click("input[type=submit]")
+        page.fill("#id_name", "anthropic")
+        page.fill("#id_base_url", fake_anthropic.url)
+        page.fill("#id_new_secret", key)
+        assert page.get_attribute("#id_new_secret", "type") == "password"
+        page.click("input[name=_save]")
+        page.wait_for_selector(".kb-status")
+        page.check("input[name=_selected_action]")
+        page.select_option("select[name=action]", "validate_now")
+        page.click("button[name=index]")
+        page.wait_for_selector(".kb-status-valid")
+        assert "sk-ant-api03-…Br0w" in page.inner_text("#result_list")
+        assert key not in page.content()
+        page.screenshot(path=str(ARTIFACTS / "admin-backends.png"), full_page=True)
+    finally:
+        page.close()
+    assert Backend.objects.get().validation_state == "valid"

@@ -77,3 +77,21 @@ def test_unknown_paths_get_a_json_404(client: Client) -> None:
     response = client.get("/no/such/thing")
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "not_found"
+
+
+def test_ready_shows_an_invalid_backend_without_failing(client: Client) -> None:
+    from broker.models import Backend
+    from broker.services.backends import backend_add
+    from tests.keys import api_key
+
+    backend = backend_add(name="anthropic", secret=api_key())
+    Backend.objects.filter(pk=backend.pk).update(
+        validation_state="invalid", validation_message="upstream answered 401"
+    )
+    worker_heartbeat_record()
+    response = client.get("/ready")
+    assert response.status_code == 200
+    assert response.json()["backends"] == {
+        "anthropic": {"state": "invalid", "detail": "upstream answered 401"}
+    }
+    assert client.get("/health").json()["counts"]["backends"] == 1

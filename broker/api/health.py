@@ -8,7 +8,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from broker.health import health_counts, readiness
+from broker.health import backend_states, health_counts, readiness
 
 
 class HealthSerializer(serializers.Serializer[None]):
@@ -22,9 +22,17 @@ class CheckSerializer(serializers.Serializer[None]):
     detail = serializers.CharField()
 
 
+class BackendStateSerializer(serializers.Serializer[None]):
+    state = serializers.ChoiceField(choices=["unknown", "valid", "invalid", "unreachable"])
+    detail = serializers.CharField()
+
+
 class ReadySerializer(serializers.Serializer[None]):
     ready = serializers.BooleanField()
     checks = serializers.DictField(child=CheckSerializer())
+    backends = serializers.DictField(
+        child=BackendStateSerializer(), help_text="informational; never affects `ready`"
+    )
 
 
 class HealthView(APIView):
@@ -55,5 +63,6 @@ class ReadyView(APIView):
         body = {
             "ready": ready,
             "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in checks.items()},
+            "backends": backend_states(),
         }
         return Response(body, status=200 if ready else 503)
