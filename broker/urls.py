@@ -16,6 +16,8 @@ from broker.api.health import HealthView, ReadyView
 admin.site.site_header = "keybroker"
 admin.site.site_title = "keybroker admin"
 admin.site.index_title = "Credentials, agents and activity"
+# "View site" would lead back to the admin itself; the API docs link replaces it.
+admin.site.site_url = None
 
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="admin:index"), name="home"),

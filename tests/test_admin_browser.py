@@ -26,6 +26,10 @@ def test_alice_logs_in_to_the_admin_with_its_styles(browser: Any, live_url: str)
         page.wait_for_selector("#site-name")
         assert "keybroker" in page.inner_text("#site-name")
         assert "Credentials, agents and activity" in page.content()
+        page.click("text=API docs")
+        page.wait_for_selector(".swagger-ui .info")
+        assert "/v1/admin/backends/" in page.content()
+        page.go_back()
         # The admin's stylesheet was served (the header is coloured, not unstyled).
         header_colour = page.eval_on_selector("#header", "e => getComputedStyle(e).backgroundColor")
         assert header_colour not in {"rgba(0, 0, 0, 0)", "transparent"}

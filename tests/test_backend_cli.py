@@ -8,7 +8,7 @@ import sys
 import pytest
 from django.core.management import CommandError, call_command
 
-from broker.models import Backend
+from broker.models import AdminToken, Backend
 from tests.conftest import REPO, clean_env
 from tests.fake_anthropic import FakeAnthropic
 from tests.keys import api_key
@@ -90,7 +90,8 @@ def test_admintoken_prints_the_token_once_and_lists_only_prefixes(django_user_mo
     listing = run("admintoken", "ls")
     assert token not in listing
     assert token[:12] in listing
-    assert "revoked admin token" in run("admintoken", "revoke", "1")
+    token_id = AdminToken.objects.get().pk
+    assert f"revoked admin token {token_id}" in run("admintoken", "revoke", str(token_id))
     assert "revoked" in run("admintoken", "ls")
 
 
