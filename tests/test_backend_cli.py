@@ -65,7 +65,7 @@ def test_bad_input_is_one_clear_error_and_saves_nothing() -> None:
     assert not Backend.objects.exists()
 
 
-def test_without_a_terminal_the_key_must_be_given(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_terminal_the_key_must_be_given() -> None:
     with pytest.raises(CommandError, match="--api-key"):
         run("backend", "add", "anthropic")
     assert not Backend.objects.exists()

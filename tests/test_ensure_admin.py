@@ -9,7 +9,7 @@ from django.core.management import call_command
 pytestmark = pytest.mark.django_db
 
 
-def run(**env: str) -> str:
+def run() -> str:
     out = io.StringIO()
     call_command("ensure_admin", stdout=out)
     return out.getvalue()
