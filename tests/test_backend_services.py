@@ -255,3 +255,12 @@ def test_rotate_encryption_key_re_encrypts_every_secret(tmp_path: Path, settings
     assert set(before).isdisjoint(after)
     settings.ENCRYPTION_KEY = new_key
     assert dict(Backend.objects.values_list("name", "secret")) == {"a": key_a, "b": key_b}
+
+
+def test_an_update_that_changes_nothing_records_nothing() -> None:
+    backend = backend_add(name="anthropic", secret=api_key())
+    backend_update(backend=backend, ttl=TtlBounds(), enabled=True, base_url=backend.base_url)
+    assert not AuditEvent.objects.filter(action="backend.updated").exists()
+    backend_update(backend=backend, ttl=TtlBounds(minimum=30, maximum=900, default=300))
+    event = AuditEvent.objects.get(action="backend.updated")
+    assert event.detail == {"ttl": [30, 300, 900]}

@@ -19,7 +19,7 @@ from audit.services import audit_record
 from broker.errors import Conflict, NotFound, ServiceError
 from broker.logging import redact
 from broker.models import Backend, ValidationState, name_validator
-from proxy.providers import ProviderError, provider_for
+from proxy.providers import Provider, ProviderError, provider_for
 
 logger = logging.getLogger(__name__)
 
@@ -75,21 +75,21 @@ class TtlBounds:
             )
 
 
-def backend_check_kind(kind: str) -> None:
+def backend_check_kind(kind: str) -> Provider:
     try:
-        provider_for(kind)
+        return provider_for(kind)
     except ProviderError as exc:
         raise ServiceError(f"kind: {exc}") from None
 
 
 def backend_check_secret(*, kind: str, secret: str) -> tuple[str, str]:
     """The (auth scheme, fingerprint) of a well-formed secret; ServiceError otherwise."""
-    backend_check_kind(kind)
-    if not secret.strip():
+    provider = backend_check_kind(kind)
+    secret = secret.strip()
+    if not secret:
         raise ServiceError("secret: must not be empty")
-    provider = provider_for(kind)
     try:
-        return provider.auth_scheme(secret.strip()).name, provider.fingerprint(secret.strip())
+        return provider.auth_scheme(secret).name, provider.fingerprint(secret)
     except ProviderError as exc:
         raise ServiceError(f"secret: {exc}") from None
 
@@ -120,8 +120,7 @@ def backend_add(
     ttl: TtlBounds | None = None,
     by: User = None,
 ) -> Backend:
-    backend_check_kind(kind)
-    provider = provider_for(kind)
+    provider = backend_check_kind(kind)
     ttl = ttl or TtlBounds()
     ttl.check()
     backend = Backend(
@@ -167,7 +166,8 @@ def backend_update(
         clean = backend_clean_base_url(base_url)
         if clean != backend.base_url:
             backend.base_url = changed["base_url"] = clean
-    if ttl is not None:
+    current_ttl = TtlBounds(backend.token_ttl_min, backend.token_ttl_max, backend.token_ttl_default)
+    if ttl is not None and ttl != current_ttl:
         ttl.check()
         backend.token_ttl_min, backend.token_ttl_max, backend.token_ttl_default = (
             ttl.minimum,
