@@ -16,7 +16,9 @@ class AuditEvent(models.Model):
     action = models.CharField(max_length=64, db_index=True)
     actor_type = models.CharField(max_length=16, choices=ActorType.choices)
     actor = models.CharField(max_length=150, blank=True)
+    agent = models.CharField(max_length=63, blank=True, db_index=True)
     backend = models.CharField(max_length=63, blank=True, db_index=True)
+    client_address = models.GenericIPAddressField(null=True, blank=True)
     message = models.CharField(max_length=500, blank=True)
     detail = models.JSONField(default=dict, blank=True)
 

@@ -20,3 +20,22 @@ class NotFound(ServiceError):
 class Conflict(ServiceError):
     status_code = 409
     error_type = "conflict"
+
+
+class Unauthenticated(ServiceError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class NotPermitted(ServiceError):
+    status_code = 403
+    error_type = "permission_denied"
+
+
+class OAuthError(ServiceError):
+    """An RFC 6749 error: OAuth clients parse ``error`` and ``error_description``."""
+
+    def __init__(self, error: str, message: str, *, status_code: int = 400) -> None:
+        super().__init__(message)
+        self.error_type = error
+        self.status_code = status_code

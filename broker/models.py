@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
+
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
@@ -68,3 +71,154 @@ class AdminToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.display_prefix}…)"
+
+
+AGENT_NAME_PATTERN = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
+agent_name_validator = RegexValidator(
+    AGENT_NAME_PATTERN,
+    "use 1-63 letters, digits, dots, dashes and underscores, starting and ending with a "
+    "letter or digit",
+)
+
+
+class AgentStatus(models.TextChoices):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    UNENROLLED = "unenrolled"
+
+
+class Agent(models.Model):
+    """A program that asked for credentials. Its scopes are backend names.
+
+    ``requested_scopes`` holds what it asked for and no admin has granted yet; the granted
+    scopes are its Grants. Rows are never deleted by the agent itself, so history stays.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=63, validators=[agent_name_validator])
+    description = models.CharField(max_length=500, blank=True)
+    status = models.CharField(
+        max_length=16, choices=AgentStatus.choices, default=AgentStatus.PENDING, db_index=True
+    )
+    requested_scopes = models.JSONField(default=list, blank=True)
+    vend_digest = models.CharField(max_length=64, unique=True, editable=False)
+    vend_prefix = models.CharField(max_length=16, editable=False)
+    enrolled_from = models.GenericIPAddressField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    unenrolled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            # An unenrolled agent keeps its row for history but frees its name.
+            models.UniqueConstraint(
+                fields=["name"],
+                condition=~models.Q(status="unenrolled"),
+                name="agent_name_unique_while_enrolled",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_approved(self) -> bool:
+        return self.status == AgentStatus.APPROVED
+
+
+class Grant(models.Model):
+    """Agent and backend: the agent may mint tokens for this backend.
+
+    The policy fields (allowed models and paths, rates, budgets, max TTL) join this row.
+    """
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="grants")
+    backend = models.ForeignKey(Backend, on_delete=models.CASCADE, related_name="grants")
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+
+    class Meta:
+        ordering = ["agent__name", "backend__name"]
+        constraints = [
+            models.UniqueConstraint(fields=["agent", "backend"], name="grant_once_per_backend")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agent} → {self.backend}"
+
+
+class Token(models.Model):
+    """A ``crd_…`` access token for one agent and one backend; stored as a digest."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="tokens")
+    backend = models.ForeignKey(Backend, on_delete=models.CASCADE, related_name="tokens")
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    display_prefix = models.CharField(max_length=16, editable=False)
+    ttl_seconds = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(db_index=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    # Set by the sweep once it has recorded the expiry; expiry itself is checked on use.
+    expired_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["agent", "revoked_at", "expires_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.display_prefix}… ({self.backend_id})"
+
+    def is_live(self, now: datetime) -> bool:
+        return self.revoked_at is None and self.expires_at > now
+
+
+class OidcClient(models.Model):
+    """OAuth client credentials of an agent: ``client_id`` and a ``cks_…`` secret digest."""
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="oidc_clients")
+    client_id = models.CharField(max_length=64, unique=True)
+    secret_digest = models.CharField(max_length=64, unique=True, editable=False)
+    secret_prefix = models.CharField(max_length=16, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.client_id
+
+
+class SigningKey(models.Model):
+    """A JWT signing key of keybroker's OIDC issuer.
+
+    Kept in the database, not a file, so every web process on every machine signs and
+    publishes the same keys; the private half is encrypted like an upstream secret.
+    """
+
+    kid = models.CharField(max_length=64, unique=True)
+    algorithm = models.CharField(max_length=8, default="ES256")
+    private_pem = EncryptedTextField(editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    # A retired key signs nothing new but stays published until its last JWT has expired.
+    retired_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.kid
+
+    def __repr__(self) -> str:
+        return f"<SigningKey {self.kid}>"

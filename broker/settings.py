@@ -146,6 +146,9 @@ HEARTBEAT_INTERVAL_SECONDS = 10
 HEARTBEAT_MAX_AGE_SECONDS = env_int("KEYBROKER_HEARTBEAT_MAX_AGE", default=45, minimum=15)
 BACKEND_VALIDATE_TIMEOUT_SECONDS = env_int("KEYBROKER_VALIDATE_TIMEOUT", default=10, minimum=1)
 BACKEND_VALIDATE_INTERVAL_SECONDS = env_int("KEYBROKER_VALIDATE_INTERVAL", default=3600, minimum=60)
+TOKEN_SWEEP_INTERVAL_SECONDS = 60
+# Expired and revoked token rows are kept this long (their audit events stay regardless).
+TOKEN_RETENTION_SECONDS = env_int("KEYBROKER_TOKEN_RETENTION", default=7 * 86400, minimum=0)
 CELERY_BEAT_SCHEDULE = {
     "heartbeat": {
         "task": "broker.tasks.heartbeat",
@@ -157,7 +160,26 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": BACKEND_VALIDATE_INTERVAL_SECONDS,
         "options": {"expires": BACKEND_VALIDATE_INTERVAL_SECONDS - 30},
     },
+    "tokens-sweep": {
+        "task": "broker.tasks.tokens_sweep_task",
+        "schedule": TOKEN_SWEEP_INTERVAL_SECONDS,
+        "options": {"expires": TOKEN_SWEEP_INTERVAL_SECONDS - 5},
+    },
 }
+
+
+# --- Agents ------------------------------------------------------------------------------
+# Enrollment is open to anyone who can reach the server, so it is rate limited per address.
+ENROLL_RATE = env_str("KEYBROKER_ENROLL_RATE", "20/10m")
+try:
+    from broker.ratelimit import Rate
+
+    Rate.parse(ENROLL_RATE)
+except ValueError as exc:
+    raise ImproperlyConfigured(f"KEYBROKER_ENROLL_RATE: {exc}") from None
+OIDC_TOKEN_LIFETIME_SECONDS = env_int(
+    "KEYBROKER_OIDC_TOKEN_LIFETIME", default=3600, minimum=60, maximum=3600
+)
 
 
 # --- Django ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from celery import shared_task
 from broker.health import worker_heartbeat_record
 from broker.models import Backend
 from broker.services.backends import backend_validate
+from broker.services.tokens import tokens_sweep
 
 
 @shared_task(ignore_result=True)
@@ -27,3 +28,8 @@ def backend_validate_task(backend_id: int) -> None:
 def backends_validate_all() -> None:
     for backend_id in Backend.objects.filter(enabled=True).values_list("pk", flat=True):
         backend_validate_task.delay(backend_id)
+
+
+@shared_task(ignore_result=True)
+def tokens_sweep_task() -> None:
+    tokens_sweep()

@@ -5,6 +5,7 @@ from django.urls import path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from broker.api import admin_agents, agents, oidc
 from broker.api.backends import (
     BackendDetailView,
     BackendListView,
@@ -30,6 +31,28 @@ urlpatterns = [
     path("v1/admin/backends/<str:name>", BackendDetailView.as_view(), name="admin-backend"),
     path("v1/admin/backends/<str:name>/rotate", BackendRotateView.as_view()),
     path("v1/admin/backends/<str:name>/validate", BackendValidateView.as_view()),
+    path("v1/admin/agents/", admin_agents.AgentListView.as_view()),
+    path("v1/admin/agents/<str:agent_id>", admin_agents.AgentDetailView.as_view()),
+    path("v1/admin/agents/<str:agent_id>/grants", admin_agents.AgentGrantView.as_view()),
+    path("v1/admin/pending/", admin_agents.PendingListView.as_view()),
+    path("v1/admin/pending/<str:agent_id>/approve", admin_agents.PendingApproveView.as_view()),
+    path("v1/admin/pending/<str:agent_id>/reject", admin_agents.PendingRejectView.as_view()),
+    path("v1/admin/tokens/", admin_agents.TokenListView.as_view()),
+    path("v1/admin/tokens/<str:token_id>", admin_agents.TokenDetailView.as_view()),
+    # The agent API (paths follow Creddy's).
+    path("v1/enroll", agents.EnrollView.as_view()),
+    path("v1/enroll/status", agents.EnrollStatusView.as_view()),
+    path("v1/status", agents.StatusView.as_view()),
+    path("v1/request", agents.RequestScopesView.as_view()),
+    path("v1/credentials/<str:backend>", agents.CredentialsView.as_view()),
+    path("v1/active", agents.ActiveView.as_view()),
+    path("v1/active/<str:token_id>", agents.ActiveDetailView.as_view()),
+    path("v1/self", agents.SelfView.as_view()),
+    path("v1/clients", agents.ClientsView.as_view()),
+    # keybroker as an OIDC provider.
+    path(".well-known/openid-configuration", oidc.DiscoveryView.as_view()),
+    path(".well-known/jwks.json", oidc.JwksView.as_view()),
+    path("oauth/token", oidc.TokenView.as_view()),
 ]
 
 handler404 = "broker.api.errors.json_not_found"

@@ -9,8 +9,9 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from broker.errors import ServiceError
+from broker.errors import OAuthError, ServiceError
 from broker.logging import redact
+from broker.ratelimit import RateLimited
 
 _TYPES = {
     status.HTTP_400_BAD_REQUEST: "invalid_request",
@@ -51,9 +52,19 @@ def _flatten(detail: Any, prefix: str = "") -> list[str]:
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, OAuthError):
+        body = {"error": exc.error_type, "error_description": redact(exc.message)}
+        oauth_refusal = Response(body, status=exc.status_code)
+        oauth_refusal["Cache-Control"] = "no-store"
+        return oauth_refusal
     if isinstance(exc, ServiceError):
         body = error_body(exc.status_code, exc.message, error_type=exc.error_type)
-        return Response(body, status=exc.status_code)
+        refusal = Response(body, status=exc.status_code)
+        if isinstance(exc, RateLimited):
+            refusal["Retry-After"] = str(exc.retry_after)
+        if exc.status_code == status.HTTP_401_UNAUTHORIZED:
+            refusal["WWW-Authenticate"] = 'Bearer realm="keybroker"'
+        return refusal
     response = drf_exception_handler(exc, context)
     if response is None:
         return None

@@ -1,0 +1,604 @@
+"""`keybroker`, the agent-side command: enroll, wait for approval, mint short-lived tokens.
+
+It runs on the agent's machine, so it needs httpx and the standard library only: importing
+Django (or anything from the project but the version string) here would drag the whole server
+onto every agent. Usage and exit codes are documented in docs/agent-cli.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import email.utils
+import ipaddress
+import json
+import os
+import random
+import re
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from broker import __version__
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # the server refused the request, or anything else went wrong
+EXIT_USAGE = 2  # argparse's own code for a bad command line
+EXIT_NOT_APPROVED = 3  # pending, rejected, or no grant for that backend
+EXIT_TIMEOUT = 4  # still pending when --timeout ran out
+EXIT_UNREACHABLE = 5  # no answer from the server at all
+EXIT_NOT_ENROLLED = 6  # no config, or the server no longer knows this agent
+EXIT_INTERRUPTED = 130  # the shell's convention for Ctrl-C
+
+ENROLL_HINT = "run keybroker enroll URL --name N --can BACKEND"
+DEFAULT_TIMEOUT = 600.0
+DEFAULT_POLL_INTERVAL = 2.0
+MAX_POLL_INTERVAL = 10.0  # an admin who approves should not wait long for the agent to notice
+HTTP_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+
+# Server messages are redacted server-side already; this is the last line of defence so that
+# no vend token (ckr_), client secret (cks_) or access token (crd_) ever reaches stderr.
+_SECRET = re.compile(r"\b(ckr|cks|crd)_[A-Za-z0-9_\-]+")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+class CliError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Config:
+    url: str
+    name: str
+    agent_id: str | int
+    vend_token: str
+
+
+def _note(message: str) -> None:
+    print("keybroker: " + _SECRET.sub(r"\1_…", message), file=sys.stderr, flush=True)
+
+
+# --- durations -------------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """`90s`, `5m`, `1h` or plain seconds, as seconds."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use 90s, 5m, 1h or seconds")
+    return float(match[1]) * _UNIT_SECONDS[match[2]]
+
+
+def format_duration(seconds: float) -> str:
+    whole = int(seconds)
+    if whole != seconds or whole == 0:
+        return f"{seconds:g}s"
+    for unit, size in (("h", 3600), ("m", 60)):
+        if whole % size == 0:
+            return f"{whole // size}{unit}"
+    return f"{whole}s"
+
+
+# --- config ----------------------------------------------------------------------------------
+
+
+def config_path(override: str | None = None) -> Path:
+    """--config, then $KEYBROKER_CONFIG, then the XDG location."""
+    chosen = override or os.environ.get("KEYBROKER_CONFIG")
+    if chosen:
+        return Path(chosen).expanduser()
+    xdg = os.environ.get("XDG_CONFIG_HOME", "")
+    # The XDG spec says a relative XDG_CONFIG_HOME is invalid and must be ignored.
+    root = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".config"
+    return root / "keybroker" / "config.json"
+
+
+def load_config(path: Path) -> Config | None:
+    try:
+        raw = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CliError(EXIT_ERROR, f"cannot read {path} ({exc.strerror})") from None
+    if mode & 0o077:
+        _note(f"warning: {path} is readable by other users; run chmod 600 {path}")
+    broken = CliError(EXIT_ERROR, f"{path} is not a keybroker config; delete it and enroll again")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise broken from None
+    if not isinstance(data, dict):
+        raise broken
+    url, name, agent_id, token = (data.get(k) for k in ("url", "name", "agent_id", "vend_token"))
+    if not (isinstance(url, str) and isinstance(name, str) and isinstance(token, str)):
+        raise broken
+    if not isinstance(agent_id, str | int):
+        raise broken
+    try:
+        url = server_url(url)
+    except CliError:
+        raise broken from None
+    return Config(url=url, name=name, agent_id=agent_id, vend_token=token)
+
+
+def require_config(path: Path) -> Config:
+    config = load_config(path)
+    if config is None:
+        raise CliError(EXIT_NOT_ENROLLED, f"not enrolled; {ENROLL_HINT}")
+    return config
+
+
+def save_config(path: Path, config: Config) -> None:
+    """Write atomically, private from the first byte: the vend token is a long-lived secret."""
+    directory = path.parent
+    try:
+        if not directory.exists():
+            directory.mkdir(mode=0o700, parents=True)
+            # mkdir's mode is filtered through the umask; this directory must be private anyway.
+            directory.chmod(0o700)
+        # mkstemp creates the file 0600 whatever the umask, so the token is never exposed.
+        fd, temporary = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(asdict(config), handle, indent=2)
+                handle.write("\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+    except OSError as exc:
+        raise CliError(EXIT_ERROR, f"cannot write {path} ({exc.strerror})") from None
+
+
+# --- HTTP ------------------------------------------------------------------------------------
+
+
+def server_url(text: str) -> str:
+    parts = urlsplit(text.strip())
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or parts.query
+        or parts.fragment
+    ):
+        raise CliError(
+            EXIT_USAGE, f"{text!r} is not a server URL; use e.g. https://keys.example.com"
+        )
+    return text.strip().rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Server:
+    def __init__(self, url: str, vend_token: str | None = None) -> None:
+        headers = {"User-Agent": f"keybroker-cli/{__version__}", "Accept": "application/json"}
+        if vend_token is not None:
+            headers["Authorization"] = f"Bearer {vend_token}"
+        self.url = url
+        self._client = httpx.Client(base_url=url, headers=headers, timeout=HTTP_TIMEOUT)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._client.close()
+
+    def request(self, method: str, path: str, body: object = None) -> httpx.Response:
+        try:
+            return self._client.request(method, path, json=body)
+        except httpx.TimeoutException:
+            raise CliError(EXIT_UNREACHABLE, f"cannot reach {self.url} (timed out)") from None
+        except httpx.TransportError as exc:
+            reason = str(exc) or type(exc).__name__
+            raise CliError(EXIT_UNREACHABLE, f"cannot reach {self.url} ({reason})") from None
+        except httpx.RequestError as exc:
+            raise CliError(EXIT_ERROR, f"bad answer from {self.url} ({exc})") from None
+
+
+def expect(response: httpx.Response, *ok: int) -> Any:
+    """The decoded JSON of an expected answer (None for an empty one), else a CliError."""
+    if response.status_code not in ok:
+        raise error_for(response)
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        raise CliError(
+            EXIT_ERROR,
+            f"HTTP {response.status_code} from {response.url} is not JSON; "
+            "is that a keybroker server?",
+        ) from None
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    with contextlib.suppress(ValueError):
+        return max(0.0, float(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    seconds: float = when.timestamp() - time.time()
+    return max(0.0, seconds)
+
+
+def _server_message(response: httpx.Response) -> str:
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        message = response.json()["error"]["message"]
+        if isinstance(message, str) and message.strip():
+            return " ".join(message.split())  # one line, whatever the server sent
+    return f"the server answered HTTP {response.status_code} {response.reason_phrase}".rstrip()
+
+
+def error_for(response: httpx.Response) -> CliError:
+    message = _server_message(response)
+    status = response.status_code
+    if status == 401:
+        return CliError(
+            EXIT_NOT_ENROLLED,
+            f"{message}; the server does not know this agent (unenrolled?); {ENROLL_HINT}",
+        )
+    if status == 403:
+        return CliError(EXIT_NOT_APPROVED, message)
+    if status == 429 and (wait := retry_after(response)) is not None:
+        return CliError(EXIT_ERROR, f"{message} (retry in {format_duration(round(wait))})")
+    return CliError(EXIT_ERROR, message)
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise CliError(EXIT_ERROR, f"unexpected {what} from the server")
+    return value
+
+
+def _words(value: Any) -> str:
+    if isinstance(value, list) and value:
+        return ", ".join(str(item) for item in value)
+    return "none"
+
+
+# --- enroll ----------------------------------------------------------------------------------
+
+
+def _jittered(seconds: float) -> float:
+    # Only ever later, never sooner: a Retry-After is a minimum. Jitter keeps a fleet of agents
+    # enrolled at the same moment from polling in lockstep; it is not a security measure.
+    return seconds * random.uniform(1.0, 1.2)  # noqa: S311
+
+
+def wait_for_verdict(server: Server, timeout: float, interval: float) -> dict[str, Any]:
+    """Poll /v1/enroll/status until approved or rejected, or the deadline; the last status seen.
+
+    A broker that restarts or sheds load while we wait must not end a wait that has time left,
+    so unreachable, 429 and 5xx answers are retried; only the last one counts at the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    delay = interval
+    while True:
+        pause = delay
+        last: dict[str, Any] | CliError
+        try:
+            response = server.request("GET", "/v1/enroll/status")
+        except CliError as exc:
+            if exc.code != EXIT_UNREACHABLE:
+                raise
+            last = exc
+        else:
+            if response.status_code == 429 or response.status_code >= 500:
+                pause = retry_after(response) or delay
+                last = error_for(response)
+            else:
+                last = _object(expect(response, 200), "enrollment status")
+                if last.get("status") in ("approved", "rejected"):
+                    return last
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if isinstance(last, CliError):
+                raise last
+            return last
+        time.sleep(min(_jittered(pause), remaining))
+        delay = min(delay * 1.5, MAX_POLL_INTERVAL)
+
+
+def cmd_enroll(args: argparse.Namespace, path: Path) -> int:
+    url = server_url(args.url)
+    if args.poll_interval <= 0:
+        raise CliError(EXIT_USAGE, "--poll-interval must be more than 0")
+    config = load_config(path)
+    fresh = config is None
+    if config is None:
+        parts = urlsplit(url)
+        if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
+            _note(f"warning: {url} is plain http; every token will cross the network unencrypted")
+        body: dict[str, Any] = {"name": args.name, "scopes": args.can}
+        if args.description:
+            body["description"] = args.description
+        with Server(url) as server:
+            data = _object(expect(server.request("POST", "/v1/enroll", body), 201), "answer")
+        token, agent_id = data.get("vend_token"), data.get("id")
+        if not isinstance(token, str) or not isinstance(agent_id, str | int):
+            raise CliError(EXIT_ERROR, "the server's enrollment answer has no vend token or id")
+        config = Config(url=url, name=args.name, agent_id=agent_id, vend_token=token)
+        save_config(path, config)
+    elif (config.url, config.name) != (url, args.name):
+        raise CliError(
+            EXIT_ERROR,
+            f"{path} already holds {config.name} at {config.url}; run keybroker unenroll "
+            "first, or pass --config PATH for another agent",
+        )
+    who = f"{config.name} (id {config.agent_id})"
+    admin = f"{config.url}/admin/"
+    if fresh and args.timeout == 0:
+        _note(f"enrolled as {who}; an admin must approve it at {admin}; see keybroker status")
+        return EXIT_OK
+    waiting = f"waiting up to {format_duration(args.timeout)}" if args.timeout else "checking"
+    _note(
+        f"{'enrolled' if fresh else 'already enrolled'} as {who}; "
+        f"{waiting} for an admin to approve it at {admin}"
+    )
+    with Server(config.url, config.vend_token) as server:
+        status = wait_for_verdict(server, args.timeout, args.poll_interval)
+    verdict = status.get("status")
+    if verdict == "approved":
+        print(f"{config.name} is approved for: {_words(status.get('scopes'))}")
+        return EXIT_OK
+    if verdict == "rejected":
+        raise CliError(EXIT_NOT_APPROVED, f"an admin rejected {config.name}; it gets no tokens")
+    if args.timeout == 0:
+        _note(f"{config.name} is still {verdict}; an admin must approve it at {admin}")
+        return EXIT_OK
+    raise CliError(
+        EXIT_TIMEOUT,
+        f"{config.name} is still {verdict} after {format_duration(args.timeout)}; the enrollment "
+        f"is kept in {path}: run the same keybroker enroll again to keep waiting",
+    )
+
+
+# --- the other commands ----------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace, path: Path) -> int:
+    config = require_config(path)
+    with Server(config.url, config.vend_token) as server:
+        response = server.request("GET", "/v1/status")
+        if response.status_code == 403:
+            # /v1/status serves approved agents only; the enrollment view answers while
+            # pending or rejected, so `status` always says where the agent stands.
+            response = server.request("GET", "/v1/enroll/status")
+        data = _object(expect(response, 200), "status")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    print(f"name:       {data.get('name', config.name)}")
+    print(f"id:         {data.get('id', config.agent_id)}")
+    print(f"server:     {config.url}")
+    print(f"status:     {data.get('status')}")
+    print(f"scopes:     {_words(data.get('scopes'))}")
+    print(f"requested:  {_words(data.get('requested_scopes'))}")
+    grants = data.get("grants")
+    if isinstance(grants, list):
+        print("grants:" if grants else "grants:     none")
+        for item in grants:
+            grant = _object(item, "grant")
+            bounds = grant.get("ttl")
+            if not isinstance(bounds, dict):
+                bounds = {}
+            ttl = "/".join(
+                format_duration(v) if isinstance(v, int | float) else "?"
+                for v in (bounds.get("min"), bounds.get("default"), bounds.get("max"))
+            )
+            print(f"  {grant.get('backend')}  {grant.get('base_url')}  ttl min/default/max {ttl}")
+    return EXIT_OK
+
+
+def mint(config: Config, backend: str, ttl: str | None) -> dict[str, Any]:
+    # The server parses TTLs (and names its bounds when one is out of range); pass it verbatim.
+    body = {} if ttl is None else {"ttl": ttl}
+    with Server(config.url, config.vend_token) as server:
+        response = server.request("POST", f"/v1/credentials/{quote(backend, safe='')}", body)
+        data = _object(expect(response, 201), "credential")
+    if not isinstance(data.get("token"), str) or not isinstance(data.get("base_url"), str):
+        raise CliError(EXIT_ERROR, "the server's credential answer has no token or base_url")
+    return data
+
+
+def cmd_get(args: argparse.Namespace, path: Path) -> int:
+    data = mint(require_config(path), args.backend, args.ttl)
+    print(json.dumps(data, indent=2) if args.json else data["token"])
+    return EXIT_OK
+
+
+def cmd_env(args: argparse.Namespace, path: Path) -> int:
+    data = mint(require_config(path), args.backend, args.ttl)
+    print(f"# keybroker: {args.backend} token, expires {data.get('expires_at')}")
+    # The SDKs and Claude Code send ANTHROPIC_API_KEY as x-api-key next to the bearer token,
+    # so a real key left in the environment would travel to keybroker and shadow the token.
+    print("unset ANTHROPIC_API_KEY")
+    print(f"export ANTHROPIC_BASE_URL={shlex.quote(data['base_url'])}")
+    print(f"export ANTHROPIC_AUTH_TOKEN={shlex.quote(data['token'])}")
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace, path: Path) -> int:
+    config = require_config(path)
+    with Server(config.url, config.vend_token) as server:
+        rows = expect(server.request("GET", "/v1/active"), 200)
+    if not isinstance(rows, list):
+        raise CliError(EXIT_ERROR, "unexpected token list from the server")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        _note("no live tokens")
+        return EXIT_OK
+    columns = ("id", "backend", "prefix", "expires_at")
+    table = [[c.upper() for c in columns]]
+    table += [[str(_object(row, "token").get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
+    return EXIT_OK
+
+
+def cmd_revoke(args: argparse.Namespace, path: Path) -> int:
+    config = require_config(path)
+    with Server(config.url, config.vend_token) as server:
+        expect(server.request("DELETE", f"/v1/active/{quote(args.id, safe='')}"), 204)
+    print(f"revoked {args.id}")
+    return EXIT_OK
+
+
+def cmd_request(args: argparse.Namespace, path: Path) -> int:
+    config = require_config(path)
+    with Server(config.url, config.vend_token) as server:
+        response = server.request("POST", "/v1/request", {"scopes": args.can})
+        data = _object(expect(response, 202), "status")
+    print(
+        f"requested {', '.join(args.can)}; an admin must approve it at {config.url}/admin/ "
+        f"(granted now: {_words(data.get('scopes'))})"
+    )
+    return EXIT_OK
+
+
+def cmd_unenroll(args: argparse.Namespace, path: Path) -> int:
+    config = require_config(path)
+    with Server(config.url, config.vend_token) as server:
+        response = server.request("DELETE", "/v1/self")
+    if response.status_code == 401:
+        # Already gone on the server (unenrolled elsewhere, or removed by an admin): what the
+        # user asked for is true, so finish the job locally rather than strand the config.
+        _note(f"the server no longer knows {config.name}; removing the local config only")
+    else:
+        expect(response, 204)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    print(f"unenrolled {config.name}; its tokens are revoked and {path} is deleted")
+    return EXIT_OK
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other error, instead of argparse's usage dump.
+        self.exit(EXIT_USAGE, f"keybroker: {message} (see {self.prog} --help)\n")
+
+
+Handler = Callable[[argparse.Namespace, Path], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --config is accepted before or after the command; SUPPRESS keeps the subcommand's
+    # absent option from overwriting one given before it.
+    common = _Parser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="config file")
+    parser = _Parser(
+        prog="keybroker",
+        parents=[common],
+        description="Enroll this agent with a keybroker server and mint short-lived tokens.",
+        epilog="Docs and exit codes: docs/agent-cli.md",
+    )
+    parser.add_argument("--version", action="version", version=f"keybroker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Handler, what: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=what, description=what)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    enroll = command("enroll", cmd_enroll, "enroll and wait for an admin's approval")
+    enroll.add_argument(
+        "url", metavar="URL", help="the keybroker server, e.g. https://keys.example.com"
+    )
+    enroll.add_argument("--name", required=True, help="this agent's unique name")
+    enroll.add_argument(
+        "--can", action="append", required=True, metavar="BACKEND", help="a backend to ask for"
+    )
+    enroll.add_argument("--description", help="a note for the approving admin")
+    enroll.add_argument(
+        "--timeout",
+        type=parse_duration,
+        default=DEFAULT_TIMEOUT,
+        metavar="DURATION",
+        help="how long to wait for approval (default 10m; 0 = do not wait)",
+    )
+    enroll.add_argument(
+        "--poll-interval",
+        type=parse_duration,
+        default=DEFAULT_POLL_INTERVAL,
+        metavar="DURATION",
+        help="first pause between status checks; it grows to 10s (default 2s)",
+    )
+
+    status = command("status", cmd_status, "show name, status, scopes and grants")
+    status.add_argument("--json", action="store_true", help="print the server's answer")
+
+    for name, handler, what in (
+        ("get", cmd_get, "mint a token and print only the token"),
+        ("env", cmd_env, "mint a token and print shell exports for the Anthropic SDK"),
+    ):
+        sub = command(name, handler, what)
+        sub.add_argument("backend", metavar="BACKEND")
+        sub.add_argument("--ttl", help="token lifetime: 90s, 30m, 1h or seconds")
+        if name == "get":
+            sub.add_argument("--json", action="store_true", help="print the whole answer")
+
+    ls = command("ls", cmd_ls, "list this agent's live tokens")
+    ls.add_argument("--json", action="store_true", help="print the server's answer")
+    command("revoke", cmd_revoke, "revoke one token at once").add_argument("id", metavar="ID")
+    command("request", cmd_request, "ask for more backends").add_argument(
+        "--can", action="append", required=True, metavar="BACKEND"
+    )
+    command("unenroll", cmd_unenroll, "delete this agent and every token, then the config")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args, config_path(getattr(args, "config", None)))
+    except CliError as exc:
+        _note(exc.message)
+        return exc.code
+    except KeyboardInterrupt:
+        _note("interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        # A traceback is useless to an agent's operator and could quote a token; one line is not.
+        _note(f"unexpected error: {type(exc).__name__}: {exc}")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

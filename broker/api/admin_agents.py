@@ -1,0 +1,224 @@
+"""Admin REST API for agents, approvals and tokens: /v1/admin/agents|pending|tokens/."""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from broker.api.agents import EnrollInput, EnrollmentOutput
+from broker.api.serializers import StrictInputSerializer
+from broker.errors import ServiceError
+from broker.models import Agent, AgentStatus, Token
+from broker.services.agents import (
+    agent_approve,
+    agent_enroll,
+    agent_get_by_id,
+    agent_grant,
+    agent_reject,
+    agent_unenroll,
+    agents_pending,
+)
+from broker.services.backends import backend_get
+from broker.services.tokens import token_get, token_revoke
+
+
+class AgentOutput(EnrollmentOutput):
+    decided_by = serializers.SerializerMethodField()
+
+    class Meta(EnrollmentOutput.Meta):
+        fields = [
+            *EnrollmentOutput.Meta.fields, "description", "created_at", "decided_at",
+            "decided_by", "last_seen_at", "enrolled_from",
+        ]  # fmt: skip
+
+    def get_decided_by(self, agent: Agent) -> str | None:
+        return agent.decided_by.get_username() if agent.decided_by else None
+
+
+class CreatedAgentOutput(AgentOutput):
+    vend_token = serializers.CharField(help_text="shown once")
+
+    class Meta(AgentOutput.Meta):
+        fields = [*AgentOutput.Meta.fields, "vend_token"]
+
+
+class TokenOutput(serializers.ModelSerializer[Token]):
+    agent = serializers.CharField(source="agent.name")
+    backend = serializers.CharField(source="backend.name")
+    prefix = serializers.CharField(source="display_prefix")
+    state = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Token
+        fields = [
+            "id", "agent", "backend", "prefix", "state", "ttl_seconds", "created_at",
+            "expires_at", "revoked_at", "last_used_at",
+        ]  # fmt: skip
+
+    def get_state(self, token: Token) -> str:
+        if token.revoked_at is not None:
+            return "revoked"
+        return "live" if token.expires_at > timezone.now() else "expired"
+
+
+class ApproveInput(StrictInputSerializer):
+    scopes = serializers.ListField(
+        child=serializers.CharField(max_length=63),
+        required=False,
+        max_length=32,
+        help_text="grant only these (default: everything the agent asked for)",
+    )
+
+
+class RejectInput(StrictInputSerializer):
+    reason = serializers.CharField(max_length=500, required=False, allow_blank=True)
+
+
+class GrantInput(StrictInputSerializer):
+    backend = serializers.CharField(max_length=63)
+
+
+def _agents() -> QuerySet[Agent]:
+    return Agent.objects.select_related("decided_by").prefetch_related("grants__backend")
+
+
+class AgentListView(APIView):
+    @extend_schema(
+        operation_id="admin_agents_list",
+        parameters=[OpenApiParameter("status", enum=AgentStatus.values)],
+        responses=AgentOutput(many=True),
+    )
+    def get(self, request: Request) -> Response:
+        agents = _agents()
+        wanted = request.query_params.get("status")
+        if wanted:
+            if wanted not in AgentStatus.values:
+                raise ServiceError(f"status: one of {', '.join(AgentStatus.values)}")
+            agents = agents.filter(status=wanted)
+        return Response(AgentOutput(agents, many=True).data)
+
+    @extend_schema(
+        operation_id="admin_agents_create",
+        request=EnrollInput,
+        responses={201: CreatedAgentOutput},
+        description="Create an agent that is approved at once; its vend token is shown once.",
+    )
+    def post(self, request: Request) -> Response:
+        data = EnrollInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        created = agent_enroll(
+            name=data.validated_data["name"],
+            scopes=data.validated_data["scopes"],
+            description=data.validated_data.get("description", ""),
+            approved_by=request.user,
+        )
+        body = {**AgentOutput(created.agent).data, "vend_token": created.vend_token}
+        return Response(body, status=status.HTTP_201_CREATED)
+
+
+class AgentDetailView(APIView):
+    @extend_schema(operation_id="admin_agents_inspect", responses=AgentOutput)
+    def get(self, request: Request, agent_id: str) -> Response:
+        return Response(AgentOutput(agent_get_by_id(agent_id=agent_id)).data)
+
+    @extend_schema(
+        operation_id="admin_agents_unenroll",
+        responses={204: OpenApiResponse(description="unenrolled; every token revoked")},
+    )
+    def delete(self, request: Request, agent_id: str) -> Response:
+        agent_unenroll(agent=agent_get_by_id(agent_id=agent_id), by=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class AgentGrantView(APIView):
+    @extend_schema(
+        operation_id="admin_agents_grant", request=GrantInput, responses={201: AgentOutput}
+    )
+    def post(self, request: Request, agent_id: str) -> Response:
+        agent = agent_get_by_id(agent_id=agent_id)
+        data = GrantInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        agent_grant(
+            agent=agent, backend=backend_get(name=data.validated_data["backend"]), by=request.user
+        )
+        return Response(AgentOutput(agent).data, status=status.HTTP_201_CREATED)
+
+
+class PendingListView(APIView):
+    @extend_schema(
+        operation_id="admin_pending_list",
+        responses=AgentOutput(many=True),
+        description="New agents awaiting approval, and approved ones that asked for more scopes.",
+    )
+    def get(self, request: Request) -> Response:
+        return Response(AgentOutput(agents_pending(), many=True).data)
+
+
+class PendingApproveView(APIView):
+    @extend_schema(
+        operation_id="admin_pending_approve", request=ApproveInput, responses=AgentOutput
+    )
+    def post(self, request: Request, agent_id: str) -> Response:
+        agent = agent_get_by_id(agent_id=agent_id)
+        data = ApproveInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        agent = agent_approve(
+            agent=agent, by=request.user, scopes=data.validated_data.get("scopes")
+        )
+        return Response(AgentOutput(agent).data)
+
+
+class PendingRejectView(APIView):
+    @extend_schema(operation_id="admin_pending_reject", request=RejectInput, responses=AgentOutput)
+    def post(self, request: Request, agent_id: str) -> Response:
+        agent = agent_get_by_id(agent_id=agent_id)
+        data = RejectInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        agent = agent_reject(
+            agent=agent, by=request.user, reason=data.validated_data.get("reason", "")
+        )
+        return Response(AgentOutput(agent).data)
+
+
+class TokenListView(APIView):
+    @extend_schema(
+        operation_id="admin_tokens_list",
+        parameters=[
+            OpenApiParameter("agent", description="agent name"),
+            OpenApiParameter("backend", description="backend name"),
+            OpenApiParameter("state", enum=["live", "all"], description="default: live"),
+        ],
+        responses=TokenOutput(many=True),
+    )
+    def get(self, request: Request) -> Response:
+        tokens = Token.objects.select_related("agent", "backend")
+        params = request.query_params
+        state = params.get("state", "live")
+        if state not in {"live", "all"}:
+            raise ServiceError("state: live or all")
+        if state == "live":
+            tokens = tokens.filter(revoked_at__isnull=True, expires_at__gt=timezone.now())
+        if params.get("agent"):
+            tokens = tokens.filter(agent__name=params["agent"])
+        if params.get("backend"):
+            tokens = tokens.filter(backend__name=params["backend"])
+        return Response(TokenOutput(tokens[:1000], many=True).data)
+
+
+class TokenDetailView(APIView):
+    @extend_schema(operation_id="admin_tokens_inspect", responses=TokenOutput)
+    def get(self, request: Request, token_id: str) -> Response:
+        return Response(TokenOutput(token_get(token_id=token_id)).data)
+
+    @extend_schema(
+        operation_id="admin_tokens_revoke",
+        responses={204: OpenApiResponse(description="revoked at once")},
+    )
+    def delete(self, request: Request, token_id: str) -> Response:
+        token_revoke(token=token_get(token_id=token_id), by=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,231 @@
+"""``crd_…`` access tokens: minted by approved agents, short-lived, revocable at once."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import redis
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from audit.services import audit_record
+from broker.errors import NotFound, NotPermitted, ServiceError
+from broker.models import Backend, Token
+from broker.redis import redis_client, redis_key
+from broker.secrets import secret_issue
+from broker.services.access import agent_require_approved
+
+if TYPE_CHECKING:
+    from broker.models import Agent
+
+logger = logging.getLogger(__name__)
+
+User = AbstractBaseUser | AnonymousUser | None
+CRD_PREFIX = "crd"
+_TTL = re.compile(r"^(\d{1,7})([smh]?)$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
+# Channel the proxy listens on: any revocation makes every process drop its cached tokens.
+TOKENS_CHANGED = "tokens:changed"
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: Token
+    plaintext: str
+
+    @property
+    def base_url(self) -> str:
+        return proxy_base_url(self.token.backend.name)
+
+
+def proxy_base_url(backend_name: str) -> str:
+    """What an SDK's ``base_url`` must be to reach this backend through the proxy."""
+    return f"{settings.PUBLIC_URL}/v1/proxy/{backend_name}"
+
+
+def format_duration(seconds: int) -> str:
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds % size == 0 and seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def ttl_parse(value: object) -> int:
+    """Seconds from ``90``, ``"90"``, ``"90s"``, ``"30m"`` or ``"1h"``; ServiceError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ServiceError("ttl: give seconds or a duration such as 90s, 30m or 1h")
+    match = _TTL.match(str(value).strip().lower())
+    if match is None:
+        raise ServiceError(
+            f"ttl: {str(value)[:20]!r} is not a duration; use seconds or 90s, 30m, 1h"
+        )
+    seconds = int(match[1]) * _UNIT_SECONDS[match[2]]
+    if seconds <= 0:
+        raise ServiceError("ttl: must be longer than zero")
+    return seconds
+
+
+def ttl_for(*, backend: Backend, requested: object | None) -> int:
+    if requested is None or requested == "":
+        return backend.token_ttl_default
+    seconds = ttl_parse(requested)
+    low, high = backend.token_ttl_min, backend.token_ttl_max
+    if not low <= seconds <= high:
+        raise ServiceError(
+            f"ttl: {format_duration(seconds)} is outside the bounds of backend "
+            f"{backend.name}: {format_duration(low)} to {format_duration(high)}"
+        )
+    return seconds
+
+
+@transaction.atomic
+def token_issue(
+    *, agent: Agent, backend_name: str, ttl: object | None = None, address: str | None = None
+) -> IssuedToken:
+    """Mint a token; only an approved agent with a grant for an enabled backend gets one."""
+    agent_require_approved(agent)
+    backend = Backend.objects.filter(name=backend_name).first()
+    if backend is None:
+        raise NotFound(f"no backend named {backend_name!r}")
+    if not agent.grants.filter(backend=backend).exists():
+        raise NotPermitted(
+            f"agent {agent.name} has no grant for backend {backend.name}; "
+            "ask for it with POST /v1/request"
+        )
+    if not backend.enabled:
+        raise NotPermitted(f"backend {backend.name} is disabled")
+    seconds = ttl_for(backend=backend, requested=ttl)
+    issued = secret_issue(CRD_PREFIX)
+    token = Token.objects.create(
+        agent=agent,
+        backend=backend,
+        digest=issued.digest,
+        display_prefix=issued.display_prefix,
+        ttl_seconds=seconds,
+        expires_at=timezone.now() + timedelta(seconds=seconds),
+    )
+    audit_record(
+        action="token.issued",
+        agent=agent,
+        backend=backend.name,
+        address=address,
+        token_id=str(token.id),
+        token=token.display_prefix,
+        ttl=seconds,
+    )
+    return IssuedToken(token, issued.plaintext)
+
+
+def tokens_live(*, agent: Agent | None = None, backend: Backend | None = None) -> list[Token]:
+    tokens = Token.objects.select_related("agent", "backend").filter(
+        revoked_at__isnull=True, expires_at__gt=timezone.now()
+    )
+    if agent is not None:
+        tokens = tokens.filter(agent=agent)
+    if backend is not None:
+        tokens = tokens.filter(backend=backend)
+    return list(tokens)
+
+
+def token_get(*, token_id: str, agent: Agent | None = None) -> Token:
+    """One token by id; when ``agent`` is given, only one of that agent's."""
+    tokens = Token.objects.select_related("agent", "backend")
+    if agent is not None:
+        tokens = tokens.filter(agent=agent)
+    try:
+        token = tokens.filter(pk=token_id).first()
+    except ValidationError:  # not a UUID
+        token = None
+    if token is None:
+        raise NotFound(f"no token with id {token_id}")
+    return token
+
+
+@transaction.atomic
+def token_revoke(
+    *, token: Token, by: User = None, agent: Agent | None = None, reason: str = ""
+) -> Token:
+    """Revoke at once (idempotent); every proxy process hears of it before the next request."""
+    now = timezone.now()
+    updated = Token.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=now)
+    if updated:
+        token.revoked_at = now
+        audit_record(
+            action="token.revoked",
+            by=by,
+            agent=agent or token.agent,
+            backend=token.backend.name,
+            message=reason,
+            token_id=str(token.id),
+            token=token.display_prefix,
+        )
+        tokens_changed()
+    return token
+
+
+def tokens_revoke_all(
+    *, agent: Agent | None = None, backend: Backend | None = None, by: User = None, reason: str
+) -> int:
+    """Revoke every live token of an agent or a backend; returns how many."""
+    tokens = tokens_live(agent=agent, backend=backend)
+    for token in tokens:
+        token_revoke(token=token, by=by, reason=reason)
+    return len(tokens)
+
+
+def tokens_changed() -> None:
+    """Tell every process, after commit, that some token stopped being valid."""
+
+    def publish() -> None:
+        try:
+            client = redis_client()
+            client.incr(redis_key(TOKENS_CHANGED))
+            client.publish(redis_key(TOKENS_CHANGED), "1")
+        except redis.RedisError:
+            # The proxy re-checks the database when it cannot see this counter.
+            logger.error("could not announce a token revocation over Redis")
+
+    transaction.on_commit(publish)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    expired: int
+    deleted: int
+
+
+def tokens_sweep(*, now: datetime | None = None) -> SweepResult:
+    """Record expiries and delete rows past retention. Safe to run twice at once.
+
+    Each expiry is claimed with a conditional update, so two workers never both record it.
+    """
+    now = now or timezone.now()
+    expired = 0
+    candidates = Token.objects.select_related("agent", "backend").filter(
+        expires_at__lte=now, expired_at__isnull=True, revoked_at__isnull=True
+    )
+    for token in candidates[:1000]:
+        with transaction.atomic():
+            claimed = Token.objects.filter(pk=token.pk, expired_at__isnull=True).update(
+                expired_at=now
+            )
+            if not claimed:
+                continue
+            audit_record(
+                action="token.expired",
+                agent=token.agent,
+                backend=token.backend.name,
+                token_id=str(token.id),
+                token=token.display_prefix,
+            )
+            expired += 1
+    cutoff = now - timedelta(seconds=settings.TOKEN_RETENTION_SECONDS)
+    deleted, _ = Token.objects.filter(expires_at__lt=cutoff).delete()
+    return SweepResult(expired, deleted)
