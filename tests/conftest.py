@@ -14,6 +14,8 @@ from broker.redis import redis_client
 from tests.fake_anthropic import FakeAnthropic, serve_in_thread
 
 REPO = Path(__file__).resolve().parent.parent
+# The cast of the agent tests (alice, bob, the anthropic backend) as shared fixtures.
+pytest_plugins = ["tests.agents"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,7 +11,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from broker.api.agents import EnrollInput, EnrollmentOutput
-from broker.api.serializers import StrictInputSerializer
+from broker.api.serializers import StrictCharField, StrictInputSerializer
 from broker.errors import ServiceError
 from broker.models import Agent, AgentStatus, Token
 from broker.services.agents import (
@@ -68,7 +68,7 @@ class TokenOutput(serializers.ModelSerializer[Token]):
 
 class ApproveInput(StrictInputSerializer):
     scopes = serializers.ListField(
-        child=serializers.CharField(max_length=63),
+        child=StrictCharField(max_length=63),
         required=False,
         max_length=32,
         help_text="grant only these (default: everything the agent asked for)",
@@ -76,11 +76,11 @@ class ApproveInput(StrictInputSerializer):
 
 
 class RejectInput(StrictInputSerializer):
-    reason = serializers.CharField(max_length=500, required=False, allow_blank=True)
+    reason = StrictCharField(max_length=500, required=False, allow_blank=True)
 
 
 class GrantInput(StrictInputSerializer):
-    backend = serializers.CharField(max_length=63)
+    backend = StrictCharField(max_length=63)
 
 
 def _agents() -> QuerySet[Agent]:

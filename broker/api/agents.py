@@ -12,7 +12,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from broker.api.auth import AgentAuthentication, IsAgent, client_address
-from broker.api.serializers import StrictInputSerializer
+from broker.api.serializers import StrictCharField, StrictInputSerializer
 from broker.models import Agent, Token
 from broker.ratelimit import enrollment_rate, rate_limit_hit
 from broker.services.access import agent_require_approved
@@ -28,16 +28,16 @@ from broker.services.tokens import (
 
 
 class EnrollInput(StrictInputSerializer):
-    name = serializers.CharField(max_length=63, trim_whitespace=False)
+    name = StrictCharField(max_length=63, trim_whitespace=False)
     scopes = serializers.ListField(
-        child=serializers.CharField(max_length=63), allow_empty=False, max_length=32
+        child=StrictCharField(max_length=63), allow_empty=False, max_length=32
     )
-    description = serializers.CharField(max_length=500, required=False, allow_blank=True)
+    description = StrictCharField(max_length=500, required=False, allow_blank=True)
 
 
 class ScopesInput(StrictInputSerializer):
     scopes = serializers.ListField(
-        child=serializers.CharField(max_length=63), allow_empty=False, max_length=32
+        child=StrictCharField(max_length=63), allow_empty=False, max_length=32
     )
 
 

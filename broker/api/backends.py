@@ -10,7 +10,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from broker.api.serializers import StrictInputSerializer
+from broker.api.serializers import StrictCharField, StrictInputSerializer
 from broker.models import Backend
 from broker.services.backends import (
     TtlBounds,
@@ -57,21 +57,21 @@ class TtlInput(StrictInputSerializer):
 
 
 class BackendCreateInput(StrictInputSerializer):
-    name = serializers.CharField(max_length=63)
-    kind = serializers.CharField(max_length=32, default="anthropic")
-    secret = serializers.CharField(write_only=True, trim_whitespace=True, max_length=4096)
-    base_url = serializers.CharField(max_length=300, required=False)
+    name = StrictCharField(max_length=63)
+    kind = StrictCharField(max_length=32, default="anthropic")
+    secret = StrictCharField(write_only=True, trim_whitespace=True, max_length=4096)
+    base_url = StrictCharField(max_length=300, required=False)
     ttl = TtlInput(required=False)
 
 
 class BackendUpdateInput(StrictInputSerializer):
-    base_url = serializers.CharField(max_length=300, required=False)
+    base_url = StrictCharField(max_length=300, required=False)
     ttl = TtlInput(required=False)
     enabled = serializers.BooleanField(required=False)
 
 
 class SecretInput(StrictInputSerializer):
-    secret = serializers.CharField(write_only=True, trim_whitespace=True, max_length=4096)
+    secret = StrictCharField(write_only=True, trim_whitespace=True, max_length=4096)
 
 
 def _ttl(data: dict[str, Any]) -> TtlBounds | None:
