@@ -5,20 +5,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection
 from django.test import override_settings
 
 from audit.models import AuditEvent
 from broker.celery import app as celery_app
 from broker.errors import Conflict, ServiceError
-from broker.models import Backend, ValidationState
+from broker.models import Backend, SigningKey, Token, ValidationState
+from broker.services.agents import agent_enroll
 from broker.services.backends import (
     TtlBounds,
     backend_add,
+    backend_remove,
     backend_rotate,
     backend_update,
     backend_validate,
 )
+from broker.services.oidc import signing_key_current
+from broker.services.tokens import token_issue
 from broker.tasks import backends_validate_all
 from tests.conftest import free_port
 from tests.fake_anthropic import FakeAnthropic
@@ -243,6 +248,7 @@ def test_rotate_encryption_key_re_encrypts_every_secret(tmp_path: Path, settings
     key_a, key_b = api_key(), oauth_token()
     backend_add(name="a", secret=key_a)
     backend_add(name="b", secret=key_b)
+    signing_pem = signing_key_current().private_pem
     before = raw_secret_column()
     key_file = tmp_path / "encryption_key"
     key_file.write_text(settings.ENCRYPTION_KEY + "\n")
@@ -255,6 +261,7 @@ def test_rotate_encryption_key_re_encrypts_every_secret(tmp_path: Path, settings
     assert set(before).isdisjoint(after)
     settings.ENCRYPTION_KEY = new_key
     assert dict(Backend.objects.values_list("name", "secret")) == {"a": key_a, "b": key_b}
+    assert SigningKey.objects.get().private_pem == signing_pem
 
 
 def test_an_update_that_changes_nothing_records_nothing() -> None:
@@ -264,3 +271,22 @@ def test_an_update_that_changes_nothing_records_nothing() -> None:
     backend_update(backend=backend, ttl=TtlBounds(minimum=30, maximum=900, default=300))
     event = AuditEvent.objects.get(action="backend.updated")
     assert event.detail == {"ttl": [30, 300, 900]}
+
+
+def test_removal_refuses_while_tokens_live_and_forced_removal_revokes_them(
+    alice: AbstractBaseUser,
+) -> None:
+    backend = backend_add(name="anthropic", secret=api_key())
+    bob = agent_enroll(name="bob", scopes=["anthropic"], approved_by=alice).agent
+    token_issue(agent=bob, backend_name="anthropic")
+
+    with pytest.raises(Conflict, match="1 live token"):
+        backend_remove(backend=backend)
+    assert Backend.objects.filter(name="anthropic").exists()
+
+    backend_remove(backend=backend, force=True)
+    assert not Backend.objects.exists()
+    assert not Token.objects.exists()
+    revoked = AuditEvent.objects.get(action="token.revoked")
+    assert revoked.message == "backend removed"
+    assert AuditEvent.objects.get(action="backend.removed").detail["revoked"] == 1

@@ -205,9 +205,19 @@ def backend_rotate(*, backend: Backend, secret: str, by: User = None) -> Backend
 
 @transaction.atomic
 def backend_remove(*, backend: Backend, force: bool = False, by: User = None) -> None:
+    """Delete a backend; while tokens for it are live, only when forced (revoking them)."""
+    from broker.services.tokens import tokens_live, tokens_revoke_all
+
+    live = len(tokens_live(backend=backend))
+    if live and not force:
+        raise Conflict(
+            f"backend {backend.name} has {live} live token(s); revoke them first or force "
+            "the removal (which revokes them)"
+        )
+    revoked = tokens_revoke_all(backend=backend, by=by, reason="backend removed") if live else 0
     name = backend.name
     backend.delete()
-    audit_record(action="backend.removed", by=by, backend=name, forced=force)
+    audit_record(action="backend.removed", by=by, backend=name, forced=force, revoked=revoked)
 
 
 def backend_get(*, name: str) -> Backend:

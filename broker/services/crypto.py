@@ -6,7 +6,10 @@ from django.db import connection, transaction
 
 from audit.services import audit_record
 from broker.fields import secret_box, secret_box_for
-from broker.models import Backend
+from broker.models import Backend, SigningKey
+
+# Every encrypted column; a new EncryptedTextField must be listed here to survive a re-key.
+ENCRYPTED_COLUMNS = [(Backend, "secret"), (SigningKey, "private_pem")]
 
 
 def encryption_key_rotate(*, new_key: str) -> int:
@@ -19,16 +22,19 @@ def encryption_key_rotate(*, new_key: str) -> int:
         raise ValueError("the new encryption key must be at least 32 characters")
     old_box, new_box = secret_box(), secret_box_for(new_key)
     quote = connection.ops.quote_name
-    table = quote(Backend._meta.db_table)
-    column = quote(Backend._meta.get_field("secret").column)
+    count = 0
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(f"SELECT id, {column} FROM {table} WHERE {column} IS NOT NULL")  # noqa: S608
-        rows = cursor.fetchall()
-        for pk, raw in rows:
-            ciphertext = new_box.encrypt(old_box.decrypt(bytes(raw)))
-            cursor.execute(
-                f"UPDATE {table} SET {column} = %s WHERE id = %s",  # noqa: S608
-                [ciphertext, pk],
-            )
-        audit_record(action="encryption_key.rotated", secrets=len(rows))
-    return len(rows)
+        for model, field in ENCRYPTED_COLUMNS:
+            table = quote(model._meta.db_table)
+            column = quote(model._meta.get_field(field).column)
+            cursor.execute(f"SELECT id, {column} FROM {table} WHERE {column} IS NOT NULL")  # noqa: S608
+            rows = cursor.fetchall()
+            for pk, raw in rows:
+                ciphertext = new_box.encrypt(old_box.decrypt(bytes(raw)))
+                cursor.execute(
+                    f"UPDATE {table} SET {column} = %s WHERE id = %s",  # noqa: S608
+                    [ciphertext, pk],
+                )
+            count += len(rows)
+        audit_record(action="encryption_key.rotated", secrets=count)
+    return count
