@@ -294,7 +294,7 @@ def _jittered(seconds: float) -> float:
 
 
 def wait_for_verdict(server: Server, timeout: float, interval: float) -> dict[str, Any]:
-    """Poll /v1/enroll/status until approved or rejected, or the deadline; the last status seen.
+    """Poll /v1/enroll/status while pending, up to the deadline; the last status seen.
 
     A broker that restarts or sheds load while we wait must not end a wait that has time left,
     so unreachable, 429 and 5xx answers are retried; only the last one counts at the deadline.
@@ -316,7 +316,7 @@ def wait_for_verdict(server: Server, timeout: float, interval: float) -> dict[st
                 last = error_for(response)
             else:
                 last = _object(expect(response, 200), "enrollment status")
-                if last.get("status") in ("approved", "rejected"):
+                if last.get("status") != "pending":
                     return last
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -371,6 +371,8 @@ def cmd_enroll(args: argparse.Namespace, path: Path) -> int:
         return EXIT_OK
     if verdict == "rejected":
         raise CliError(EXIT_NOT_APPROVED, f"an admin rejected {config.name}; it gets no tokens")
+    if verdict != "pending":
+        raise CliError(EXIT_NOT_APPROVED, f"{config.name} is {verdict}; it gets no tokens")
     if args.timeout == 0:
         _note(f"{config.name} is still {verdict}; an admin must approve it at {admin}")
         return EXIT_OK
