@@ -189,3 +189,7 @@ class AdminTokenAdmin(admin.ModelAdmin[AdminToken]):
 
     def has_change_permission(self, request: HttpRequest, obj: AdminToken | None = None) -> bool:
         return False
+
+
+# Agents, tokens and OIDC clients live in their own module; importing it registers them.
+from broker import admin_agents  # noqa: E402, F401

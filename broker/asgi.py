@@ -1,8 +1,11 @@
-"""ASGI entry point: HTTP through Django, websockets through Channels."""
+"""ASGI entry point: the proxy on its own, other HTTP through Django, websockets through
+Channels, and a lifespan that drains the audit queue on shutdown."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from django.core.asgi import get_asgi_application
 
@@ -16,9 +19,17 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from audit.recorder import audit_flush  # noqa: E402
 from audit.routing import websocket_urlpatterns  # noqa: E402
+from proxy.app import proxy_application  # noqa: E402
+from proxy.upstream import upstream_close  # noqa: E402
 
-application = ProtocolTypeRouter(
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+PROXY_PREFIX = "/v1/proxy/"
+
+django_and_channels = ProtocolTypeRouter(
     {
         # The admin's CSS and JS are served by Django itself, so `make run` needs no web
         # server in front; only paths under STATIC_URL take this branch.
@@ -28,3 +39,24 @@ application = ProtocolTypeRouter(
         ),
     }
 )
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await audit_flush()
+            await upstream_close()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def application(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "http" and scope["path"].startswith(PROXY_PREFIX):
+        await proxy_application(scope, receive, send)
+    elif scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+    else:
+        await django_and_channels(scope, receive, send)

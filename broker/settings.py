@@ -292,3 +292,15 @@ LOGGING = {
         "httpx": {"level": "WARNING"},
     },
 }
+
+
+# --- Proxy -------------------------------------------------------------------------------
+# Anthropic accepts request bodies up to 32 MB; bigger ones get 413 before going upstream.
+PROXY_MAX_BODY_BYTES = env_int("KEYBROKER_PROXY_MAX_BODY", default=32 * 1024 * 1024, minimum=1024)
+# The longest silence allowed while waiting for the upstream (between stream chunks, or for
+# a non-streamed answer); there is no limit on a stream's total length.
+PROXY_IDLE_TIMEOUT_SECONDS = env_int("KEYBROKER_PROXY_IDLE_TIMEOUT", default=600, minimum=1)
+PROXY_CONNECT_TIMEOUT_SECONDS = env_int("KEYBROKER_PROXY_CONNECT_TIMEOUT", default=10, minimum=1)
+PROXY_MAX_CONNECTIONS = env_int("KEYBROKER_PROXY_MAX_CONNECTIONS", default=1000, minimum=1)
+# A backstop: cached token state is re-read at least this often even without a change signal.
+PROXY_CACHE_SECONDS = env_int("KEYBROKER_PROXY_CACHE_SECONDS", default=30, minimum=0)

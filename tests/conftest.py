@@ -15,7 +15,7 @@ from tests.fake_anthropic import FakeAnthropic, serve_in_thread
 
 REPO = Path(__file__).resolve().parent.parent
 # The cast of the agent tests (alice, bob, the anthropic backend) as shared fixtures.
-pytest_plugins = ["tests.agents"]
+pytest_plugins = ["tests.agents", "tests.proxy_cast"]
 
 
 @pytest.fixture(scope="session", autouse=True)

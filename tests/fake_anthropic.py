@@ -2,11 +2,15 @@
 
 It records every request (method, path, headers) so tests can assert what reached the
 upstream, and can be told which keys are valid, which are forbidden and how long to hang.
+It answers /v1/models, /v1/messages (JSON, or SSE when asked to stream, with a configurable
+number of deltas and gap between them), count_tokens and message batches; it can answer
+the next request with a scripted error, cut a stream midway, or gzip its JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import threading
 import time
@@ -54,12 +58,30 @@ class FakeAnthropic:
     hang_seconds: float = 0.0
     requests: list[SeenRequest] = field(default_factory=list)
     url: str = ""
+    stream_deltas: int = 5
+    stream_gap_seconds: float = 0.0
+    cut_stream_after: int | None = None
+    gzip_json: bool = False
+    scripted: list[tuple[int, dict[str, str], Any]] = field(default_factory=list)
+    batches: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.valid_keys.clear()
         self.forbidden_keys.clear()
         self.hang_seconds = 0.0
         self.requests.clear()
+        self.stream_deltas = 5
+        self.stream_gap_seconds = 0.0
+        self.cut_stream_after = None
+        self.gzip_json = False
+        self.scripted.clear()
+        self.batches.clear()
+
+    def answer_next(self, status: int, payload: Any, **headers: str) -> None:
+        """The next request gets this answer, whatever it asked."""
+        self.scripted.append(
+            (status, {k.replace("_", "-"): v for k, v in headers.items()}, payload)
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,8 +100,25 @@ class FakeAnthropic:
         )
         if self.hang_seconds:
             await asyncio.sleep(self.hang_seconds)
-        status, payload = self._route(scope["method"], scope["path"], headers)
-        await self._json(send, status, payload)
+        if self.scripted:
+            status, extra, payload = self.scripted.pop(0)
+            await self._json(send, status, payload, extra)
+            return
+        method, path = scope["method"], scope["path"]
+        status, payload = self._route(method, path, headers)
+        if status == 200 and method == "POST" and path == "/v1/messages":
+            request = json.loads(body)
+            if request.get("stream"):
+                await self._stream(send, request)
+                return
+            payload = message_body(request)
+        elif status == 200 and path.startswith("/v1/messages/batches"):
+            status, payload = self._batches(method, path, json.loads(body or b"{}"))
+            if path.endswith("/results") and status == 200:
+                await self._results(send, payload)
+                return
+        accepts_gzip = "gzip" in headers.get("accept-encoding", "")
+        await self._json(send, status, payload, gzip_it=self.gzip_json and accepts_gzip)
 
     def _credential(self, headers: dict[str, str]) -> tuple[str, str] | None:
         if "x-api-key" in headers:
@@ -105,6 +144,10 @@ class FakeAnthropic:
             )
         if secret not in self.valid_keys:
             return 401, error("authentication_error", "invalid x-api-key")
+        if method == "POST" and path == "/v1/messages/count_tokens":
+            return 200, {"input_tokens": 42}
+        if path == "/v1/messages" or path.startswith("/v1/messages/batches"):
+            return 200, None
         if method == "GET" and path == "/v1/models":
             return 200, {
                 "data": MODELS,
@@ -115,20 +158,163 @@ class FakeAnthropic:
         return 404, error("not_found_error", f"Not found: {path}")
 
     @staticmethod
-    async def _json(send: Send, status: int, payload: Any) -> None:
+    async def _json(
+        send: Send,
+        status: int,
+        payload: Any,
+        extra: dict[str, str] | None = None,
+        *,
+        gzip_it: bool = False,
+    ) -> None:
         body = json.dumps(payload).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"request-id", f"req_{uuid.uuid4().hex[:24]}".encode()),
+            *[(k.encode(), v.encode()) for k, v in (extra or {}).items()],
+        ]
+        if gzip_it:
+            body = gzip.compress(body)
+            headers.append((b"content-encoding", b"gzip"))
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _stream(self, send: Send, request: dict[str, Any]) -> None:
         await send(
             {
                 "type": "http.response.start",
-                "status": status,
+                "status": 200,
                 "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
                     (b"request-id", f"req_{uuid.uuid4().hex[:24]}".encode()),
                 ],
             }
         )
+        for number, frame in enumerate(sse_frames(request, self.stream_deltas)):
+            if self.cut_stream_after is not None and number >= self.cut_stream_after:
+                raise ConnectionAbortedError("the fake upstream cuts the stream")
+            if number > 2 and self.stream_gap_seconds:
+                await asyncio.sleep(self.stream_gap_seconds)
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    def _batches(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        parts = path.removeprefix("/v1/messages/batches").strip("/").split("/")
+        if method == "POST" and parts == [""]:
+            batch_id = f"msgbatch_{uuid.uuid4().hex[:24]}"
+            self.batches[batch_id] = {
+                "id": batch_id,
+                "type": "message_batch",
+                "processing_status": "ended",
+                "request_counts": {
+                    "processing": 0,
+                    "succeeded": len(body.get("requests", [])),
+                    "errored": 0,
+                    "canceled": 0,
+                    "expired": 0,
+                },
+                "created_at": "2026-11-23T00:00:00Z",
+                "ended_at": "2026-11-23T00:01:00Z",
+                "expires_at": "2026-11-24T00:00:00Z",
+                "archived_at": None,
+                "cancel_initiated_at": None,
+                "results_url": f"{self.url}/v1/messages/batches/{batch_id}/results",
+                "_custom_ids": [r.get("custom_id") for r in body.get("requests", [])],
+            }
+            return 200, {k: v for k, v in self.batches[batch_id].items() if k[0] != "_"}
+        batch = self.batches.get(parts[0])
+        if batch is None:
+            return 404, error("not_found_error", f"batch {parts[0]} not found")
+        if parts[1:] == ["results"]:
+            return 200, batch
+        return 200, {k: v for k, v in batch.items() if k[0] != "_"}
+
+    @staticmethod
+    async def _results(send: Send, batch: dict[str, Any]) -> None:
+        lines = [
+            json.dumps(
+                {
+                    "custom_id": custom_id,
+                    "result": {"type": "succeeded", "message": message_body({"model": "claude"})},
+                }
+            )
+            for custom_id in batch["_custom_ids"]
+        ]
+        body = ("\n".join(lines) + "\n").encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/binary")],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
+
+
+def message_body(request: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": f"msg_{uuid.uuid4().hex[:24]}",
+        "type": "message",
+        "role": "assistant",
+        "model": request.get("model", "claude-haiku-4-5"),
+        "content": [{"type": "text", "text": "Hello from the fake."}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": 12,
+            "output_tokens": 6,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 3,
+        },
+    }
+
+
+def sse_frames(request: dict[str, Any], deltas: int) -> list[bytes]:
+    """A streamed message as Anthropic sends it, one frame per list item."""
+
+    def frame(event: str, data: dict[str, Any]) -> bytes:
+        return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+    start = message_body(request)
+    start.update(content=[], stop_reason=None)
+    start["usage"] = {**start["usage"], "output_tokens": 1}
+    frames = [
+        frame("message_start", {"type": "message_start", "message": start}),
+        frame(
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        ),
+        frame("ping", {"type": "ping"}),
+    ]
+    for number in range(deltas):
+        frames.append(
+            frame(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": f"word{number} "},
+                },
+            )
+        )
+    frames += [
+        frame("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        frame(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": deltas * 2},
+            },
+        ),
+        frame("message_stop", {"type": "message_stop"}),
+    ]
+    return frames
 
 
 def error(error_type: str, message: str) -> dict[str, Any]:

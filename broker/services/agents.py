@@ -14,6 +14,7 @@ from audit.services import audit_record
 from broker.errors import Conflict, NotFound, ServiceError, Unauthenticated
 from broker.models import Agent, AgentStatus, Backend, Grant, agent_name_validator
 from broker.secrets import secret_digest, secret_issue
+from broker.services.access import access_changed
 from broker.services.tokens import tokens_revoke_all
 
 User = AbstractBaseUser | AnonymousUser | None
@@ -222,6 +223,7 @@ def agent_grant(*, agent: Agent, backend: Backend, by: User = None) -> Grant:
         defaults={"created_by": by if by is not None and by.is_authenticated else None},
     )
     if created:
+        access_changed()
         audit_record(action="grant.added", by=by, agent=agent, backend=backend.name)
     return grant
 

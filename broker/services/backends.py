@@ -19,6 +19,7 @@ from audit.services import audit_record
 from broker.errors import Conflict, NotFound, ServiceError
 from broker.logging import redact
 from broker.models import Backend, ValidationState, name_validator
+from broker.services.access import access_changed
 from proxy.providers import Provider, ProviderError, provider_for
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def backend_add(
             backend.save()
     except IntegrityError:
         raise Conflict(f"a backend named {backend.name!r} exists") from None
+    access_changed()
     audit_record(
         action="backend.added",
         by=by,
@@ -179,6 +181,7 @@ def backend_update(
         backend.enabled = changed["enabled"] = enabled
     if changed:
         backend.save()
+        access_changed()
         audit_record(action="backend.updated", by=by, backend=backend.name, **changed)
         if "base_url" in changed:
             _queue_validation(backend)
@@ -192,6 +195,7 @@ def backend_rotate(*, backend: Backend, secret: str, by: User = None) -> Backend
     _apply_secret(backend, secret)
     backend.rotated_at = timezone.now()
     backend.save()
+    access_changed()
     audit_record(
         action="backend.rotated",
         by=by,
@@ -217,6 +221,7 @@ def backend_remove(*, backend: Backend, force: bool = False, by: User = None) ->
     revoked = tokens_revoke_all(backend=backend, by=by, reason="backend removed") if live else 0
     name = backend.name
     backend.delete()
+    access_changed()
     audit_record(action="backend.removed", by=by, backend=name, forced=force, revoked=revoked)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.db import connection, transaction
+from django.db import connection, models, transaction
 
 from audit.services import audit_record
 from broker.fields import secret_box, secret_box_for
@@ -26,7 +26,9 @@ def encryption_key_rotate(*, new_key: str) -> int:
     with transaction.atomic(), connection.cursor() as cursor:
         for model, field in ENCRYPTED_COLUMNS:
             table = quote(model._meta.db_table)
-            column = quote(model._meta.get_field(field).column)
+            encrypted = model._meta.get_field(field)
+            assert isinstance(encrypted, models.Field)
+            column = quote(encrypted.column)
             cursor.execute(f"SELECT id, {column} FROM {table} WHERE {column} IS NOT NULL")  # noqa: S608
             rows = cursor.fetchall()
             for pk, raw in rows:

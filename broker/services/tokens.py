@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-import redis
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.core.exceptions import ValidationError
@@ -18,9 +17,8 @@ from django.utils import timezone
 from audit.services import audit_record
 from broker.errors import NotFound, NotPermitted, ServiceError
 from broker.models import Backend, Token
-from broker.redis import redis_client, redis_key
 from broker.secrets import secret_issue
-from broker.services.access import agent_require_approved
+from broker.services.access import access_changed, agent_require_approved
 
 if TYPE_CHECKING:
     from broker.models import Agent
@@ -31,8 +29,6 @@ User = AbstractBaseUser | AnonymousUser | None
 CRD_PREFIX = "crd"
 _TTL = re.compile(r"^(\d{1,7})([smh]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
-# Channel the proxy listens on: any revocation makes every process drop its cached tokens.
-TOKENS_CHANGED = "tokens:changed"
 
 
 @dataclass(frozen=True)
@@ -166,7 +162,7 @@ def token_revoke(
             token_id=str(token.id),
             token=token.display_prefix,
         )
-        tokens_changed()
+        access_changed()
     return token
 
 
@@ -178,21 +174,6 @@ def tokens_revoke_all(
     for token in tokens:
         token_revoke(token=token, by=by, reason=reason)
     return len(tokens)
-
-
-def tokens_changed() -> None:
-    """Tell every process, after commit, that some token stopped being valid."""
-
-    def publish() -> None:
-        try:
-            client = redis_client()
-            client.incr(redis_key(TOKENS_CHANGED))
-            client.publish(redis_key(TOKENS_CHANGED), "1")
-        except redis.RedisError:
-            # The proxy re-checks the database when it cannot see this counter.
-            logger.error("could not announce a token revocation over Redis")
-
-    transaction.on_commit(publish)
 
 
 @dataclass(frozen=True)

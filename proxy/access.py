@@ -1,0 +1,218 @@
+"""Who may call through the proxy, answered from memory when it safely can.
+
+A token seen recently is checked without the database. Every process reads one Redis
+counter (``access:generation``) per request; any revocation, unenrollment, backend change
+or rotation increments it, and a process that sees a new value, or cannot read it, drops
+its cache. So a revoked token is refused on the very next request everywhere, and expiry
+is checked against the clock on every request whatever the cache holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from broker.models import AgentStatus, Backend, Grant, Token
+from broker.redis import redis_key
+from broker.secrets import secret_digest
+from broker.services.access import ACCESS_GENERATION
+from proxy.providers import SCHEMES, AuthScheme
+
+logger = logging.getLogger(__name__)
+
+CACHE_SIZE = 10_000
+LAST_USED_RESOLUTION_SECONDS = 60
+
+
+class AccessDenied(Exception):
+    def __init__(self, status: int, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    """What a crd_ token stands for, as of the moment it was read."""
+
+    token_id: str
+    token_prefix: str
+    agent_id: str
+    agent_name: str
+    agent_status: str
+    backend: str
+    expires_at: float
+    revoked: bool
+    has_grant: bool
+
+
+@dataclass(frozen=True)
+class Route:
+    """A backend as the proxy needs it. Holds the secret: never log or render it."""
+
+    name: str
+    kind: str
+    base_url: str
+    enabled: bool
+    scheme: AuthScheme | None
+    secret: str = field(repr=False)
+
+
+def _read_token(digest: str) -> TokenGrant | None:
+    token = Token.objects.select_related("agent").filter(digest=digest).first()
+    if token is None:
+        return None
+    has_grant = Grant.objects.filter(agent_id=token.agent_id, backend_id=token.backend_id).exists()
+    return TokenGrant(
+        token_id=str(token.pk),
+        token_prefix=token.display_prefix,
+        agent_id=str(token.agent_id),
+        agent_name=token.agent.name,
+        agent_status=token.agent.status,
+        backend=Backend.objects.values_list("name", flat=True).get(pk=token.backend_id),
+        expires_at=token.expires_at.timestamp(),
+        revoked=token.revoked_at is not None,
+        has_grant=has_grant,
+    )
+
+
+def _read_route(name: str) -> Route | None:
+    backend = Backend.objects.filter(name=name).first()
+    if backend is None:
+        return None
+    return Route(
+        name=backend.name,
+        kind=backend.kind,
+        base_url=backend.base_url,
+        enabled=backend.enabled,
+        scheme=SCHEMES.get(backend.auth_scheme),
+        secret=backend.secret,
+    )
+
+
+def _touch(token_id: str) -> None:
+    Token.objects.filter(pk=token_id).update(last_used_at=timezone.now())
+
+
+# Database reads run in worker threads, in parallel; the event loop never waits on them.
+_read_token_async = sync_to_async(_read_token, thread_sensitive=False)
+_read_route_async = sync_to_async(_read_route, thread_sensitive=False)
+_touch_async = sync_to_async(_touch, thread_sensitive=False)
+
+
+class AccessCache:
+    """Per process: tokens and routes read from the database, valid for one generation."""
+
+    def __init__(self) -> None:
+        self._tokens: OrderedDict[str, tuple[TokenGrant | None, float]] = OrderedDict()
+        self._routes: dict[str, tuple[Route | None, float]] = {}
+        self._generation: bytes | str | None = None
+        self._last_used: dict[str, float] = {}
+        self._redis: redis.asyncio.Redis | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def _client(self) -> redis.asyncio.Redis:
+        if self._redis is None:
+            self._redis = redis.asyncio.Redis.from_url(
+                settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=1
+            )
+        return self._redis
+
+    async def _fresh(self) -> bool:
+        """True when the cache may be trusted for this request."""
+        try:
+            generation = await self._client().get(redis_key(ACCESS_GENERATION))
+        except (redis.RedisError, OSError):
+            logger.warning("proxy cannot read the access generation; checking the database")
+            self.clear()
+            return False
+        if generation != self._generation:
+            self.clear()
+            self._generation = generation
+        return True
+
+    def clear(self) -> None:
+        self._tokens.clear()
+        self._routes.clear()
+
+    async def token(self, plaintext: str, *, trusted: bool) -> TokenGrant | None:
+        digest = secret_digest(plaintext)
+        now = time.monotonic()
+        max_age = settings.PROXY_CACHE_SECONDS
+        if trusted and digest in self._tokens:
+            grant, read_at = self._tokens[digest]
+            if now - read_at < max_age:
+                self._tokens.move_to_end(digest)
+                return grant
+        grant = await _read_token_async(digest)
+        self._tokens[digest] = (grant, now)
+        if len(self._tokens) > CACHE_SIZE:
+            self._tokens.popitem(last=False)
+        return grant
+
+    async def route(self, name: str, *, trusted: bool) -> Route | None:
+        now = time.monotonic()
+        if trusted and name in self._routes:
+            route, read_at = self._routes[name]
+            if now - read_at < settings.PROXY_CACHE_SECONDS:
+                return route
+        route = await _read_route_async(name)
+        self._routes[name] = (route, now)
+        return route
+
+    def touch(self, token_id: str) -> None:
+        """Record use at most once a minute per token, off the request path."""
+        now = time.monotonic()
+        if now - self._last_used.get(token_id, -LAST_USED_RESOLUTION_SECONDS) < (
+            LAST_USED_RESOLUTION_SECONDS
+        ):
+            return
+        self._last_used[token_id] = now
+        if len(self._last_used) > CACHE_SIZE:
+            self._last_used.clear()
+        task = asyncio.ensure_future(_touch_async(token_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def authorize(self, plaintext: str, backend: str) -> tuple[TokenGrant, Route]:
+        """The checks, in order: known, not expired, not revoked, agent approved, grant
+        for this backend, backend enabled. Each refusal says which."""
+        trusted = await self._fresh()
+        grant = await self.token(plaintext, trusted=trusted)
+        if grant is None:
+            raise AccessDenied(401, "authentication_error", "invalid token")
+        if grant.expires_at <= time.time():
+            raise AccessDenied(401, "authentication_error", "token expired")
+        if grant.revoked:
+            raise AccessDenied(401, "authentication_error", "token revoked")
+        if grant.agent_status != AgentStatus.APPROVED:
+            raise AccessDenied(
+                401, "authentication_error", f"agent {grant.agent_name} is {grant.agent_status}"
+            )
+        if grant.backend != backend:
+            raise AccessDenied(
+                403,
+                "permission_error",
+                f"this token is for backend {grant.backend}, not {backend}",
+            )
+        if not grant.has_grant:
+            raise AccessDenied(
+                403, "permission_error", f"agent {grant.agent_name} has no grant for {backend}"
+            )
+        route = await self.route(backend, trusted=trusted)
+        if route is None:
+            raise AccessDenied(404, "not_found_error", f"no backend named {backend}")
+        if not route.enabled:
+            raise AccessDenied(403, "permission_error", f"backend {backend} is disabled")
+        self.touch(grant.token_id)
+        return grant, route

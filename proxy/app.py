@@ -1,0 +1,401 @@
+"""The streaming proxy: ``ANY /v1/proxy/{backend}/{path}`` as a plain ASGI application.
+
+It runs beside Django rather than inside it (see docs/decisions.md): no middleware and no
+request object stand between the socket and the upstream, so a chunk goes out as soon as
+it arrives and a client that hangs up closes the upstream request at once. Django's
+settings, models and database are used for everything off the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from django.conf import settings
+
+from audit.recorder import audit_enqueue
+from proxy.access import AccessCache, AccessDenied, Route, TokenGrant
+from proxy.metering import UsageMeter
+from proxy.paths import PathRefused, proxy_path_parse, upstream_url
+from proxy.providers import ANTHROPIC_VERSION
+from proxy.upstream import upstream_client
+
+logger = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+        b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length",
+        b"proxy-connection",
+    }
+)  # fmt: skip
+# Credentials of the caller never travel upstream, and nothing of keybroker's own either.
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"cookie"})
+METERED_REQUEST_PATHS = ("/v1/messages",)
+BATCH_PATH = "/v1/messages/batches"
+
+
+class UpstreamBroke(Exception):
+    """The upstream stopped mid-stream; the client's connection is cut so it sees a break."""
+
+
+def anthropic_error(status: int, error_type: str, message: str) -> bytes:
+    return json.dumps({"type": "error", "error": {"type": error_type, "message": message}}).encode()
+
+
+async def respond_error(
+    send: Send,
+    status: int,
+    error_type: str,
+    message: str,
+    *,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    body = anthropic_error(status, error_type, message)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-keybroker-error", b"1"),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def credential_of(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The crd_ token from ``x-api-key`` or ``Authorization: Bearer``."""
+    for name, value in headers:
+        if name == b"x-api-key" and value:
+            return value.decode("latin-1").strip()
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+def request_facts(path: str, content_type: str, body: bytes) -> dict[str, Any]:
+    """Model, streaming and whether a system prompt was sent: never the content itself."""
+    if not path.startswith(METERED_REQUEST_PATHS) or not content_type.startswith(
+        "application/json"
+    ):
+        return {}
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(payload, dict):
+        return {}
+    facts: dict[str, Any] = {"system": bool(payload.get("system"))}
+    if isinstance(payload.get("model"), str):
+        facts["model"] = payload["model"][:100]
+    facts["stream"] = payload.get("stream") is True
+    if isinstance(payload.get("max_tokens"), int):
+        facts["max_tokens"] = payload["max_tokens"]
+    return facts
+
+
+@dataclass
+class Exchange:
+    """One proxied call, as the audit trail will see it."""
+
+    method: str
+    path: str
+    address: str | None
+    started: float
+    grant: TokenGrant | None = None
+    backend: str = ""
+    status: int = 0
+    ttfb_ms: float | None = None
+    request_id: str = ""
+    outcome: str = "ok"
+    facts: dict[str, Any] | None = None
+    meter: UsageMeter | None = None
+
+    def record(self, message: str = "") -> None:
+        usage = self.meter.finish() if self.meter is not None else None
+        facts = self.facts or {}
+        detail: dict[str, Any] = {
+            "method": self.method,
+            "path": self.path[:300],
+            "status": self.status,
+            "outcome": self.outcome,
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 2),
+            "ttfb_ms": self.ttfb_ms,
+            "request_id": self.request_id,
+            "model": (usage.model if usage and usage.model else facts.get("model", "")),
+            "system": facts.get("system"),
+            "stream": facts.get("stream", False),
+        }
+        if usage is not None:
+            detail.update(usage.tokens)
+            detail["stop_reason"] = usage.stop_reason
+        if self.grant is not None:
+            detail["token_id"] = self.grant.token_id
+            detail["token"] = self.grant.token_prefix
+        audit_enqueue(
+            action="proxy.request",
+            agent=self.grant.agent_name if self.grant else "",
+            backend=self.backend,
+            message=message,
+            address=self.address,
+            **detail,
+        )
+
+
+class ProxyApp:
+    def __init__(self) -> None:
+        self._caches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AccessCache] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def access(self) -> AccessCache:
+        loop = asyncio.get_running_loop()
+        cache = self._caches.get(loop)
+        if cache is None:
+            cache = self._caches[loop] = AccessCache()
+        return cache
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = scope.get("client")
+        exchange = Exchange(
+            method=scope["method"],
+            path=scope.get("raw_path", scope["path"].encode()).decode("latin-1"),
+            address=client[0] if client else None,
+            started=time.perf_counter(),
+        )
+        try:
+            await self._handle(scope, receive, send, exchange)
+        except AccessDenied as denied:
+            exchange.status, exchange.outcome = denied.status, "denied"
+            await respond_error(send, denied.status, denied.error_type, denied.message)
+            exchange.record(denied.message)
+        except UpstreamBroke as broke:
+            exchange.outcome = "upstream_broke"
+            exchange.record(str(broke))
+            raise
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
+        try:
+            target = proxy_path_parse(scope.get("raw_path") or scope["path"].encode())
+        except PathRefused as refused:
+            raise AccessDenied(400, "invalid_request_error", str(refused)) from None
+        if target is None:
+            raise AccessDenied(404, "not_found_error", "no such proxy path")
+        exchange.backend, exchange.path = target.backend, target.path
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        token = credential_of(headers)
+        if token is None:
+            raise AccessDenied(
+                401,
+                "authentication_error",
+                "send a crd_ token as x-api-key or Authorization: Bearer",
+            )
+        grant, route = await self.access().authorize(token, target.backend)
+        exchange.grant = grant
+        try:
+            url = upstream_url(route.base_url, target.path, scope.get("query_string", b""))
+        except PathRefused as refused:
+            raise AccessDenied(400, "invalid_request_error", str(refused)) from None
+        body = await self._read_body(headers, receive)
+        if body is None:
+            exchange.outcome = "client_gone"
+            return
+        content_type = _header(headers, b"content-type")
+        exchange.facts = request_facts(target.path, content_type, body)
+        upstream_headers = self._upstream_headers(headers, route)
+        if target.path.startswith(BATCH_PATH):
+            # Batch answers are rewritten (results_url), so they must arrive uncompressed.
+            upstream_headers = [(k, v) for k, v in upstream_headers if k != b"accept-encoding"]
+            upstream_headers.append((b"accept-encoding", b"identity"))
+        await self._forward(scope, receive, send, exchange, route, url, upstream_headers, body)
+
+    async def _read_body(
+        self, headers: list[tuple[bytes, bytes]], receive: Receive
+    ) -> bytes | None:
+        limit = settings.PROXY_MAX_BODY_BYTES
+        declared = _header(headers, b"content-length")
+        if declared.isdigit() and int(declared) > limit:
+            raise AccessDenied(413, "request_too_large", f"request body is over {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise AccessDenied(413, "request_too_large", f"request body is over {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    @staticmethod
+    def _upstream_headers(
+        headers: list[tuple[bytes, bytes]], route: Route
+    ) -> list[tuple[bytes, bytes]]:
+        forwarded = [
+            (name, value)
+            for name, value in headers
+            if name not in HOP_BY_HOP and name not in CREDENTIAL_HEADERS
+        ]
+        if not any(name == b"anthropic-version" for name, _ in forwarded):
+            forwarded.append((b"anthropic-version", ANTHROPIC_VERSION.encode()))
+        if route.scheme is None:
+            return forwarded
+        beta = ",".join(v.decode("latin-1") for k, v in forwarded if k == b"anthropic-beta")
+        credential = route.scheme.headers(route.secret, anthropic_beta=beta or None)
+        if "anthropic-beta" in credential:
+            forwarded = [(k, v) for k, v in forwarded if k != b"anthropic-beta"]
+        forwarded.extend((k.encode(), v.encode("latin-1")) for k, v in credential.items())
+        return forwarded
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        exchange: Exchange,
+        route: Route,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> None:
+        client = upstream_client()
+        request = client.build_request(scope["method"], url, headers=headers, content=body)
+        try:
+            upstream = await client.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise AccessDenied(504, "api_error", f"upstream {route.name} timed out") from None
+        except httpx.TransportError as exc:
+            raise AccessDenied(
+                502, "api_error", f"upstream {route.name} unreachable ({type(exc).__name__})"
+            ) from None
+        exchange.status = upstream.status_code
+        exchange.ttfb_ms = round((time.perf_counter() - exchange.started) * 1000, 2)
+        exchange.request_id = upstream.headers.get("request-id", "")[:100]
+        try:
+            if exchange.path.startswith(BATCH_PATH) and _is_json(upstream):
+                await self._send_rewritten(send, upstream, route, exchange)
+            else:
+                await self._stream(receive, send, upstream, exchange)
+        finally:
+            await upstream.aclose()
+        if exchange.outcome == "ok" and upstream.status_code >= 400:
+            exchange.outcome = "upstream_error"
+        exchange.record()
+
+    @staticmethod
+    def _response_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
+        return [
+            (name.lower(), value)
+            for name, value in upstream.headers.raw
+            if name.lower() not in HOP_BY_HOP or name.lower() == b"content-length"
+        ]
+
+    async def _stream(
+        self, receive: Receive, send: Send, upstream: httpx.Response, exchange: Exchange
+    ) -> None:
+        headers = self._response_headers(upstream)
+        content_type = upstream.headers.get("content-type", "")
+        if content_type.startswith("text/event-stream"):
+            headers.append((b"x-accel-buffering", b"no"))
+        exchange.meter = UsageMeter(
+            content_type=content_type,
+            content_encoding=upstream.headers.get("content-encoding", ""),
+        )
+        await send(
+            {"type": "http.response.start", "status": upstream.status_code, "headers": headers}
+        )
+        pump = asyncio.ensure_future(self._pump(send, upstream, exchange.meter))
+        hangup = asyncio.ensure_future(_wait_for_disconnect(receive))
+        try:
+            await asyncio.wait({pump, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not pump.done():
+                pump.cancel()
+                exchange.outcome = "client_gone"
+            hangup.cancel()
+        if not pump.cancelled():
+            pump.result()  # re-raises UpstreamBroke
+
+    @staticmethod
+    async def _pump(send: Send, upstream: httpx.Response, meter: UsageMeter) -> None:
+        try:
+            async for chunk in upstream.aiter_raw():
+                meter.feed(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.TimeoutException:
+            raise UpstreamBroke("upstream went silent mid-stream (idle timeout)") from None
+        except httpx.TransportError as exc:
+            raise UpstreamBroke(f"upstream cut the stream ({type(exc).__name__})") from None
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_rewritten(
+        self, send: Send, upstream: httpx.Response, route: Route, exchange: Exchange
+    ) -> None:
+        """A batch's ``results_url`` points at the upstream; the client must call the proxy."""
+        raw = await upstream.aread()
+        exchange.meter = None
+        try:
+            payload = json.loads(raw)
+            body = json.dumps(_rewrite_results_urls(payload, route)).encode()
+        except (ValueError, UnicodeDecodeError):
+            body = raw
+        headers = [(k, v) for k, v in self._response_headers(upstream) if k != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send(
+            {"type": "http.response.start", "status": upstream.status_code, "headers": headers}
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _rewrite_results_urls(payload: Any, route: Route) -> Any:
+    proxy_base = f"{settings.PUBLIC_URL}/v1/proxy/{route.name}"
+    if isinstance(payload, dict):
+        rewritten = {key: _rewrite_results_urls(value, route) for key, value in payload.items()}
+        url = payload.get("results_url")
+        if isinstance(url, str) and url.startswith(route.base_url + "/"):
+            rewritten["results_url"] = proxy_base + url[len(route.base_url) :]
+        return rewritten
+    if isinstance(payload, list):
+        return [_rewrite_results_urls(item, route) for item in payload]
+    return payload
+
+
+def _is_json(response: httpx.Response) -> bool:
+    return str(response.headers.get("content-type", "")).startswith("application/json")
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+proxy_application = ProxyApp()

@@ -1,0 +1,57 @@
+"""Where a proxied request may go: a path on the backend's own host, and nowhere else."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+PREFIX = b"/v1/proxy/"
+_BACKEND = re.compile(rb"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# Encoded slashes, backslashes and dots would let a path be read differently upstream.
+_SMUGGLING = re.compile(r"%(2f|5c|2e|00)|\\", re.IGNORECASE)
+
+
+class PathRefused(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ProxyPath:
+    backend: str
+    path: str  # raw, as the client sent it: "/v1/messages"
+
+
+def proxy_path_parse(raw_path: bytes) -> ProxyPath | None:
+    """``/v1/proxy/{backend}/{path}`` split in two; None when it is not a proxy path."""
+    if not raw_path.startswith(PREFIX):
+        return None
+    backend, slash, rest = raw_path[len(PREFIX) :].partition(b"/")
+    if not _BACKEND.match(backend):
+        return None
+    try:
+        path = (slash + rest).decode("ascii")
+    except UnicodeDecodeError:
+        raise PathRefused("the path must be ASCII (percent-encode anything else)") from None
+    return ProxyPath(backend.decode(), path)
+
+
+def upstream_url(base_url: str, path: str, query: bytes) -> str:
+    """The backend's base URL plus the client's path; refuses anything that could leave it."""
+    if not path.startswith("/") or path.startswith("//"):
+        raise PathRefused("the path after the backend name must start with a single /")
+    if _SMUGGLING.search(path) or any(ord(c) < 0x21 or ord(c) == 0x7F for c in path):
+        raise PathRefused("the path holds encoded slashes, dots, backslashes or control bytes")
+    if any(segment in {".", ".."} for segment in path.split("/")):
+        raise PathRefused("the path must not hold . or .. segments")
+    base = urlsplit(base_url)
+    url = f"{base.scheme}://{base.netloc}{base.path}{path}"
+    if query:
+        try:
+            url += "?" + query.decode("ascii")
+        except UnicodeDecodeError:
+            raise PathRefused("the query must be ASCII") from None
+    parsed = urlsplit(url)
+    if (parsed.scheme, parsed.netloc) != (base.scheme, base.netloc):
+        raise PathRefused("the path would leave the backend's host")
+    return url
