@@ -4,20 +4,19 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('audit', '0001_initial'),
+        ("audit", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='auditevent',
-            name='agent',
+            model_name="auditevent",
+            name="agent",
             field=models.CharField(blank=True, db_index=True, max_length=63),
         ),
         migrations.AddField(
-            model_name='auditevent',
-            name='client_address',
+            model_name="auditevent",
+            name="client_address",
             field=models.GenericIPAddressField(blank=True, null=True),
         ),
     ]
