@@ -9,6 +9,7 @@ settings, models and database are used for everything off the hot path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -331,11 +332,14 @@ class ProxyApp:
         try:
             await asyncio.wait({pump, hangup}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            hangup.cancel()
             if not pump.done():
+                # The client hung up (or this task was cancelled): stop reading upstream.
                 pump.cancel()
                 exchange.outcome = "client_gone"
-            hangup.cancel()
-        if not pump.cancelled():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump
+        if exchange.outcome != "client_gone":
             pump.result()  # re-raises UpstreamBroke
 
     @staticmethod

@@ -64,6 +64,7 @@ class FakeAnthropic:
     gzip_json: bool = False
     scripted: list[tuple[int, dict[str, str], Any]] = field(default_factory=list)
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
+    streams_abandoned: int = 0
 
     def reset(self) -> None:
         self.valid_keys.clear()
@@ -76,6 +77,7 @@ class FakeAnthropic:
         self.gzip_json = False
         self.scripted.clear()
         self.batches.clear()
+        self.streams_abandoned = 0
 
     def answer_next(self, status: int, payload: Any, **headers: str) -> None:
         """The next request gets this answer, whatever it asked."""
@@ -109,7 +111,7 @@ class FakeAnthropic:
         if status == 200 and method == "POST" and path == "/v1/messages":
             request = json.loads(body)
             if request.get("stream"):
-                await self._stream(send, request)
+                await self._stream(receive, send, request)
                 return
             payload = message_body(request)
         elif status == 200 and path.startswith("/v1/messages/batches"):
@@ -179,7 +181,19 @@ class FakeAnthropic:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _stream(self, send: Send, request: dict[str, Any]) -> None:
+    async def _stream(self, receive: Receive, send: Send, request: dict[str, Any]) -> None:
+        """SSE frames; a client that hangs up mid-stream is counted in streams_abandoned."""
+        streaming = asyncio.ensure_future(self._send_frames(send, request))
+        hangup = asyncio.ensure_future(receive())
+        await asyncio.wait({streaming, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        if not streaming.done():
+            streaming.cancel()
+            self.streams_abandoned += 1
+            return
+        hangup.cancel()
+        streaming.result()
+
+    async def _send_frames(self, send: Send, request: dict[str, Any]) -> None:
         await send(
             {
                 "type": "http.response.start",

@@ -16,4 +16,9 @@ os.environ.setdefault("KEYBROKER_REDIS_PREFIX", f"kbtest{os.getpid()}")
 
 from broker.settings import *  # noqa: E402, F403
 
+# A file, not SQLite's in-memory default, so that a second server process (started by a
+# test) shares the test database; PostgreSQL test databases are shared anyway.
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):  # noqa: F405
+    DATABASES["default"]["TEST"] = {"NAME": os.path.join(_data_dir, "test.sqlite3")}  # noqa: F405
+
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast, tests only

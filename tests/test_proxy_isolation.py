@@ -1,0 +1,164 @@
+"""What the proxy must never do: reach another host, hold a stream nobody reads, or trust a
+revoked token in another process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from audit.models import AuditEvent
+from broker.models import Token
+from broker.services.tokens import token_revoke
+from tests.conftest import REPO, clean_env, free_port
+from tests.fake_anthropic import FakeAnthropic, serve_in_thread
+from tests.proxy_cast import Proxied, audit_drained
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(scope="module")
+def canary() -> Iterator[FakeAnthropic]:
+    """A second server that no probe may ever reach."""
+    fake = FakeAnthropic()
+    port = free_port()
+    server = serve_in_thread(fake, port)
+    fake.url = f"127.0.0.1:{port}"
+    yield fake
+    server.should_exit = True
+
+
+def raw_request(url: str, target: str, token: str) -> int:
+    """Send the request-target exactly as written (no client-side normalisation)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nx-api-key: {token}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        status_line = sock.makefile("rb").readline()
+    return int(status_line.split()[1])
+
+
+PROBES = [
+    "//{canary}/v1/models",
+    "/{canary}/v1/models",
+    "/@{canary}/v1/models",
+    "/http://{canary}/v1/models",
+    "/%2F%2F{canary}/v1/models",
+    "/v1/..%2F..%2F{canary}/v1/models",
+    "/v1/../../{canary}/v1/models",
+    "/%2e%2e/%2e%2e/v1/models",
+    "/v1/./models",
+    "/\\\\{canary}/v1/models",
+    "/v1/models%00@{canary}",
+    "/v1/models?x=@{canary}",
+    ":{port}/v1/models",
+    "@{canary}/v1/models",
+]
+
+
+@pytest.mark.parametrize("probe", PROBES)
+def test_no_path_leaves_the_backends_host(
+    proxied: Proxied, fake_anthropic: FakeAnthropic, canary: FakeAnthropic, probe: str
+) -> None:
+    port = canary.url.split(":")[1]
+    target = "/v1/proxy/anthropic" + probe.format(canary=canary.url, port=port)
+    status = raw_request(proxied.base_url.split("/v1/")[0], target, proxied.token)
+    assert canary.requests == []
+    if status not in {400, 404}:
+        # Allowed only if it stayed on the backend's own host, on a path under it.
+        assert fake_anthropic.requests, f"{target} answered {status} from nowhere"
+        assert fake_anthropic.requests[-1].headers["host"] == fake_anthropic.url.split("//")[1]
+
+
+def test_a_client_that_hangs_up_closes_the_upstream_stream(
+    proxied: Proxied, fake_anthropic: FakeAnthropic
+) -> None:
+    fake_anthropic.stream_deltas = 100
+    fake_anthropic.stream_gap_seconds = 0.2
+    body = {"model": "m", "max_tokens": 8, "stream": True, "messages": []}
+    with httpx.stream(
+        "POST",
+        f"{proxied.base_url}/v1/messages",
+        json=body,
+        headers={"x-api-key": proxied.token},
+        timeout=10,
+    ) as response:
+        chunks = response.iter_raw()
+        next(chunks)
+        next(chunks)
+    deadline = time.monotonic() + 5
+    while fake_anthropic.streams_abandoned == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake_anthropic.streams_abandoned == 1  # long before the 20 s the stream would take
+    audit_drained()
+    assert AuditEvent.objects.get(action="proxy.request").detail["outcome"] == "client_gone"
+
+
+@pytest.fixture
+def second_process(live_url: str) -> Iterator[str]:
+    """Another keybroker web process on the same database and Redis, as in production."""
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        database_url = f"sqlite:///{db['NAME']}"
+    else:
+        database_url = (
+            f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+        )
+    port = free_port()
+    env = clean_env(
+        DATABASE_URL=database_url,
+        REDIS_URL=settings.REDIS_URL,
+        KEYBROKER_REDIS_PREFIX=settings.REDIS_KEY_PREFIX,
+        KEYBROKER_DATA_DIR=str(settings.DATA_DIR),
+        KEYBROKER_PUBLIC_URL=live_url,
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "broker.asgi:application", "--port", str(port),
+         "--log-level", "warning"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+            break
+        except httpx.TransportError:
+            if process.poll() is not None:
+                pytest.fail(f"second process died: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            time.sleep(0.2)
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_a_revoked_token_is_refused_on_the_very_next_request_in_another_process(
+    proxied: Proxied, fake_anthropic: FakeAnthropic, second_process: str
+) -> None:
+    url = f"{second_process}/v1/proxy/anthropic/v1/models"
+    headers: dict[str, Any] = {"x-api-key": proxied.token}
+    assert httpx.get(url, headers=headers).status_code == 200
+    assert httpx.get(url, headers=headers).status_code == 200  # served from its cache
+
+    token_revoke(token=Token.objects.get())
+
+    refused = httpx.get(url, headers=headers)
+    assert (refused.status_code, refused.json()["error"]["message"]) == (401, "token revoked")
+    assert len(fake_anthropic.requests) == 2
+    # Both processes wrote their audit events to the same database.
+    deadline = time.monotonic() + 5
+    while AuditEvent.objects.filter(action="proxy.request").count() < 3:
+        assert time.monotonic() < deadline, "the second process never wrote its events"
+        time.sleep(0.1)
+    assert os.environ.get("DJANGO_SETTINGS_MODULE") == "tests.settings"
