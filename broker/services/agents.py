@@ -160,6 +160,8 @@ def agent_approve(*, agent: Agent, by: User, scopes: Iterable[str] | None = None
     locked = _lock(agent)
     if locked.status in {AgentStatus.REJECTED, AgentStatus.UNENROLLED}:
         raise Conflict(f"agent {locked.name} is {locked.status}; it cannot be approved")
+    if locked.status == AgentStatus.APPROVED and not locked.requested_scopes and scopes is None:
+        raise Conflict(f"agent {locked.name} is approved; nothing waits for a decision")
     requested = list(locked.requested_scopes)
     granting = agent_clean_scopes(requested if scopes is None else scopes)
     for backend in Backend.objects.filter(name__in=granting):

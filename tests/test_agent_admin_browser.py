@@ -1,0 +1,85 @@
+"""Approvals as alice does them: a real Chromium against a real server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from broker.models import Agent, AgentStatus, Backend, Token
+from broker.services.agents import agent_enroll, agent_scopes
+from broker.services.backends import backend_add
+from broker.services.tokens import token_issue
+from tests.conftest import ARTIFACTS
+from tests.fake_anthropic import FakeAnthropic
+from tests.keys import api_key
+from tests.test_admin_browser import log_in, page  # noqa: F401  (page is a fixture)
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def backends(fake_anthropic: FakeAnthropic) -> list[Backend]:
+    return [
+        backend_add(name=name, secret=api_key(tail="Br0w"), base_url=fake_anthropic.url)
+        for name in ("anthropic", "anthropic-staging")
+    ]
+
+
+def test_alice_approves_bob_from_the_list(
+    page: Any,  # noqa: F811
+    live_url: str,
+    backends: list[Backend],
+) -> None:
+    enrolled = agent_enroll(name="bob", scopes=["anthropic"], description="CI runner")
+    log_in(page, live_url)
+    waiting = page.wait_for_selector("#kb-waiting .kb-waiting-count")
+    assert waiting.inner_text() == "1 agent waiting for approval"
+    page.screenshot(path=str(ARTIFACTS / "admin-agents-index.png"), full_page=True)
+    waiting.click()
+    row = page.locator("#result_list tr", has_text="bob")
+    row.locator(".kb-agent-status-pending").wait_for()
+    page.screenshot(path=str(ARTIFACTS / "admin-agents-pending.png"), full_page=True)
+    row.locator("button.kb-approve").click()
+    success = page.wait_for_selector(".messagelist .success")
+    assert "Agent bob approved: granted anthropic" in success.inner_text()
+    # Back on the filtered list, where bob no longer waits; the full list shows him approved.
+    assert "waiting=yes" in page.url
+    page.goto(f"{live_url}/admin/broker/agent/")
+    row = page.locator("#result_list tr", has_text="bob")
+    row.locator(".kb-agent-status-approved").wait_for()
+    page.screenshot(path=str(ARTIFACTS / "admin-agents-list.png"), full_page=True)
+    assert enrolled.vend_token not in page.content()
+    bob = Agent.objects.get(name="bob")
+    assert (bob.status, agent_scopes(bob)) == (AgentStatus.APPROVED, ["anthropic"])
+
+
+def test_alice_narrows_carols_scopes_then_revokes_her_token(
+    page: Any,  # noqa: F811
+    live_url: str,
+    backends: list[Backend],
+) -> None:
+    carol = agent_enroll(name="carol", scopes=["anthropic", "anthropic-staging"]).agent
+    change = f"/admin/broker/agent/{carol.pk}/change/"
+    log_in(page, live_url, next_path=change)
+    page.wait_for_selector("#kb-scopes")
+    assert page.is_checked("input[name=scopes][value=anthropic]")
+    page.uncheck("input[name=scopes][value=anthropic-staging]")
+    page.screenshot(path=str(ARTIFACTS / "admin-agent-narrow.png"), full_page=True)
+    page.click("text=Approve with the checked scopes")
+    success = page.wait_for_selector(".messagelist .success")
+    assert "declined anthropic-staging" in success.inner_text()
+    carol.refresh_from_db()
+    assert (carol.status, agent_scopes(carol)) == (AgentStatus.APPROVED, ["anthropic"])
+
+    issued = token_issue(agent=carol, backend_name="anthropic")
+    page.reload()
+    row = page.locator("#kb-tokens tr.kb-token", has_text=issued.token.display_prefix)
+    assert row.locator(".kb-token-status-live").count() == 1
+    assert issued.plaintext not in page.content()
+    row.locator("button.kb-revoke").click()
+    success = page.wait_for_selector(".messagelist .success")
+    assert f"{issued.token.display_prefix}… revoked" in success.inner_text()
+    page.locator("#kb-tokens .kb-token-status-revoked").wait_for()
+    page.screenshot(path=str(ARTIFACTS / "admin-agent-change.png"), full_page=True)
+    assert Token.objects.get(pk=issued.token.pk).revoked_at is not None
