@@ -58,6 +58,7 @@ class BackendForm(forms.ModelForm[Backend]):
             "token_ttl_default",
             "token_ttl_max",
             "enabled",
+            "client_key",
         ]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -83,7 +84,9 @@ class BackendForm(forms.ModelForm[Backend]):
         if adding:
             checks["name"] = lambda: backend_clean_name(data.get("name", ""))
             checks["kind"] = lambda: backend_check_kind(kind)
-        if adding or data.get("new_secret"):
+        if data.get("client_key") and data.get("new_secret"):
+            self.add_error("new_secret", "a client-key backend stores no secret; leave it blank")
+        elif (adding and not data.get("client_key")) or data.get("new_secret"):
             checks["new_secret"] = lambda: backend_check_secret(
                 kind=kind, secret=data.get("new_secret", "")
             )
@@ -112,9 +115,9 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
     search_fields = ["name"]
     actions = ["validate_now"]
     fields = [
-        "name", "kind", "base_url", "new_secret", "token_ttl_min", "token_ttl_default",
-        "token_ttl_max", "enabled", "secret_fingerprint", "auth_scheme", "status",
-        "validation_message", "validation_checked_at", "created_at", "rotated_at",
+        "name", "kind", "base_url", "client_key", "new_secret", "token_ttl_min",
+        "token_ttl_default", "token_ttl_max", "enabled", "secret_fingerprint", "auth_scheme",
+        "status", "validation_message", "validation_checked_at", "created_at", "rotated_at",
     ]  # fmt: skip
     readonly_fields = [
         "secret_fingerprint", "auth_scheme", "status", "validation_message",
@@ -124,8 +127,11 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
     def get_readonly_fields(
         self, request: HttpRequest, obj: Backend | None = None
     ) -> list[str] | tuple[str, ...]:
-        # A backend's name is in every agent's base_url and its kind fixes the secret format.
-        return [*self.readonly_fields, "name", "kind"] if obj is not None else self.readonly_fields
+        # A backend's name is in every agent's base_url and its kind fixes the secret format;
+        # whether keys are stored or brought by agents is part of what agents were told.
+        if obj is None:
+            return self.readonly_fields
+        return [*self.readonly_fields, "name", "kind", "client_key"]
 
     @admin.display(description="status", ordering="validation_state")
     def status(self, backend: Backend) -> SafeString:
@@ -149,6 +155,7 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
                 name=data["name"],
                 kind=data["kind"],
                 secret=data["new_secret"],
+                client_key=data["client_key"],
                 base_url=data.get("base_url") or None,
                 ttl=ttl,
                 by=request.user,

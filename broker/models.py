@@ -32,6 +32,9 @@ class Backend(models.Model):
     secret = EncryptedTextField(blank=True, editable=False)
     secret_fingerprint = models.CharField(max_length=64, blank=True)
     auth_scheme = models.CharField(max_length=16, blank=True)
+    # Behavry's mode: no stored secret; each agent sends its own key in X-Anthropic-Key and
+    # keybroker authenticates, audits and enforces policy around it.
+    client_key = models.BooleanField(default=False)
     token_ttl_min = models.PositiveIntegerField(default=60, help_text="seconds")
     token_ttl_max = models.PositiveIntegerField(default=3600, help_text="seconds")
     token_ttl_default = models.PositiveIntegerField(default=600, help_text="seconds")
@@ -176,7 +179,7 @@ class Token(models.Model):
         indexes = [models.Index(fields=["agent", "revoked_at", "expires_at"])]
 
     def __str__(self) -> str:
-        return f"{self.display_prefix}… ({self.backend_id})"
+        return f"{self.display_prefix}…"
 
     def is_live(self, now: datetime) -> bool:
         return self.revoked_at is None and self.expires_at > now

@@ -65,6 +65,7 @@ class Route:
     base_url: str
     enabled: bool
     scheme: AuthScheme | None
+    client_key: bool
     secret: str = field(repr=False)
 
 
@@ -96,6 +97,7 @@ def _read_route(name: str) -> Route | None:
         base_url=backend.base_url,
         enabled=backend.enabled,
         scheme=SCHEMES.get(backend.auth_scheme),
+        client_key=backend.client_key,
         secret=backend.secret,
     )
 

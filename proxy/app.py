@@ -25,7 +25,7 @@ from audit.recorder import audit_enqueue
 from proxy.access import AccessCache, AccessDenied, Route, TokenGrant
 from proxy.metering import UsageMeter
 from proxy.paths import PathRefused, proxy_path_parse, upstream_url
-from proxy.providers import ANTHROPIC_VERSION
+from proxy.providers import ANTHROPIC_VERSION, AuthScheme, ProviderError, provider_for
 from proxy.upstream import upstream_client
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ HOP_BY_HOP = frozenset(
     }
 )  # fmt: skip
 # Credentials of the caller never travel upstream, and nothing of keybroker's own either.
-CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"cookie"})
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"cookie", b"x-anthropic-key"})
+CLIENT_KEY_HEADER = b"x-anthropic-key"
 METERED_REQUEST_PATHS = ("/v1/messages",)
 BATCH_PATH = "/v1/messages/batches"
 
@@ -222,7 +223,7 @@ class ProxyApp:
             return
         content_type = _header(headers, b"content-type")
         exchange.facts = request_facts(target.path, content_type, body)
-        upstream_headers = self._upstream_headers(headers, route)
+        upstream_headers = self._upstream_headers(headers, route, _upstream_secret(headers, route))
         if target.path.startswith(BATCH_PATH):
             # Batch answers are rewritten (results_url), so they must arrive uncompressed.
             upstream_headers = [(k, v) for k, v in upstream_headers if k != b"accept-encoding"]
@@ -252,7 +253,7 @@ class ProxyApp:
 
     @staticmethod
     def _upstream_headers(
-        headers: list[tuple[bytes, bytes]], route: Route
+        headers: list[tuple[bytes, bytes]], route: Route, secret: tuple[AuthScheme, str]
     ) -> list[tuple[bytes, bytes]]:
         forwarded = [
             (name, value)
@@ -261,10 +262,9 @@ class ProxyApp:
         ]
         if not any(name == b"anthropic-version" for name, _ in forwarded):
             forwarded.append((b"anthropic-version", ANTHROPIC_VERSION.encode()))
-        if route.scheme is None:
-            return forwarded
+        scheme, key = secret
         beta = ",".join(v.decode("latin-1") for k, v in forwarded if k == b"anthropic-beta")
-        credential = route.scheme.headers(route.secret, anthropic_beta=beta or None)
+        credential = scheme.headers(key, anthropic_beta=beta or None)
         if "anthropic-beta" in credential:
             forwarded = [(k, v) for k, v in forwarded if k != b"anthropic-beta"]
         forwarded.extend((k.encode(), v.encode("latin-1")) for k, v in credential.items())
@@ -384,6 +384,27 @@ def _rewrite_results_urls(payload: Any, route: Route) -> Any:
     if isinstance(payload, list):
         return [_rewrite_results_urls(item, route) for item in payload]
     return payload
+
+
+def _upstream_secret(headers: list[tuple[bytes, bytes]], route: Route) -> tuple[AuthScheme, str]:
+    """The backend's stored key, or for a client-key backend the agent's own."""
+    if not route.client_key:
+        if route.scheme is None:
+            raise AccessDenied(502, "api_error", f"backend {route.name} has no usable key")
+        return route.scheme, route.secret
+    key = _header(headers, CLIENT_KEY_HEADER).strip()
+    if not key:
+        raise AccessDenied(
+            401,
+            "authentication_error",
+            f"backend {route.name} uses your own key: send it in X-Anthropic-Key",
+        )
+    try:
+        return provider_for(route.kind).auth_scheme(key), key
+    except ProviderError:
+        raise AccessDenied(
+            401, "authentication_error", "X-Anthropic-Key is not an Anthropic key"
+        ) from None
 
 
 def _is_json(response: httpx.Response) -> bool:

@@ -84,7 +84,9 @@ def test_it_rotates_validates_updates_and_removes(
     [
         ({"name": "Bad Name", "secret": "KEY"}, 400, "name: use 1-63 lowercase"),
         ({"name": "anthropic", "secret": "KEY", "kind": "gemini"}, 400, "kind: unknown kind"),
-        ({"name": "anthropic", "secret": ""}, 400, "secret: This field may not be blank."),
+        ({"name": "anthropic", "secret": ""}, 400, "secret: must not be empty"),
+        ({"name": "anthropic"}, 400, "secret: must not be empty"),
+        ({"name": "anthropic", "client_key": "yes"}, 400, "client_key: Must be a valid boolean."),
         ({"name": "anthropic", "secret": "not-a-key"}, 400, "secret: an Anthropic secret"),
         (
             {"name": "anthropic", "secret": "KEY", "base_url": "http://evil.example"},

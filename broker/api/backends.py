@@ -10,7 +10,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from broker.api.serializers import StrictCharField, StrictInputSerializer
+from broker.api.serializers import StrictBooleanField, StrictCharField, StrictInputSerializer
 from broker.models import Backend
 from broker.services.backends import (
     TtlBounds,
@@ -31,8 +31,8 @@ class BackendOutput(serializers.ModelSerializer[Backend]):
     class Meta:
         model = Backend
         fields = [
-            "name", "kind", "base_url", "fingerprint", "auth_scheme", "enabled", "ttl",
-            "validation", "created_at", "rotated_at",
+            "name", "kind", "base_url", "fingerprint", "auth_scheme", "client_key", "enabled",
+            "ttl", "validation", "created_at", "rotated_at",
         ]  # fmt: skip
 
     def get_ttl(self, backend: Backend) -> dict[str, int]:
@@ -59,7 +59,12 @@ class TtlInput(StrictInputSerializer):
 class BackendCreateInput(StrictInputSerializer):
     name = StrictCharField(max_length=63)
     kind = StrictCharField(max_length=32, default="anthropic")
-    secret = StrictCharField(write_only=True, trim_whitespace=True, max_length=4096)
+    secret = StrictCharField(
+        write_only=True, trim_whitespace=True, max_length=4096, required=False, allow_blank=True
+    )
+    client_key = StrictBooleanField(
+        default=False, help_text="store no secret; agents send their own in X-Anthropic-Key"
+    )
     base_url = StrictCharField(max_length=300, required=False)
     ttl = TtlInput(required=False)
 
@@ -67,7 +72,7 @@ class BackendCreateInput(StrictInputSerializer):
 class BackendUpdateInput(StrictInputSerializer):
     base_url = StrictCharField(max_length=300, required=False)
     ttl = TtlInput(required=False)
-    enabled = serializers.BooleanField(required=False)
+    enabled = StrictBooleanField(required=False)
 
 
 class SecretInput(StrictInputSerializer):
@@ -96,7 +101,8 @@ class BackendListView(APIView):
         backend = backend_add(
             name=data.validated_data["name"],
             kind=data.validated_data["kind"],
-            secret=data.validated_data["secret"],
+            secret=data.validated_data.get("secret", ""),
+            client_key=data.validated_data["client_key"],
             base_url=data.validated_data.get("base_url"),
             ttl=_ttl(data.validated_data),
             by=request.user,

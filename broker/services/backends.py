@@ -111,11 +111,15 @@ def _queue_validation(backend: Backend) -> None:
     transaction.on_commit(lambda: backend_validate_task.delay(backend.pk))
 
 
+CLIENT_KEY_FINGERPRINT = "(the agent's own key)"
+
+
 @transaction.atomic
 def backend_add(
     *,
     name: str,
-    secret: str,
+    secret: str = "",
+    client_key: bool = False,
     kind: str = "anthropic",
     base_url: str | None = None,
     ttl: TtlBounds | None = None,
@@ -131,8 +135,14 @@ def backend_add(
         token_ttl_min=ttl.minimum,
         token_ttl_max=ttl.maximum,
         token_ttl_default=ttl.default,
+        client_key=client_key,
     )
-    _apply_secret(backend, secret)
+    if client_key:
+        if secret.strip():
+            raise ServiceError("secret: a --client-key backend stores no secret; leave it out")
+        backend.secret_fingerprint = CLIENT_KEY_FINGERPRINT
+    else:
+        _apply_secret(backend, secret)
     if Backend.objects.filter(name=backend.name).exists():
         raise Conflict(f"a backend named {backend.name!r} exists")
     try:
@@ -148,8 +158,10 @@ def backend_add(
         kind=backend.kind,
         base_url=backend.base_url,
         fingerprint=backend.secret_fingerprint,
+        client_key=client_key,
     )
-    _queue_validation(backend)
+    if not client_key:
+        _queue_validation(backend)
     return backend
 
 
@@ -183,7 +195,7 @@ def backend_update(
         backend.save()
         access_changed()
         audit_record(action="backend.updated", by=by, backend=backend.name, **changed)
-        if "base_url" in changed:
+        if "base_url" in changed and not backend.client_key:
             _queue_validation(backend)
     return backend
 
@@ -191,6 +203,10 @@ def backend_update(
 @transaction.atomic
 def backend_rotate(*, backend: Backend, secret: str, by: User = None) -> Backend:
     """Replace the secret in place: agents and their tokens refer to the backend, not the key."""
+    if backend.client_key:
+        raise ServiceError(
+            f"backend {backend.name} uses the agents' own keys; it has none to rotate"
+        )
     old_fingerprint = backend.secret_fingerprint
     _apply_secret(backend, secret)
     backend.rotated_at = timezone.now()
@@ -250,6 +266,10 @@ def _upstream_error_message(response: httpx.Response) -> str:
 
 def backend_check(*, backend: Backend) -> ValidationResult:
     """Ask the upstream whether the secret works: GET {base_url}/v1/models."""
+    if backend.client_key:
+        return ValidationResult(
+            ValidationState.UNKNOWN, "keys come from the agents; there is no stored key to check"
+        )
     provider = provider_for(backend.kind)
     url = backend.base_url + provider.models_path
     host = urlsplit(backend.base_url).netloc

@@ -28,6 +28,11 @@ class Command(BaseCommand):
         add.add_argument("name")
         add.add_argument("--kind", default="anthropic")
         add.add_argument("--api-key", help="the secret; '-' reads stdin; omitted: prompt")
+        add.add_argument(
+            "--client-key",
+            action="store_true",
+            help="store no key: agents send their own in X-Anthropic-Key",
+        )
         add.add_argument("--base-url", help="default: the provider's (https://api.anthropic.com)")
         add.add_argument("--ttl-min", type=int, default=60, help="seconds (default 60)")
         add.add_argument("--ttl-default", type=int, default=600, help="seconds (default 600)")
@@ -50,13 +55,22 @@ class Command(BaseCommand):
             getattr(self, f"do_{options['action']}")(**options)
 
     def do_add(self, **options: Any) -> None:
+        client_key = options["client_key"]
         backend = backend_add(
             name=options["name"],
             kind=options["kind"],
-            secret=read_secret(options["api_key"], prompt="API key (not echoed): "),
+            client_key=client_key,
+            secret=""
+            if client_key and not options["api_key"]
+            else read_secret(options["api_key"], prompt="API key (not echoed): "),
             base_url=options["base_url"],
             ttl=TtlBounds(options["ttl_min"], options["ttl_max"], options["ttl_default"]),
         )
+        if client_key:
+            self.stdout.write(
+                f"added backend {backend.name}; agents send their own key in X-Anthropic-Key"
+            )
+            return
         self.stdout.write(
             f"added backend {backend.name} ({backend.secret_fingerprint}); "
             "validation against the upstream is queued (see `backend inspect`)"
