@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 
 from broker.models import Agent, AgentStatus, Backend, Token
@@ -31,7 +32,16 @@ def test_alice_approves_bob_from_the_list(
     live_url: str,
     backends: list[Backend],
 ) -> None:
-    enrolled = agent_enroll(name="bob", scopes=["anthropic"], description="CI runner")
+    """The whole flow over real HTTP, with the approval clicked in the admin."""
+    http = httpx.Client(base_url=live_url, timeout=10)
+    enrolled = http.post(
+        "/v1/enroll", json={"name": "bob", "scopes": ["anthropic"], "description": "CI runner"}
+    )
+    assert enrolled.status_code == 201
+    vend_token = enrolled.json()["vend_token"]
+    bob_auth = {"Authorization": f"Bearer {vend_token}"}
+    refused = http.post("/v1/credentials/anthropic", json={"ttl": "30m"}, headers=bob_auth)
+    assert refused.status_code == 403
     log_in(page, live_url)
     waiting = page.wait_for_selector("#kb-waiting .kb-waiting-count")
     assert waiting.inner_text() == "1 agent waiting for approval"
@@ -49,9 +59,18 @@ def test_alice_approves_bob_from_the_list(
     row = page.locator("#result_list tr", has_text="bob")
     row.locator(".kb-agent-status-approved").wait_for()
     page.screenshot(path=str(ARTIFACTS / "admin-agents-list.png"), full_page=True)
-    assert enrolled.vend_token not in page.content()
+    assert vend_token not in page.content()
     bob = Agent.objects.get(name="bob")
     assert (bob.status, agent_scopes(bob)) == (AgentStatus.APPROVED, ["anthropic"])
+
+    minted = http.post("/v1/credentials/anthropic", json={"ttl": "30m"}, headers=bob_auth)
+    assert (minted.status_code, minted.json()["ttl"]) == (201, 1800)
+    token = minted.json()
+    active = http.get("/v1/active", headers=bob_auth).json()
+    assert [t["id"] for t in active] == [token["id"]]
+    assert http.delete(f"/v1/active/{token['id']}", headers=bob_auth).status_code == 204
+    unusable = http.get("/v1/proxy/anthropic/v1/models", headers={"x-api-key": token["token"]})
+    assert (unusable.status_code, unusable.json()["error"]["message"]) == (401, "token revoked")
 
 
 def test_alice_narrows_carols_scopes_then_revokes_her_token(
