@@ -113,7 +113,7 @@ class Command(BaseCommand):
                     python, "-m", "uvicorn", "broker.asgi:application",
                     "--host", host, "--port", str(port),
                     "--workers", str(options["workers"]),
-                    "--lifespan", "off", "--no-server-header",
+                    "--lifespan", "on", "--no-server-header",
                     "--timeout-graceful-shutdown", "10",
                 ],
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
