@@ -16,10 +16,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from audit.models import ActorType, AuditEvent
+from broker.db import db_call
 from broker.logging import redact
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _write(batch: list[AuditEvent]) -> None:
     AuditEvent.objects.bulk_create(batch)
 
 
-_write_async = sync_to_async(_write, thread_sensitive=False)
+_write_async = db_call(_write)
 
 
 def _spill(events: list[AuditEvent], stats: RecorderStats) -> None:

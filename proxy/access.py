@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
+from broker.db import db_call
 from broker.models import AgentStatus, Backend, Grant, Token
 from broker.redis import redis_key
 from broker.secrets import secret_digest
@@ -107,9 +107,9 @@ def _touch(token_id: str) -> None:
 
 
 # Database reads run in worker threads, in parallel; the event loop never waits on them.
-_read_token_async = sync_to_async(_read_token, thread_sensitive=False)
-_read_route_async = sync_to_async(_read_route, thread_sensitive=False)
-_touch_async = sync_to_async(_touch, thread_sensitive=False)
+_read_token_async = db_call(_read_token)
+_read_route_async = db_call(_read_route)
+_touch_async = db_call(_touch)
 
 
 class AccessCache:

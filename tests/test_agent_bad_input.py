@@ -27,6 +27,7 @@ pytestmark = pytest.mark.django_db
         ({"name": "x" * 10_000, "scopes": ["anthropic"]}, 400, "name"),
         ({"name": "bob smith", "scopes": ["anthropic"]}, 400, "name"),
         ({"name": "-bob", "scopes": ["anthropic"]}, 400, "name"),
+        ({"name": "ckr_" + "A" * 43, "scopes": ["anthropic"]}, 400, "look like a credential"),
         ({"name": "bob", "scopes": ["anthropic"], "admin": True}, 400, "admin: unknown field"),
         ({"name": "bob", "scopes": ["anthropic"], "description": "d" * 501}, 400, "description"),
         ([1, 2, 3], 400, ""),

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 
+import httpx
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
@@ -95,3 +96,75 @@ def test_no_surface_ever_shows_an_upstream_secret(
     assert sum(b"new_secret" in blob for blob in seen) >= 3  # both change pages and the add form
     assert b"upstream answered 401" in seen[6]
     assert AuditEvent.objects.filter(action="backend.rotated").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_no_surface_ever_shows_an_agents_secrets_after_they_were_issued(
+    live_url: str,
+    fake_anthropic: FakeAnthropic,
+    caplog: pytest.LogCaptureFixture,
+    settings: object,
+) -> None:
+    from broker.models import SigningKey
+    from broker.services.backends import backend_add
+    from tests.proxy_cast import audit_drained
+
+    caplog.set_level(logging.DEBUG)
+    key = api_key()
+    fake_anthropic.valid_keys.add(key)
+    backend_add(name="anthropic", secret=key, base_url=fake_anthropic.url)
+    get_user_model().objects.create_superuser("alice", password="alice-pw-123")
+    admin = Client()
+    admin.login(username="alice", password="alice-pw-123")
+    http = httpx.Client(base_url=live_url, timeout=10)
+
+    vend = http.post("/v1/enroll", json={"name": "bob", "scopes": ["anthropic"]}).json()
+    vend_token = vend["vend_token"]
+    bob = {"Authorization": f"Bearer {vend_token}"}
+    call_command("agent", "approve", "bob", stdout=io.StringIO())
+    crd = http.post("/v1/credentials/anthropic", json={}, headers=bob).json()["token"]
+    client = http.post("/v1/clients", headers=bob).json()
+    form = {"grant_type": "client_credentials", "client_id": client["client_id"],
+            "client_secret": client["client_secret"]}  # fmt: skip
+    jwt = http.post("/oauth/token", data=form).json()["access_token"]
+    secrets = [vend_token, crd, client["client_secret"], jwt, SigningKey.objects.get().private_pem]
+
+    seen: list[bytes] = []
+    for response in [
+        http.get("/v1/status", headers=bob),
+        http.get("/v1/active", headers=bob),
+        http.get("/v1/enroll/status", headers={"Authorization": f"Bearer {jwt}"}),
+        http.post("/v1/credentials/anthropic", json={"ttl": crd}, headers=bob),  # bad ttl
+        http.post("/v1/enroll", json={"name": vend_token, "scopes": ["anthropic"]}),
+        http.get("/v1/proxy/anthropic/v1/models", headers={"x-api-key": crd}),
+        http.get("/v1/proxy/anthropic/v1/models", headers={"x-api-key": crd[:-2]}),
+        http.post("/oauth/token", data={**form, "client_secret": vend_token}),
+        http.get("/.well-known/jwks.json"),
+        http.get(f"/no/such/{crd}"),
+    ]:
+        seen.append(response.content + str(response.headers).encode())
+    agent_id = vend["id"]
+    for page in [
+        "/admin/",
+        "/admin/broker/agent/",
+        f"/admin/broker/agent/{agent_id}/change/",
+        "/admin/broker/token/",
+        "/admin/broker/oidcclient/",
+        "/admin/audit/auditevent/",
+    ]:
+        seen.append(admin.get(page).content)  # fmt: skip
+    for command in (["agent", "ls", "--json"], ["token", "ls", "--all"], ["agent", "pending"]):
+        out = io.StringIO()
+        call_command(*command, stdout=out, stderr=out)
+        seen.append(out.getvalue().encode())
+    audit_drained()
+    audit_rows = json.dumps(list(AuditEvent.objects.values()), default=str).encode()
+    logs = "\n".join(r.getMessage() for r in caplog.records).encode()
+
+    assert AuditEvent.objects.filter(action="proxy.request").count() == 2
+    assert len(seen) > 15
+    for secret in secrets:
+        for blob in [*seen, audit_rows, logs]:
+            assert secret.encode() not in blob
+            assert secret[8:40].encode() not in blob
+    assert b"Hello" not in audit_rows  # no content either

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from broker.errors import Conflict, NotFound, ServiceError, Unauthenticated
+from broker.logging import SECRET_PATTERN
 from broker.models import Agent, AgentStatus, Backend, Grant, agent_name_validator
 from broker.secrets import secret_digest, secret_issue
 from broker.services.access import access_changed
@@ -36,6 +37,9 @@ def agent_clean_name(name: str) -> str:
         agent_name_validator(name)
     except ValidationError as exc:
         raise ServiceError(f"name: {exc.messages[0]}") from None
+    if SECRET_PATTERN.search(name):
+        # Names are shown everywhere; a credential pasted as one would be too.
+        raise ServiceError("name: must not look like a credential (ckr_…, crd_…, sk-ant-…)")
     return name
 
 
