@@ -18,15 +18,16 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 from django.conf import settings
+from yarl import URL
 
 from audit.recorder import audit_enqueue
 from proxy.access import AccessCache, AccessDenied, Route, TokenGrant
 from proxy.metering import UsageMeter
 from proxy.paths import PathRefused, proxy_path_parse, upstream_url
 from proxy.providers import ANTHROPIC_VERSION, AuthScheme, ProviderError, provider_for
-from proxy.upstream import upstream_client
+from proxy.upstream import upstream_session, upstream_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class Exchange:
     ttfb_ms: float | None = None
     request_id: str = ""
     outcome: str = "ok"
+    body_complete: bool = False
     facts: dict[str, Any] | None = None
     meter: UsageMeter | None = None
 
@@ -281,17 +283,26 @@ class ProxyApp:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
     ) -> None:
-        client = upstream_client()
-        request = client.build_request(scope["method"], url, headers=headers, content=body)
+        if not any(name == b"accept-encoding" for name, _ in headers):
+            # A client that did not ask for compression must never get it.
+            headers.append((b"accept-encoding", b"identity"))
         try:
-            upstream = await client.send(request, stream=True)
-        except httpx.TimeoutException:
+            upstream = await upstream_session().request(
+                scope["method"],
+                # As built and checked: no re-quoting or path normalisation by the client.
+                URL(url, encoded=True),
+                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers],
+                data=body or None,
+                allow_redirects=False,
+                timeout=upstream_timeout(),
+            )
+        except TimeoutError:
             raise AccessDenied(504, "api_error", f"upstream {route.name} timed out") from None
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             raise AccessDenied(
                 502, "api_error", f"upstream {route.name} unreachable ({type(exc).__name__})"
             ) from None
-        exchange.status = upstream.status_code
+        exchange.status = upstream.status
         exchange.ttfb_ms = round((time.perf_counter() - exchange.started) * 1000, 2)
         exchange.request_id = upstream.headers.get("request-id", "")[:100]
         try:
@@ -300,21 +311,24 @@ class ProxyApp:
             else:
                 await self._stream(receive, send, upstream, exchange)
         finally:
-            await upstream.aclose()
-        if exchange.outcome == "ok" and upstream.status_code >= 400:
+            if exchange.body_complete:
+                upstream.release()  # read to the end: the connection goes back to the pool
+            else:
+                upstream.close()
+        if exchange.outcome == "ok" and upstream.status >= 400:
             exchange.outcome = "upstream_error"
         exchange.record()
 
     @staticmethod
-    def _response_headers(upstream: httpx.Response) -> list[tuple[bytes, bytes]]:
+    def _response_headers(upstream: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
         return [
             (name.lower(), value)
-            for name, value in upstream.headers.raw
+            for name, value in upstream.raw_headers
             if name.lower() not in HOP_BY_HOP or name.lower() == b"content-length"
         ]
 
     async def _stream(
-        self, receive: Receive, send: Send, upstream: httpx.Response, exchange: Exchange
+        self, receive: Receive, send: Send, upstream: aiohttp.ClientResponse, exchange: Exchange
     ) -> None:
         headers = self._response_headers(upstream)
         content_type = upstream.headers.get("content-type", "")
@@ -324,10 +338,8 @@ class ProxyApp:
             content_type=content_type,
             content_encoding=upstream.headers.get("content-encoding", ""),
         )
-        await send(
-            {"type": "http.response.start", "status": upstream.status_code, "headers": headers}
-        )
-        pump = asyncio.ensure_future(self._pump(send, upstream, exchange.meter))
+        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        pump = asyncio.ensure_future(self._pump(send, upstream, exchange))
         hangup = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
             await asyncio.wait({pump, hangup}, return_when=asyncio.FIRST_COMPLETED)
@@ -343,22 +355,32 @@ class ProxyApp:
             pump.result()  # re-raises UpstreamBroke
 
     @staticmethod
-    async def _pump(send: Send, upstream: httpx.Response, meter: UsageMeter) -> None:
+    async def _pump(send: Send, upstream: aiohttp.ClientResponse, exchange: Exchange) -> None:
+        meter = exchange.meter
+        assert meter is not None
         try:
-            async for chunk in upstream.aiter_raw():
+            async for chunk in upstream.content.iter_any():
                 meter.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.TimeoutException:
+        except TimeoutError:
             raise UpstreamBroke("upstream went silent mid-stream (idle timeout)") from None
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             raise UpstreamBroke(f"upstream cut the stream ({type(exc).__name__})") from None
+        exchange.body_complete = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _send_rewritten(
-        self, send: Send, upstream: httpx.Response, route: Route, exchange: Exchange
+        self, send: Send, upstream: aiohttp.ClientResponse, route: Route, exchange: Exchange
     ) -> None:
         """A batch's ``results_url`` points at the upstream; the client must call the proxy."""
-        raw = await upstream.aread()
+        try:
+            raw = await upstream.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            exchange.outcome = "upstream_broke"
+            raise AccessDenied(
+                502, "api_error", f"upstream {route.name} broke off ({type(exc).__name__})"
+            ) from None
+        exchange.body_complete = True
         exchange.meter = None
         try:
             payload = json.loads(raw)
@@ -367,9 +389,7 @@ class ProxyApp:
             body = raw
         headers = [(k, v) for k, v in self._response_headers(upstream) if k != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
-        await send(
-            {"type": "http.response.start", "status": upstream.status_code, "headers": headers}
-        )
+        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
@@ -407,8 +427,8 @@ def _upstream_secret(headers: list[tuple[bytes, bytes]], route: Route) -> tuple[
         ) from None
 
 
-def _is_json(response: httpx.Response) -> bool:
-    return str(response.headers.get("content-type", "")).startswith("application/json")
+def _is_json(response: aiohttp.ClientResponse) -> bool:
+    return response.headers.get("content-type", "").startswith("application/json")
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:

@@ -72,9 +72,12 @@ def live_url() -> Iterator[str]:
     from broker.asgi import application
 
     port = free_port()
-    server = serve_in_thread(application, port)
+    # With its lifespan, as in production: shutdown drains the audit queue and closes the
+    # upstream connection pool.
+    server = serve_in_thread(application, port, lifespan="on")
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
+    server.thread.join(timeout=15)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")

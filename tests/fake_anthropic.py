@@ -339,11 +339,13 @@ def error(error_type: str, message: str) -> dict[str, Any]:
     }
 
 
-def serve_in_thread(app: Any, port: int) -> uvicorn.Server:
+def serve_in_thread(app: Any, port: int, *, lifespan: str = "off") -> uvicorn.Server:
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
+        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan=lifespan, log_level="warning")
     )
-    threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True).start()
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    server.thread = thread  # type: ignore[attr-defined]
     deadline = time.monotonic() + 15
     while not server.started:
         if time.monotonic() > deadline:
