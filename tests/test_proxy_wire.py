@@ -326,3 +326,19 @@ def test_binary_and_multipart_bodies_pass_through(
     assert seen.headers["content-type"].startswith("multipart/form-data; boundary=")
     assert blob in seen.body
     assert int(seen.headers["content-length"]) == len(seen.body)
+
+
+def test_a_token_minted_before_rotation_keeps_working_with_the_new_key(
+    proxied: Proxied, fake_anthropic: FakeAnthropic
+) -> None:
+    from broker.services.backends import backend_rotate
+    from tests.keys import api_key
+
+    assert post(proxied, json=MESSAGE).status_code == 200  # the old key is now cached
+    new_key = api_key(tail="N3wK")
+    fake_anthropic.valid_keys = {new_key}
+    backend_rotate(backend=Backend.objects.get(), secret=new_key)
+
+    assert post(proxied, json=MESSAGE).status_code == 200
+    assert fake_anthropic.requests[-1].headers["x-api-key"] == new_key
+    assert fake_anthropic.requests[0].headers["x-api-key"] == proxied.key
