@@ -14,6 +14,29 @@ def test_schema_is_openapi_3_and_lists_the_public_paths(client: Client) -> None:
     assert {"/health", "/ready"} <= set(schema["paths"])
 
 
+def test_schema_documents_every_api_path_and_builds_without_warnings() -> None:
+    from django.core.management import call_command
+
+    # drf-spectacular's own validation; a warning means a component is wrong or ambiguous.
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", "/dev/null")
+    schema = Client().get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()
+    paths = set(schema["paths"])
+    expected = {
+        "/v1/enroll", "/v1/enroll/status", "/v1/status", "/v1/request",
+        "/v1/credentials/{backend}", "/v1/active", "/v1/active/{token_id}", "/v1/self",
+        "/v1/clients", "/oauth/token", "/.well-known/openid-configuration",
+        "/.well-known/jwks.json", "/v1/admin/backends/", "/v1/admin/agents/",
+        "/v1/admin/agents/{agent_id}", "/v1/admin/pending/", "/v1/admin/tokens/",
+        "/v1/admin/pending/{agent_id}/approve", "/v1/admin/tokens/{token_id}",
+    }  # fmt: skip
+    assert expected <= paths, expected - paths
+    schemes = schema["components"]["securitySchemes"]
+    assert {"adminToken", "agentCredential"} <= set(schemes)
+    credentials = schema["paths"]["/v1/credentials/{backend}"]["post"]
+    assert credentials["security"] == [{"agentCredential": []}]
+    assert "201" in credentials["responses"]
+
+
 def test_docs_viewer_is_served(client: Client) -> None:
     response = client.get("/api/docs/")
     assert response.status_code == 200

@@ -47,7 +47,7 @@ class CreatedAgentOutput(AgentOutput):
         fields = [*AgentOutput.Meta.fields, "vend_token"]
 
 
-class TokenOutput(serializers.ModelSerializer[Token]):
+class TokenRecordOutput(serializers.ModelSerializer[Token]):
     agent = serializers.CharField(source="agent.name")
     backend = serializers.CharField(source="backend.name")
     prefix = serializers.CharField(source="display_prefix")
@@ -193,7 +193,7 @@ class TokenListView(APIView):
             OpenApiParameter("backend", description="backend name"),
             OpenApiParameter("state", enum=["live", "all"], description="default: live"),
         ],
-        responses=TokenOutput(many=True),
+        responses=TokenRecordOutput(many=True),
     )
     def get(self, request: Request) -> Response:
         tokens = Token.objects.select_related("agent", "backend")
@@ -207,13 +207,13 @@ class TokenListView(APIView):
             tokens = tokens.filter(agent__name=params["agent"])
         if params.get("backend"):
             tokens = tokens.filter(backend__name=params["backend"])
-        return Response(TokenOutput(tokens[:1000], many=True).data)
+        return Response(TokenRecordOutput(tokens[:1000], many=True).data)
 
 
 class TokenDetailView(APIView):
-    @extend_schema(operation_id="admin_tokens_inspect", responses=TokenOutput)
+    @extend_schema(operation_id="admin_tokens_inspect", responses=TokenRecordOutput)
     def get(self, request: Request, token_id: str) -> Response:
-        return Response(TokenOutput(token_get(token_id=token_id)).data)
+        return Response(TokenRecordOutput(token_get(token_id=token_id)).data)
 
     @extend_schema(
         operation_id="admin_tokens_revoke",

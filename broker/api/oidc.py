@@ -39,7 +39,7 @@ class JwksView(PublicView):
         return response
 
 
-class TokenInput(serializers.Serializer[Any]):
+class OAuthTokenInput(serializers.Serializer[Any]):
     grant_type = serializers.CharField()
     client_id = serializers.CharField(required=False)
     client_secret = serializers.CharField(required=False)
@@ -47,7 +47,7 @@ class TokenInput(serializers.Serializer[Any]):
     resource = serializers.CharField(required=False)
 
 
-class TokenOutput(serializers.Serializer[Any]):
+class OAuthTokenOutput(serializers.Serializer[Any]):
     access_token = serializers.CharField()
     token_type = serializers.CharField()
     expires_in = serializers.IntegerField()
@@ -83,8 +83,8 @@ class TokenView(PublicView):
 
     @extend_schema(
         operation_id="oauth_token",
-        request=TokenInput,
-        responses=TokenOutput,
+        request=OAuthTokenInput,
+        responses=OAuthTokenOutput,
         description="client_credentials grant (form or JSON; secret in the body or HTTP "
         "Basic). Errors follow RFC 6749: {error, error_description}.",
     )
