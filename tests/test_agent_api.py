@@ -248,6 +248,19 @@ def test_the_sweep_records_each_expiry_once_and_forgets_old_rows(
     assert not Token.objects.exists()
 
 
+def test_beat_runs_the_sweep_every_minute(anthropic: Backend, admin_api: Client) -> None:
+    from broker.tasks import tokens_sweep_task
+
+    schedule = settings.CELERY_BEAT_SCHEDULE["tokens-sweep"]
+    assert (schedule["task"], schedule["schedule"]) == ("broker.tasks.tokens_sweep_task", 60)
+    agent, vend = enroll()
+    send(admin_api, "post", f"/v1/admin/pending/{agent.pk}/approve", {})
+    send(as_agent(vend), "post", "/v1/credentials/anthropic", {"ttl": "1m"})
+    Token.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
+    tokens_sweep_task.apply()
+    assert AuditEvent.objects.filter(action="token.expired").count() == 1
+
+
 def test_an_expired_token_is_not_live_before_the_sweep(
     anthropic: Backend, admin_api: Client
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import time
 from typing import Any
 from urllib.parse import urlencode
@@ -10,12 +11,13 @@ from urllib.parse import urlencode
 import jwt as pyjwt
 import pytest
 from django.conf import settings
+from django.core.management import call_command
 from django.test import Client
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from broker.models import Backend, SigningKey, Token
-from broker.services.oidc import signing_key_current, signing_key_rotate
+from broker.services.oidc import signing_key_current
 from tests.agents import as_agent, enroll, send
 
 pytestmark = pytest.mark.django_db
@@ -173,7 +175,10 @@ def test_a_rotated_key_stays_published_and_old_jwts_keep_working(
 ) -> None:
     before = token_request(client_credentials).json()["access_token"]
     old_kid = signing_key_current().kid
-    new = signing_key_rotate()
+    out = io.StringIO()
+    call_command("oidc", "rotate-key", stdout=out)
+    new = SigningKey.objects.get(retired_at__isnull=True)
+    assert new.kid in out.getvalue()
     after = token_request(client_credentials).json()["access_token"]
     kids = {key["kid"] for key in Client().get("/.well-known/jwks.json").json()["keys"]}
     assert kids == {old_kid, new.kid}

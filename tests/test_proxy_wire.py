@@ -342,3 +342,19 @@ def test_a_token_minted_before_rotation_keeps_working_with_the_new_key(
     assert post(proxied, json=MESSAGE).status_code == 200
     assert fake_anthropic.requests[-1].headers["x-api-key"] == new_key
     assert fake_anthropic.requests[0].headers["x-api-key"] == proxied.key
+
+
+def test_last_used_is_written_once_a_minute_at_most(
+    proxied: Proxied, fake_anthropic: FakeAnthropic
+) -> None:
+    assert Token.objects.get().last_used_at is None
+    post(proxied, json=MESSAGE)
+    deadline = time.monotonic() + 5
+    while Token.objects.get().last_used_at is None:
+        assert time.monotonic() < deadline, "last_used_at was never written"
+        time.sleep(0.05)
+    first = Token.objects.get().last_used_at
+    for _ in range(3):
+        post(proxied, json=MESSAGE)
+    time.sleep(0.3)
+    assert Token.objects.get().last_used_at == first
