@@ -37,5 +37,10 @@ lint: $(VENV)/.installed-dev
 pytest: $(VENV)/.installed-dev
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The proxy benchmark (bench/README.md): timings live here, never in `make test`.
+bench: $(VENV)/.installed-dev
+	@$(BIN)/python -c 'import aiohttp, httpx_aiohttp' 2>/dev/null || $(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
