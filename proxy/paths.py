@@ -30,7 +30,8 @@ def proxy_path_parse(raw_path: bytes) -> ProxyPath | None:
     if not _BACKEND.match(backend):
         return None
     try:
-        path = (slash + rest).decode("ascii")
+        # The bare base URL (clients probe it with HEAD) is the upstream's root.
+        path = (slash + rest).decode("ascii") or "/"
     except UnicodeDecodeError:
         raise PathRefused("the path must be ASCII (percent-encode anything else)") from None
     return ProxyPath(backend.decode(), path)
