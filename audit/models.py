@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from django.db import models
+from django.utils import timezone
 
 
 class ActorType(models.TextChoices):
@@ -9,21 +12,89 @@ class ActorType(models.TextChoices):
     SYSTEM = "system"
 
 
-class AuditEvent(models.Model):
-    """One thing that happened. Append-only; never holds content or a secret."""
+class PolicyResult(models.TextChoices):
+    ALLOWED = "allowed"
+    DENIED = "denied"
 
-    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
-    action = models.CharField(max_length=64, db_index=True)
+
+class AppendOnly(Exception):
+    """History is never edited or deleted; only the retention task removes old rows."""
+
+
+class AuditEventQuerySet(models.QuerySet["AuditEvent"]):
+    """Refuses bulk edits and deletes, so no code path can rewrite history by accident."""
+
+    def update(self, **kwargs: Any) -> int:
+        raise AppendOnly("audit events are append-only")
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        raise AppendOnly("audit events are append-only; old rows go by retention only")
+
+    def prune(self) -> int:
+        """Delete the rows of this queryset: the retention service's door, and the only one."""
+        deleted, _ = models.QuerySet.delete(self)
+        return deleted
+
+
+class AuditEvent(models.Model):
+    """One thing that happened. Append-only; never holds content or a secret.
+
+    Everything an admin filters or sums on is a column: who, what, and for a proxied call
+    the request's shape and the upstream's answer (never its text). ``detail`` keeps the
+    rest, which differs per action (scopes granted, fingerprints, TTLs).
+    """
+
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    action = models.CharField(max_length=64)
     actor_type = models.CharField(max_length=16, choices=ActorType.choices)
     actor = models.CharField(max_length=150, blank=True)
-    agent = models.CharField(max_length=63, blank=True, db_index=True)
-    backend = models.CharField(max_length=63, blank=True, db_index=True)
+    agent = models.CharField(max_length=63, blank=True)
+    backend = models.CharField(max_length=63, blank=True)
+    token_id = models.CharField(max_length=36, blank=True, db_index=True)
+    token_prefix = models.CharField(max_length=32, blank=True)
     client_address = models.GenericIPAddressField(null=True, blank=True)
     message = models.CharField(max_length=500, blank=True)
+    # A proxied call: what was asked (never the content) ...
+    method = models.CharField(max_length=16, blank=True)
+    path = models.CharField(max_length=300, blank=True)
+    model = models.CharField(max_length=100, blank=True)
+    system_prompt = models.BooleanField(null=True, blank=True)
+    streamed = models.BooleanField(null=True, blank=True)
+    # ... and what came back.
+    status = models.PositiveSmallIntegerField(null=True, blank=True)
+    outcome = models.CharField(max_length=32, blank=True)
+    request_id = models.CharField(max_length=100, blank=True)
+    input_tokens = models.PositiveIntegerField(null=True, blank=True)
+    output_tokens = models.PositiveIntegerField(null=True, blank=True)
+    cache_read_tokens = models.PositiveIntegerField(null=True, blank=True)
+    cache_write_tokens = models.PositiveIntegerField(null=True, blank=True)
+    stop_reason = models.CharField(max_length=32, blank=True)
+    ttfb_ms = models.FloatField(null=True, blank=True)
+    duration_ms = models.FloatField(null=True, blank=True)
+    policy_result = models.CharField(max_length=16, blank=True, choices=PolicyResult.choices)
+    policy_reason = models.CharField(max_length=300, blank=True)
     detail = models.JSONField(default=dict, blank=True)
+
+    objects: ClassVar[AuditEventQuerySet] = AuditEventQuerySet.as_manager()  # type: ignore[assignment]
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        # The list, the API and the feed filter on one of these and read newest first.
+        indexes = [
+            models.Index(fields=["action", "-created_at"], name="audit_action_time"),
+            models.Index(fields=["agent", "-created_at"], name="audit_agent_time"),
+            models.Index(fields=["backend", "-created_at"], name="audit_backend_time"),
+            models.Index(fields=["status", "-created_at"], name="audit_status_time"),
+            models.Index(fields=["model", "-created_at"], name="audit_model_time"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.action}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise AppendOnly("audit events are append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        raise AppendOnly("audit events are append-only; old rows go by retention only")

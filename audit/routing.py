@@ -1,6 +1,9 @@
 from __future__ import annotations
 
-from django.urls import URLPattern
+from django.urls import URLPattern, path
 
-# The live activity consumer (/ws/activity/) is added with the audit trail.
-websocket_urlpatterns: list[URLPattern] = []
+from audit.consumers import ActivityConsumer
+
+websocket_urlpatterns: list[URLPattern] = [
+    path("ws/activity/", ActivityConsumer.as_asgi()),
+]

@@ -31,7 +31,14 @@ from audit.models import AuditEvent
 from broker.errors import ServiceError
 from broker.models import Agent, AgentStatus, Grant, OidcClient, Token
 from broker.services.agents import agent_approve, agent_reject, agent_unenroll, agents_pending
-from broker.services.tokens import token_revoke
+from broker.services.policy import (
+    GRANT_COLUMNS,
+    backend_defaults,
+    grant_update,
+    grant_values,
+    policy_parse_texts,
+)
+from broker.services.tokens import format_duration, token_revoke
 
 AGENT_STATUS_COLOURS = {
     AgentStatus.PENDING: "#bf8700",
@@ -130,6 +137,38 @@ class ApproveForm(forms.Form):
         # Only what the agent asked for can be granted from here; the choices enforce it.
         field.choices = [(scope, scope) for scope in agent.requested_scopes]
         field.initial = list(agent.requested_scopes)
+
+
+class GrantPolicyForm(forms.Form):
+    """A grant's own policy as text, one form per grant on the agent page (prefixed by its
+    id). Blank takes the backend's default, shown as the placeholder; the service checks."""
+
+    models = forms.CharField(required=False, label="models", help_text="globs, comma-separated")
+    paths = forms.CharField(required=False, label="paths", help_text="globs, comma-separated")
+    rpm = forms.CharField(required=False, label="rpm", help_text="requests per minute")
+    tpm = forms.CharField(required=False, label="tpm", help_text="tokens per minute")
+    daily_tokens = forms.CharField(required=False, label="daily tokens", help_text="UTC day")
+    max_tokens = forms.CharField(required=False, label="max tokens", help_text="per request")
+    max_ttl = forms.CharField(required=False, label="max TTL", help_text="of minted tokens")
+
+    def __init__(self, grant: Grant, *args: Any, **kwargs: Any) -> None:
+        own = grant_values(grant)
+        kwargs.setdefault("initial", {name: _policy_text(name, v) for name, v in own.items()})
+        kwargs["prefix"] = f"policy-{grant.pk}"
+        super().__init__(*args, **kwargs)
+        self.grant = grant
+        defaults = {**backend_defaults(grant.backend), "max_ttl": grant.backend.token_ttl_max}
+        for name, field in self.fields.items():
+            # Greyed out in an empty field: what a blank leaves in force.
+            field.widget.attrs["placeholder"] = _policy_text(name, defaults.get(name)) or "none"
+
+
+def _policy_text(name: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ",".join(value)
+    return format_duration(value) if name == "max_ttl" else str(value)
 
 
 class WaitingFilter(admin.SimpleListFilter):
@@ -257,6 +296,11 @@ class AgentAdmin(admin.ModelAdmin[Agent]):
                 _post_only(site, self.reject_view),
                 name="broker_agent_reject",
             ),
+            path(
+                "<path:object_id>/grants/<int:grant_id>/policy/",
+                _post_only(site, self.policy_view),
+                name="broker_agent_grant_policy",
+            ),
             *super().get_urls(),
         ]
 
@@ -289,6 +333,30 @@ class AgentAdmin(admin.ModelAdmin[Agent]):
         agent = self._decidable(request, object_id)
         self._reject(request, agent, reason=request.POST.get("reason", "")[:500])
         return _back(request, self._changelist_url())
+
+    def has_policy_permission(self, request: HttpRequest) -> bool:
+        return _may(request, "change", Grant)
+
+    def policy_view(self, request: HttpRequest, object_id: str, grant_id: int) -> HttpResponse:
+        if not self.has_policy_permission(request):
+            raise PermissionDenied
+        agent = self.get_object(request, unquote(object_id))
+        grants = Grant.objects.select_related("agent", "backend")
+        grant = grants.filter(pk=grant_id, agent=agent).first() if agent is not None else None
+        if grant is None:
+            raise Http404("no such grant")
+        form = GrantPolicyForm(grant, request.POST)
+        form.is_valid()  # text fields: always valid; the service judges the values
+        texts = {name: form.cleaned_data.get(name, "") for name in GRANT_COLUMNS}
+        try:
+            grant_update(grant=grant, policy=policy_parse_texts(texts), by=request.user)
+        except ServiceError as exc:
+            self.message_user(
+                request, f"{grant}: {exc.message}. Nothing was saved.", messages.ERROR
+            )
+        else:
+            self.message_user(request, f"policy of {grant} saved", messages.SUCCESS)
+        return _back(request, self._change_url(grant.agent))
 
     def _approve(self, request: HttpRequest, agent: Agent, scopes: list[str] | None) -> None:
         requested = list(agent.requested_scopes)
@@ -372,9 +440,12 @@ class AgentAdmin(admin.ModelAdmin[Agent]):
         now = timezone.now()
         tokens = Token.objects.filter(agent=agent).select_related("backend")
         waiting = is_waiting(agent) and self.has_decide_permission(request)
+        grants = list(agent.grants.select_related("backend"))
         return {
             "kb_agent": agent,
-            "kb_grants": list(agent.grants.all()),
+            "kb_grants": grants,
+            "kb_policy_forms": [GrantPolicyForm(grant) for grant in grants],
+            "kb_can_edit_policy": self.has_policy_permission(request),
             "kb_approve_form": ApproveForm(agent) if waiting else None,
             "kb_requested": agent.requested_scopes,
             "kb_tokens": [

@@ -39,6 +39,14 @@ class Backend(models.Model):
     token_ttl_max = models.PositiveIntegerField(default=3600, help_text="seconds")
     token_ttl_default = models.PositiveIntegerField(default=600, help_text="seconds")
     enabled = models.BooleanField(default=True)
+    # Policy defaults for every grant on this backend; a grant's own value wins, and null
+    # here means no restriction. The max TTL default is token_ttl_max itself.
+    default_models = models.JSONField(null=True, blank=True, help_text="model globs")
+    default_paths = models.JSONField(null=True, blank=True, help_text="upstream path globs")
+    default_rpm = models.PositiveIntegerField(null=True, blank=True)
+    default_tpm = models.PositiveBigIntegerField(null=True, blank=True)
+    default_daily_tokens = models.PositiveBigIntegerField(null=True, blank=True)
+    default_max_tokens = models.PositiveIntegerField(null=True, blank=True)
     validation_state = models.CharField(
         max_length=16, choices=ValidationState.choices, default=ValidationState.UNKNOWN
     )
@@ -136,13 +144,28 @@ class Agent(models.Model):
 
 
 class Grant(models.Model):
-    """Agent and backend: the agent may mint tokens for this backend.
+    """Agent and backend: the agent may mint tokens for this backend, within its policy.
 
-    The policy fields (allowed models and paths, rates, budgets, max TTL) join this row.
+    Each policy field left null takes the backend's default (``default_*``); see
+    broker/services/policy.py. Changed only through ``grant_update`` so every proxy process
+    hears of it at once.
     """
 
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="grants")
     backend = models.ForeignKey(Backend, on_delete=models.CASCADE, related_name="grants")
+    allowed_models = models.JSONField(null=True, blank=True, help_text="model globs")
+    allowed_paths = models.JSONField(null=True, blank=True, help_text="upstream path globs")
+    rpm = models.PositiveIntegerField(null=True, blank=True, help_text="requests per minute")
+    tpm = models.PositiveBigIntegerField(null=True, blank=True, help_text="tokens per minute")
+    daily_tokens = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="tokens per UTC day"
+    )
+    max_tokens = models.PositiveIntegerField(
+        null=True, blank=True, help_text="cap on a request's max_tokens"
+    )
+    max_ttl = models.PositiveIntegerField(
+        null=True, blank=True, help_text="seconds; lowers the backend's token TTL bound"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL

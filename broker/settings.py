@@ -306,3 +306,22 @@ PROXY_MAX_CONNECTIONS = env_int("KEYBROKER_PROXY_MAX_CONNECTIONS", default=10_00
 # A backstop: cached token state is re-read at least this often even without a change signal.
 PROXY_CACHE_SECONDS = env_int("KEYBROKER_PROXY_CACHE_SECONDS", default=30, minimum=0)
 
+
+# --- Audit -------------------------------------------------------------------------------
+# Audit events older than this are deleted by the retention task; nothing else deletes one.
+AUDIT_RETENTION_DAYS = env_int("KEYBROKER_AUDIT_RETENTION_DAYS", default=90, minimum=1)
+AUDIT_RETENTION_INTERVAL_SECONDS = 3600
+CELERY_BEAT_SCHEDULE["audit-retention"] = {
+    "task": "audit.tasks.audit_prune_task",
+    "schedule": AUDIT_RETENTION_INTERVAL_SECONDS,
+    "options": {"expires": AUDIT_RETENTION_INTERVAL_SECONDS - 60},
+}
+
+
+# --- Policy ------------------------------------------------------------------------------
+# With Redis unreachable, rates and budgets cannot be checked: refuse such calls (503) by
+# default; when set, let them through uncounted (availability over limits).
+POLICY_FAIL_OPEN = env_bool("KEYBROKER_POLICY_FAIL_OPEN", default=False)
+# The length of the rpm and tpm windows. Not an environment setting: the limits are per
+# minute by name; tests shorten it to see a window pass.
+POLICY_WINDOW_SECONDS = 60

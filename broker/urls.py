@@ -5,7 +5,9 @@ from django.urls import path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from broker.api import admin_agents, agents, oidc
+from audit import api as audit_api
+from audit import views as audit_views
+from broker.api import admin_agents, agents, oidc, policy
 from broker.api.backends import (
     BackendDetailView,
     BackendListView,
@@ -31,14 +33,24 @@ urlpatterns = [
     path("v1/admin/backends/<str:name>", BackendDetailView.as_view(), name="admin-backend"),
     path("v1/admin/backends/<str:name>/rotate", BackendRotateView.as_view()),
     path("v1/admin/backends/<str:name>/validate", BackendValidateView.as_view()),
+    path("v1/admin/backends/<str:name>/policy", policy.BackendPolicyView.as_view()),
     path("v1/admin/agents/", admin_agents.AgentListView.as_view()),
     path("v1/admin/agents/<str:agent_id>", admin_agents.AgentDetailView.as_view()),
     path("v1/admin/agents/<str:agent_id>/grants", admin_agents.AgentGrantView.as_view()),
+    path(
+        "v1/admin/agents/<str:agent_id>/grants/<str:backend>",
+        policy.GrantPolicyView.as_view(),
+    ),
     path("v1/admin/pending/", admin_agents.PendingListView.as_view()),
     path("v1/admin/pending/<str:agent_id>/approve", admin_agents.PendingApproveView.as_view()),
     path("v1/admin/pending/<str:agent_id>/reject", admin_agents.PendingRejectView.as_view()),
     path("v1/admin/tokens/", admin_agents.TokenListView.as_view()),
     path("v1/admin/tokens/<str:token_id>", admin_agents.TokenDetailView.as_view()),
+    # The audit trail: its admin API and the live activity page (the feed is /ws/activity/).
+    path("v1/admin/audit/", audit_api.AuditListView.as_view(), name="admin-audit"),
+    path("v1/admin/audit/export.csv", audit_api.AuditCsvExportView.as_view()),
+    path("v1/admin/audit/export.jsonl", audit_api.AuditJsonlExportView.as_view()),
+    path("activity/", audit_views.activity, name="activity"),
     # The agent API (paths follow Creddy's).
     path("v1/enroll", agents.EnrollView.as_view()),
     path("v1/enroll/status", agents.EnrollStatusView.as_view()),

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from broker.models import AgentStatus, Backend, Grant, Token
 from broker.redis import redis_key
 from broker.secrets import secret_digest
 from broker.services.access import ACCESS_GENERATION
+from broker.services.policy import Policy, grant_policy
 from proxy.providers import SCHEMES, AuthScheme
 
 logger = logging.getLogger(__name__)
@@ -34,11 +36,19 @@ LAST_USED_RESOLUTION_SECONDS = 60
 
 
 class AccessDenied(Exception):
-    def __init__(self, status: int, error_type: str, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        *,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error_type = error_type
         self.message = message
+        self.headers = tuple(headers)  # sent with the error: retry-after on a 429
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,8 @@ class TokenGrant:
     expires_at: float
     revoked: bool
     has_grant: bool
+    # The grant's effective policy, read with the token so enforcement needs no database.
+    policy: Policy | None = None
 
 
 @dataclass(frozen=True)
@@ -73,7 +85,12 @@ def _read_token(digest: str) -> TokenGrant | None:
     token = Token.objects.select_related("agent").filter(digest=digest).first()
     if token is None:
         return None
-    has_grant = Grant.objects.filter(agent_id=token.agent_id, backend_id=token.backend_id).exists()
+    grant = (
+        Grant.objects.select_related("backend")
+        .defer("backend__secret")  # the policy needs the defaults, never the key
+        .filter(agent_id=token.agent_id, backend_id=token.backend_id)
+        .first()
+    )
     return TokenGrant(
         token_id=str(token.pk),
         token_prefix=token.display_prefix,
@@ -83,7 +100,8 @@ def _read_token(digest: str) -> TokenGrant | None:
         backend=Backend.objects.values_list("name", flat=True).get(pk=token.backend_id),
         expires_at=token.expires_at.timestamp(),
         revoked=token.revoked_at is not None,
-        has_grant=has_grant,
+        has_grant=grant is not None,
+        policy=grant_policy(grant) if grant is not None else None,
     )
 
 

@@ -26,6 +26,7 @@ from audit.recorder import audit_enqueue
 from proxy.access import AccessCache, AccessDenied, Route, TokenGrant
 from proxy.metering import UsageMeter
 from proxy.paths import PathRefused, proxy_path_parse, upstream_url
+from proxy.policy import PolicyDenied, Ticket, policy_check_request, policy_gate
 from proxy.providers import ANTHROPIC_VERSION, AuthScheme, ProviderError, provider_for
 from proxy.upstream import upstream_session, upstream_timeout
 
@@ -133,35 +134,54 @@ class Exchange:
     body_complete: bool = False
     facts: dict[str, Any] | None = None
     meter: UsageMeter | None = None
+    policy_rule: str = ""  # the policy field that refused the call
+    ticket: Ticket | None = None  # where a metered grant's usage is counted
 
     def record(self, message: str = "") -> None:
         usage = self.meter.finish() if self.meter is not None else None
         facts = self.facts or {}
-        detail: dict[str, Any] = {
+        outcome, action = self.outcome, "proxy.request"
+        refused = outcome == "denied"
+        if refused and self.status >= 500 and not self.policy_rule:
+            # Raised by keybroker for an upstream it could not reach: the call was allowed.
+            outcome = "upstream_timeout" if self.status == 504 else "upstream_unreachable"
+            refused = False
+        if refused and (self.status in (403, 429) or self.policy_rule):
+            action = "policy.denied"  # no grant, a disabled backend, a limit: policy said no
+        fields: dict[str, Any] = {
             "method": self.method,
-            "path": self.path[:300],
+            "path": self.path,
             "status": self.status,
-            "outcome": self.outcome,
+            "outcome": outcome,
             "duration_ms": round((time.perf_counter() - self.started) * 1000, 2),
             "ttfb_ms": self.ttfb_ms,
             "request_id": self.request_id,
             "model": (usage.model if usage and usage.model else facts.get("model", "")),
-            "system": facts.get("system"),
-            "stream": facts.get("stream", False),
+            "system_prompt": facts.get("system"),
+            "streamed": facts.get("stream"),
+            "policy_result": "denied" if refused else ("allowed" if self.grant else ""),
+            "policy_reason": message if refused else "",
         }
         if usage is not None:
-            detail.update(usage.tokens)
-            detail["stop_reason"] = usage.stop_reason
+            fields["input_tokens"] = usage.tokens.get("input_tokens")
+            fields["output_tokens"] = usage.tokens.get("output_tokens")
+            fields["cache_read_tokens"] = usage.tokens.get("cache_read_input_tokens")
+            fields["cache_write_tokens"] = usage.tokens.get("cache_creation_input_tokens")
+            fields["stop_reason"] = usage.stop_reason
+            if usage.error_type:
+                fields["error_type"] = usage.error_type  # not a column: kept in detail
+        if self.policy_rule:
+            fields["policy_rule"] = self.policy_rule
         if self.grant is not None:
-            detail["token_id"] = self.grant.token_id
-            detail["token"] = self.grant.token_prefix
+            fields["token_id"] = self.grant.token_id
+            fields["token"] = self.grant.token_prefix
         audit_enqueue(
-            action="proxy.request",
+            action=action,
             agent=self.grant.agent_name if self.grant else "",
             backend=self.backend,
             message=message,
             address=self.address,
-            **detail,
+            **fields,
         )
 
 
@@ -190,12 +210,21 @@ class ProxyApp:
             await self._handle(scope, receive, send, exchange)
         except AccessDenied as denied:
             exchange.status, exchange.outcome = denied.status, "denied"
-            await respond_error(send, denied.status, denied.error_type, denied.message)
+            if isinstance(denied, PolicyDenied):
+                exchange.policy_rule = denied.rule
+            await respond_error(
+                send, denied.status, denied.error_type, denied.message, headers=denied.headers
+            )
             exchange.record(denied.message)
         except UpstreamBroke as broke:
             exchange.outcome = "upstream_broke"
             exchange.record(str(broke))
             raise
+        finally:
+            if exchange.ticket is not None and exchange.meter is not None:
+                # record() has finished the meter: its usage is the whole call's, streamed
+                # or not, and counts toward the window the call started in.
+                policy_gate().settle(exchange.ticket, exchange.meter.usage.tokens)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
         try:
@@ -225,6 +254,19 @@ class ProxyApp:
             return
         content_type = _header(headers, b"content-type")
         exchange.facts = request_facts(target.path, content_type, body)
+        if grant.policy is not None:
+            # Before anything goes upstream; rates and budgets cost Redis only when set.
+            policy_check_request(
+                grant.policy,
+                path=target.path,
+                headers=headers,
+                body=body,
+                agent=grant.agent_name,
+                backend=target.backend,
+            )
+            exchange.ticket = await policy_gate().admit(
+                grant.policy, agent=grant.agent_name, backend=target.backend
+            )
         upstream_headers = self._upstream_headers(headers, route, _upstream_secret(headers, route))
         if target.path.startswith(BATCH_PATH):
             # Batch answers are rewritten (results_url), so they must arrive uncompressed.

@@ -58,14 +58,14 @@ def test_the_sync_sdk_creates_streams_counts_and_lists(
 
     events = wait_for_events("proxy.request", 4)
     assert len(events) == 4
-    created, streamed = events[0].detail, events[1].detail
-    assert (created["model"], created["system"], created["stream"]) == (MODEL, True, False)
-    assert (created["input_tokens"], created["output_tokens"]) == (12, 6)
-    assert created["cache_read_input_tokens"] == 3
-    assert created["stop_reason"] == "end_turn"
-    assert (streamed["stream"], streamed["output_tokens"], streamed["system"]) == (True, 10, False)
+    created, streamed = events[0], events[1]
+    assert (created.model, created.system_prompt, created.streamed) == (MODEL, True, False)
+    assert (created.input_tokens, created.output_tokens) == (12, 6)
+    assert created.cache_read_tokens == 3
+    assert created.stop_reason == "end_turn"
+    assert (streamed.streamed, streamed.output_tokens, streamed.system_prompt) == (True, 10, False)
     assert events[0].agent == "bob"
-    assert all(e.detail["status"] == 200 for e in events)
+    assert all(e.status == 200 for e in events)
     assert all(proxied.token not in str(e.detail) for e in events)
 
 

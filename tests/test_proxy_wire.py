@@ -177,7 +177,7 @@ def test_a_gzipped_answer_stays_gzipped_and_is_still_metered(
     assert json.loads(gzip.decompress(raw))["usage"]["input_tokens"] == 12
     audit_drained()
     event = AuditEvent.objects.get(action="proxy.request")
-    assert (event.detail["input_tokens"], event.detail["output_tokens"]) == (12, 6)
+    assert (event.input_tokens, event.output_tokens) == (12, 6)
 
 
 def test_an_upstream_that_is_down_gives_502(proxied: Proxied) -> None:
@@ -217,7 +217,7 @@ def test_a_stream_cut_midway_breaks_the_clients_stream_and_is_audited(
     assert time.monotonic() - started < 10  # a break, not a hang
     audit_drained()
     event = AuditEvent.objects.get(action="proxy.request")
-    assert event.detail["outcome"] == "upstream_broke"
+    assert event.outcome == "upstream_broke"
     assert "cut the stream" in event.message
 
 

@@ -11,6 +11,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from broker.api.agents import EnrollInput, EnrollmentOutput
+from broker.api.policy import GrantPolicyInput
 from broker.api.serializers import StrictCharField, StrictInputSerializer
 from broker.errors import ServiceError
 from broker.models import Agent, AgentStatus, Token
@@ -18,12 +19,12 @@ from broker.services.agents import (
     agent_approve,
     agent_enroll,
     agent_get_by_id,
-    agent_grant,
     agent_reject,
     agent_unenroll,
     agents_pending,
 )
 from broker.services.backends import backend_get
+from broker.services.policy import grant_set
 from broker.services.tokens import token_get, token_revoke
 
 
@@ -79,7 +80,9 @@ class RejectInput(StrictInputSerializer):
     reason = StrictCharField(max_length=500, required=False, allow_blank=True)
 
 
-class GrantInput(StrictInputSerializer):
+class GrantInput(GrantPolicyInput):
+    """A backend, and optionally the grant's policy (see GrantPolicyInput)."""
+
     backend = StrictCharField(max_length=63)
 
 
@@ -143,8 +146,12 @@ class AgentGrantView(APIView):
         agent = agent_get_by_id(agent_id=agent_id)
         data = GrantInput(data=request.data)
         data.is_valid(raise_exception=True)
-        agent_grant(
-            agent=agent, backend=backend_get(name=data.validated_data["backend"]), by=request.user
+        policy = {k: v for k, v in data.validated_data.items() if k != "backend"}
+        grant_set(
+            agent=agent,
+            backend=backend_get(name=data.validated_data["backend"]),
+            policy=policy,
+            by=request.user,
         )
         return Response(AgentOutput(agent).data, status=status.HTTP_201_CREATED)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
@@ -13,18 +13,21 @@ from rest_framework.views import APIView
 
 from broker.api.auth import AgentAuthentication, IsAgent, client_address
 from broker.api.serializers import StrictCharField, StrictInputSerializer
-from broker.models import Agent, Token
+from broker.models import Agent, Grant, Token
 from broker.ratelimit import enrollment_rate, rate_limit_hit
 from broker.services.access import agent_require_approved
 from broker.services.agents import agent_enroll, agent_request_scopes, agent_scopes, agent_unenroll
 from broker.services.oidc import oidc_client_create, oidc_discovery
+from broker.services.policy import grant_policy, grants_of
 from broker.services.tokens import (
     proxy_base_url,
     token_get,
     token_issue,
     token_revoke,
     tokens_live,
+    ttl_bounds,
 )
+from proxy.policy import policy_left
 
 
 class EnrollInput(StrictInputSerializer):
@@ -74,10 +77,52 @@ class TtlBoundsOutput(serializers.Serializer[Any]):
     max = serializers.IntegerField()
 
 
+class LimitLeftOutput(serializers.Serializer[Any]):
+    limit = serializers.IntegerField()
+    used = serializers.IntegerField(allow_null=True, help_text="null when it cannot be read")
+    remaining = serializers.IntegerField(allow_null=True)
+    resets_in = serializers.IntegerField(
+        allow_null=True, help_text="seconds until some of it comes back"
+    )
+
+
+class GrantLimitsOutput(serializers.Serializer[Any]):
+    models = serializers.ListField(
+        child=serializers.CharField(), help_text="allowed model globs; [] = any"
+    )
+    paths = serializers.ListField(
+        child=serializers.CharField(), help_text="allowed upstream path globs; [] = any"
+    )
+    max_tokens = serializers.IntegerField(allow_null=True, help_text="cap on max_tokens")
+    rpm = LimitLeftOutput(allow_null=True, help_text="requests in any sliding window")
+    tpm = LimitLeftOutput(allow_null=True, help_text="tokens in the current window")
+    daily_tokens = LimitLeftOutput(allow_null=True, help_text="tokens today (UTC)")
+    window_seconds = serializers.IntegerField(help_text="the rpm and tpm window")
+
+
 class GrantOutput(serializers.Serializer[Any]):
     backend = serializers.CharField()
     base_url = serializers.CharField()
-    ttl = TtlBoundsOutput()
+    ttl = TtlBoundsOutput(help_text="seconds; the grant's max_ttl lowers the backend's")
+    limits = GrantLimitsOutput()
+
+
+def grant_status(grant: Grant) -> dict[str, Any]:
+    """A grant as its agent sees it: where to call, its TTLs, its limits and what is left."""
+    backend = grant.backend
+    policy = grant_policy(grant)
+    low, default, high = ttl_bounds(backend=backend, max_ttl=policy.max_ttl)
+    return {
+        "backend": backend.name,
+        "base_url": proxy_base_url(backend.name),
+        "ttl": {"min": low, "default": default, "max": high},
+        "limits": {
+            "models": list(policy.models),
+            "paths": list(policy.paths),
+            "max_tokens": policy.max_tokens,
+            **policy_left(policy),
+        },
+    }
 
 
 class StatusOutput(EnrollmentOutput):
@@ -86,19 +131,9 @@ class StatusOutput(EnrollmentOutput):
     class Meta(EnrollmentOutput.Meta):
         fields = [*EnrollmentOutput.Meta.fields, "grants"]
 
+    @extend_schema_field(GrantOutput(many=True))
     def get_grants(self, agent: Agent) -> list[dict[str, Any]]:
-        return [
-            {
-                "backend": grant.backend.name,
-                "base_url": proxy_base_url(grant.backend.name),
-                "ttl": {
-                    "min": grant.backend.token_ttl_min,
-                    "default": grant.backend.token_ttl_default,
-                    "max": grant.backend.token_ttl_max,
-                },
-            }
-            for grant in agent.grants.select_related("backend").order_by("backend__name")
-        ]
+        return [grant_status(grant) for grant in grants_of(agent)]
 
 
 class IssuedTokenOutput(serializers.Serializer[Any]):

@@ -68,15 +68,27 @@ def ttl_parse(value: object) -> int:
     return seconds
 
 
-def ttl_for(*, backend: Backend, requested: object | None) -> int:
+def ttl_bounds(*, backend: Backend, max_ttl: int | None = None) -> tuple[int, int, int]:
+    """Shortest, default and longest TTL; a grant's ``max_ttl`` only ever lowers them."""
+    low, default, high = backend.token_ttl_min, backend.token_ttl_default, backend.token_ttl_max
+    if max_ttl is not None and max_ttl < high:
+        high = max_ttl
+        low, default = min(low, high), min(default, high)
+    return low, default, high
+
+
+def ttl_for(*, backend: Backend, requested: object | None, max_ttl: int | None = None) -> int:
+    low, default, high = ttl_bounds(backend=backend, max_ttl=max_ttl)
     if requested is None or requested == "":
-        return backend.token_ttl_default
+        return default
     seconds = ttl_parse(requested)
-    low, high = backend.token_ttl_min, backend.token_ttl_max
     if not low <= seconds <= high:
+        whose = f"backend {backend.name}"
+        if high < backend.token_ttl_max:
+            whose = f"this grant on {whose}"
         raise ServiceError(
-            f"ttl: {format_duration(seconds)} is outside the bounds of backend "
-            f"{backend.name}: {format_duration(low)} to {format_duration(high)}"
+            f"ttl: {format_duration(seconds)} is outside the bounds of {whose}: "
+            f"{format_duration(low)} to {format_duration(high)}"
         )
     return seconds
 
@@ -90,14 +102,15 @@ def token_issue(
     backend = Backend.objects.filter(name=backend_name).first()
     if backend is None:
         raise NotFound(f"no backend named {backend_name!r}")
-    if not agent.grants.filter(backend=backend).exists():
+    grant = agent.grants.filter(backend=backend).first()
+    if grant is None:
         raise NotPermitted(
             f"agent {agent.name} has no grant for backend {backend.name}; "
             "ask for it with POST /v1/request"
         )
     if not backend.enabled:
         raise NotPermitted(f"backend {backend.name} is disabled")
-    seconds = ttl_for(backend=backend, requested=ttl)
+    seconds = ttl_for(backend=backend, requested=ttl, max_ttl=grant.max_ttl)
     issued = secret_issue(CRD_PREFIX)
     token = Token.objects.create(
         agent=agent,

@@ -1,4 +1,4 @@
-"""`manage.py agent ls|pending|approve|reject|unenroll|create|grant|grants`."""
+"""`manage.py agent ls|pending|approve|reject|unenroll|create|grant|grants|defaults`."""
 
 from __future__ import annotations
 
@@ -7,18 +7,39 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 
 from broker.management.commands._output import as_json, service_errors, table
-from broker.models import Agent, AgentStatus
+from broker.models import Agent, AgentStatus, Grant
 from broker.services.agents import (
     agent_approve,
     agent_enroll,
     agent_get,
-    agent_grant,
     agent_reject,
     agent_scopes,
     agent_unenroll,
     agents_pending,
 )
 from broker.services.backends import backend_get
+from broker.services.policy import (
+    BACKEND_COLUMNS,
+    POLICY_FIELDS,
+    backend_defaults,
+    backend_policy_update,
+    grant_describe,
+    grant_set,
+    grants_of,
+    policy_parse_texts,
+)
+from broker.services.tokens import format_duration
+
+# The policy flags of `agent grant` and `agent defaults`: blank or "default" unsets one.
+POLICY_FLAGS = {
+    "models": ("GLOB,…", "allowed models, e.g. claude-haiku-*,claude-sonnet-4-*"),
+    "paths": ("GLOB,…", "allowed upstream paths, e.g. /v1/messages*"),
+    "rpm": ("N", "requests per minute"),
+    "tpm": ("N", "input + output tokens per minute"),
+    "daily_tokens": ("N", "tokens per UTC day"),
+    "max_tokens": ("N", "cap on a request's max_tokens"),
+    "max_ttl": ("TTL", "longest token minted for it (90s, 30m, 1h); at most the backend's"),
+}
 
 
 def _when(value: Any) -> str:
@@ -27,6 +48,27 @@ def _when(value: Any) -> str:
 
 def _scopes(option: str | None) -> list[str] | None:
     return None if option is None else [s.strip() for s in option.split(",") if s.strip()]
+
+
+def _policy_flags(parser: CommandParser, *, with_ttl: bool = True) -> None:
+    for name, (metavar, text) in POLICY_FLAGS.items():
+        if name == "max_ttl" and not with_ttl:
+            continue
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, metavar=metavar, help=f"{text}; 'default' unsets")
+
+
+def _shown(name: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(value) or "-"
+    return format_duration(value) if name == "max_ttl" else str(value)
+
+
+def _policy_line(values: dict[str, Any]) -> str:
+    set_ = [f"{name} {_shown(name, value)}" for name, value in values.items() if value]
+    return "; ".join(set_) or "no limits"
 
 
 class Command(BaseCommand):
@@ -52,11 +94,20 @@ class Command(BaseCommand):
         create.add_argument("name")
         create.add_argument("--can", action="append", default=[], metavar="BACKEND")
         create.add_argument("--description", default="")
-        grant = sub.add_parser("grant", help="let an agent mint tokens for a backend")
+        grant = sub.add_parser(
+            "grant", help="let an agent mint tokens for a backend, or change that grant's policy"
+        )
         grant.add_argument("name")
         grant.add_argument("backend")
-        grants = sub.add_parser("grants", help="list an agent's grants")
+        _policy_flags(grant)
+        grants = sub.add_parser("grants", help="list an agent's grants and their policy")
         grants.add_argument("name")
+        grants.add_argument("--json", action="store_true")
+        defaults = sub.add_parser(
+            "defaults", help="policy defaults for every grant on a backend (a grant's own wins)"
+        )
+        defaults.add_argument("backend")
+        _policy_flags(defaults, with_ttl=False)
 
     def handle(self, *args: Any, **options: Any) -> None:
         with service_errors():
@@ -120,14 +171,42 @@ class Command(BaseCommand):
 
     def do_grant(self, **options: Any) -> None:
         agent = agent_get(name=options["name"])
-        agent_grant(agent=agent, backend=backend_get(name=options["backend"]))
-        self.stdout.write(f"{agent.name} may now mint tokens for {options['backend']}")
+        changes = policy_parse_texts({name: options[name] for name in POLICY_FIELDS})
+        grant = grant_set(agent=agent, backend=backend_get(name=options["backend"]), policy=changes)
+        effective = grant_describe(grant)["effective"]
+        self.stdout.write(
+            f"{agent.name} may now mint tokens for {grant.backend.name}; "
+            f"policy: {_policy_line(effective)}"
+        )
 
     def do_grants(self, **options: Any) -> None:
         agent = agent_get(name=options["name"])
-        rows = [
-            (g.backend.name, _when(g.created_at),
-             g.created_by.get_username() if g.created_by else "")
-            for g in agent.grants.select_related("backend", "created_by")
-        ]  # fmt: skip
-        self.stdout.write(table(rows, ["BACKEND", "GRANTED", "BY"]) if rows else "no grants")
+        grants = grants_of(agent)
+        if options["json"]:
+            self.stdout.write(as_json([grant_describe(grant) for grant in grants]))
+            return
+        self.stdout.write(self._grant_rows(grants) if grants else "no grants")
+
+    def _grant_rows(self, grants: list[Grant]) -> str:
+        rows = []
+        for grant in grants:
+            described = grant_describe(grant)
+            cells = []
+            for name in POLICY_FIELDS:
+                cell = _shown(name, described["effective"][name])
+                # A value the grant takes from its backend says so.
+                if described["sources"][name] == "backend" and described["policy"][name] is None:
+                    cell += " (backend)"
+                cells.append(cell)
+            rows.append((grant.backend.name, *cells, _when(grant.created_at)))
+        headers = ["BACKEND", "MODELS", "PATHS", "RPM", "TPM", "DAILY TOKENS", "MAX TOKENS",
+                   "MAX TTL", "GRANTED"]  # fmt: skip
+        return table(rows, headers)
+
+    def do_defaults(self, **options: Any) -> None:
+        backend = backend_get(name=options["backend"])
+        changes = policy_parse_texts({name: options[name] for name in BACKEND_COLUMNS})
+        backend = backend_policy_update(backend=backend, policy=changes)
+        self.stdout.write(
+            f"defaults for grants on {backend.name}: {_policy_line(backend_defaults(backend))}"
+        )

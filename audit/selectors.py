@@ -1,0 +1,147 @@
+"""Reading the audit trail: one set of filters for the API, the CLI, the page and the feed."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.db.models import Q, QuerySet
+from django.utils import timezone
+from django.utils.dateparse import parse_date, parse_datetime
+
+from audit.models import AuditEvent
+from broker.errors import ServiceError
+
+_RELATIVE = re.compile(r"^(\d{1,6})([smhd])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_STATUS_CLASS = re.compile(r"^([1-5])xx$")
+_STATUS = re.compile(r"^(?:[1-5]\d\d|[1-5]xx)$")
+FILTER_TEXT_LIMIT = 200
+
+
+def audit_time_parse(text: str, *, name: str, now: datetime | None = None) -> datetime:
+    """``2026-11-23``, ``2026-11-23T10:00:00Z`` or a duration back from now: ``90s``, ``30m``,
+    ``2h``, ``7d``. Times without a zone are UTC."""
+    text = text.strip()
+    relative = _RELATIVE.match(text)
+    if relative:
+        seconds = int(relative[1]) * _UNIT_SECONDS[relative[2]]
+        return (now or timezone.now()) - timedelta(seconds=seconds)
+    try:
+        moment = parse_datetime(text)
+        day = None if moment else parse_date(text)
+    except ValueError:
+        moment = day = None
+    if day is not None:
+        moment = datetime(day.year, day.month, day.day)
+    if moment is None:
+        raise ServiceError(
+            f"{name}: a date, an ISO 8601 time or a duration such as 30m, 2h, 7d; not {text!r}"
+        )
+    if timezone.is_naive(moment):
+        moment = moment.replace(tzinfo=UTC)
+    return moment
+
+
+def _patterns(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def action_matches(action: str, patterns: list[str]) -> bool:
+    """``token.revoked`` matches itself; ``token.*`` matches every ``token.`` action."""
+    return any(action.startswith(p[:-1]) if p.endswith(".*") else action == p for p in patterns)
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Every filter is optional; given ones must all hold. Text filters are exact."""
+
+    agent: str = ""
+    backend: str = ""
+    action: str = ""  # comma-separated; ``token.*`` for a family
+    status: str = ""  # 429, or a class: 4xx
+    outcome: str = ""
+    token: str = ""  # a token id or display prefix
+    model: str = ""
+    since: datetime | None = None
+    until: datetime | None = None
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any], *, now: datetime | None = None) -> AuditFilter:
+        """From query parameters or CLI options; a bad value is a ServiceError naming it."""
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            raw = params.get(field.name)
+            if raw in (None, ""):
+                continue
+            if not isinstance(raw, str):
+                raise ServiceError(f"{field.name}: a string")
+            if len(raw) > FILTER_TEXT_LIMIT:
+                raise ServiceError(f"{field.name}: at most {FILTER_TEXT_LIMIT} characters")
+            if field.name in {"since", "until"}:
+                values[field.name] = audit_time_parse(raw, name=field.name, now=now)
+            else:
+                values[field.name] = raw.strip()
+        status = values.get("status", "")
+        if status and not _STATUS.match(status):
+            raise ServiceError(f"status: a code such as 429 or a class such as 4xx; not {status!r}")
+        return cls(**values)
+
+    def as_params(self) -> dict[str, str]:
+        params = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value:
+                params[field.name] = value.isoformat() if isinstance(value, datetime) else value
+        return params
+
+
+def audit_events(audit_filter: AuditFilter | None = None) -> QuerySet[AuditEvent]:
+    """Newest first, narrowed by the filter."""
+    f = audit_filter or AuditFilter()
+    events = AuditEvent.objects.all()
+    for name in ("agent", "backend", "outcome", "model"):
+        value = getattr(f, name)
+        if value:
+            events = events.filter(**{name: value})
+    if f.action:
+        wanted = Q()
+        for pattern in _patterns(f.action):
+            if pattern.endswith(".*"):
+                wanted |= Q(action__startswith=pattern[:-1])
+            else:
+                wanted |= Q(action=pattern)
+        events = events.filter(wanted)
+    if f.status:
+        status_class = _STATUS_CLASS.match(f.status)
+        if status_class:
+            low = int(status_class[1]) * 100
+            events = events.filter(status__gte=low, status__lt=low + 100)
+        else:
+            events = events.filter(status=int(f.status))
+    if f.token:
+        events = events.filter(Q(token_id=f.token) | Q(token_prefix=f.token))
+    if f.since:
+        events = events.filter(created_at__gte=f.since)
+    if f.until:
+        events = events.filter(created_at__lt=f.until)
+    return events
+
+
+@dataclass(frozen=True)
+class FeedFilter:
+    """What a live-feed viewer asked to see: the same meaning as AuditFilter, in memory."""
+
+    agent: str = ""
+    backend: str = ""
+    action: str = ""
+
+    def matches(self, event: Mapping[str, Any]) -> bool:
+        if self.agent and event.get("agent") != self.agent:
+            return False
+        if self.backend and event.get("backend") != self.backend:
+            return False
+        return not self.action or action_matches(str(event.get("action")), _patterns(self.action))

@@ -1,0 +1,30 @@
+"""The live activity page: ``/activity/`` (staff only)."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.contrib.admin.views.decorators import staff_member_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+
+from audit.events import KNOWN_ACTIONS, event_json
+from audit.selectors import audit_events
+
+# Shown on load, so the page is never empty; the feed adds to it from then on.
+INITIAL_EVENTS = 50
+# The page keeps at most this many rows; older ones fall off the bottom.
+MAX_ROWS = 500
+
+
+@staff_member_required
+def activity(request: HttpRequest) -> HttpResponse:
+    events = [event_json(event) for event in audit_events()[:INITIAL_EVENTS]]
+    context = {
+        **admin.site.each_context(request),
+        "title": "Live activity",
+        "is_nav_sidebar_enabled": False,  # the feed needs the width
+        "kb_events": events,
+        "kb_actions": KNOWN_ACTIONS,
+        "kb_settings": {"initial": INITIAL_EVENTS, "max_rows": MAX_ROWS},
+    }
+    return render(request, "activity.html", context)

@@ -1,0 +1,384 @@
+"""Policy on grants: which models and paths an agent may call, and how much.
+
+Every field of a Grant's policy may be left unset (null): it then takes the backend's
+default (``Backend.default_*``), and a default left unset means no restriction. The max
+TTL of a grant can only lower the backend's own ``token_ttl_max``, which is its default.
+
+This module validates policy input (the same rules and messages for the CLI, the admin and
+the REST API), saves it and announces the change so every proxy process drops its cached
+copy (``access_changed``). The effective policy travels with the proxy's cached token state;
+enforcement and the Redis counters are in proxy/policy.py.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import transaction
+
+from audit.services import audit_record
+from broker.errors import NotFound, ServiceError
+from broker.models import Agent, Backend, Grant
+from broker.services.access import access_changed
+from broker.services.agents import agent_grant
+from broker.services.tokens import format_duration, ttl_parse
+
+User = AbstractBaseUser | AnonymousUser | None
+
+# The names used by the CLI flags (dashes for underscores), the REST API and /v1/status.
+POLICY_FIELDS = ("models", "paths", "rpm", "tpm", "daily_tokens", "max_tokens", "max_ttl")
+GRANT_COLUMNS = {
+    "models": "allowed_models",
+    "paths": "allowed_paths",
+    "rpm": "rpm",
+    "tpm": "tpm",
+    "daily_tokens": "daily_tokens",
+    "max_tokens": "max_tokens",
+    "max_ttl": "max_ttl",
+}
+# A backend has no max_ttl default: its token_ttl_max is that bound already.
+BACKEND_COLUMNS = {
+    name: f"default_{column.removeprefix('allowed_')}"
+    for name, column in GRANT_COLUMNS.items()
+    if name != "max_ttl"
+}
+LIST_FIELDS = ("models", "paths")
+# Upper bounds keep values inside their columns and Redis' integers, and catch typos.
+INT_BOUNDS = {
+    "rpm": 1_000_000,
+    "tpm": 10**12,
+    "daily_tokens": 10**15,
+    "max_tokens": 10_000_000,
+}
+MAX_PATTERNS = 50
+MAX_PATTERN_LENGTH = 200
+# What a model id or an upstream path can hold, plus the glob characters * ? [ ] !.
+_GLOB_CHARS = re.compile(r"^[A-Za-z0-9._:@/*?\[\]!~+=-]+$")
+# Said in the CLI and the admin form: back to the backend's default.
+INHERIT_WORDS = {"", "default"}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A grant's effective policy: its own values over the backend's defaults.
+
+    Empty pattern tuples and None limits mean no restriction. Plain data, so it can sit
+    in the proxy's cache and cross threads.
+    """
+
+    grant_id: int
+    models: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    rpm: int | None = None
+    tpm: int | None = None
+    daily_tokens: int | None = None
+    max_tokens: int | None = None
+    max_ttl: int | None = None
+
+    @property
+    def counted(self) -> bool:
+        """Whether a call needs Redis: only grants with a rate or a budget pay for it."""
+        return self.rpm is not None or self.tpm is not None or self.daily_tokens is not None
+
+    @property
+    def metered(self) -> bool:
+        """Whether a call's usage must be added up after it ends."""
+        return self.tpm is not None or self.daily_tokens is not None
+
+    @property
+    def reads_body(self) -> bool:
+        """Whether the request body must be read for a model or max_tokens rule."""
+        return bool(self.models) or self.max_tokens is not None
+
+    def limits(self) -> dict[str, Any]:
+        """The policy as JSON-ready data, in the order of POLICY_FIELDS."""
+        data = asdict(self)
+        return {
+            name: list(data[name]) if name in LIST_FIELDS else data[name] for name in POLICY_FIELDS
+        }
+
+
+def grant_policy(grant: Grant) -> Policy:
+    """The effective policy of a grant; reads ``grant.backend`` (select it along)."""
+    backend = grant.backend
+    own = grant_values(grant)
+    defaults = backend_defaults(backend)
+
+    def pick(name: str) -> Any:
+        return own[name] if own[name] is not None else defaults.get(name)
+
+    bound = backend.token_ttl_max
+    max_ttl = own["max_ttl"]
+    return Policy(
+        grant_id=grant.pk,
+        models=tuple(pick("models") or ()),
+        paths=tuple(pick("paths") or ()),
+        rpm=pick("rpm"),
+        tpm=pick("tpm"),
+        daily_tokens=pick("daily_tokens"),
+        max_tokens=pick("max_tokens"),
+        # A backend bound lowered after the grant was set still wins.
+        max_ttl=min(max_ttl, bound) if max_ttl is not None else None,
+    )
+
+
+def grant_values(grant: Grant) -> dict[str, Any]:
+    """The grant's own policy fields, None where it takes the backend's default."""
+    return {name: getattr(grant, column) for name, column in GRANT_COLUMNS.items()}
+
+
+def backend_defaults(backend: Backend) -> dict[str, Any]:
+    """The backend's policy defaults, None where there is none."""
+    return {name: getattr(backend, column) for name, column in BACKEND_COLUMNS.items()}
+
+
+# --- validation --------------------------------------------------------------------------
+def glob_check(field: str, pattern: object) -> str:
+    """One glob pattern, or ServiceError naming what is wrong with it."""
+    if not isinstance(pattern, str):
+        raise ServiceError(f"{field}: each pattern must be a string")
+    text = pattern.strip()
+    if not text:
+        raise ServiceError(f"{field}: a pattern must not be empty")
+    if len(text) > MAX_PATTERN_LENGTH:
+        raise ServiceError(f"{field}: a pattern is at most {MAX_PATTERN_LENGTH} characters")
+    if not _GLOB_CHARS.match(text):
+        raise ServiceError(
+            f"{field}: {text[:40]!r} holds characters no model or path has "
+            "(use letters, digits, . _ - : @ / and the globs * ? [...])"
+        )
+    _brackets_check(field, text)
+    if field == "paths" and not text.startswith("/"):
+        raise ServiceError(f"{field}: {text!r} must start with / (a path on the upstream)")
+    return text
+
+
+def _brackets_check(field: str, text: str) -> None:
+    # fnmatch would quietly read an unclosed [ as a literal, which is never what was meant.
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char == "]":
+            raise ServiceError(f"{field}: {text!r} has a ] without its [")
+        if char == "[":
+            start = index + 1
+            if text[start : start + 1] == "!":
+                start += 1
+            end = text.find("]", start)
+            if end == -1:
+                raise ServiceError(f"{field}: {text!r} has a [ that is never closed")
+            if end == start:
+                raise ServiceError(f"{field}: {text!r} has an empty [] class")
+            index = end
+        index += 1
+
+
+def _clean_patterns(field: str, value: object) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise ServiceError(f"{field}: give a list of glob patterns")
+    if len(value) > MAX_PATTERNS:
+        raise ServiceError(f"{field}: at most {MAX_PATTERNS} patterns")
+    patterns = list(dict.fromkeys(glob_check(field, item) for item in value))
+    # An empty list would read as "nothing allowed"; it means "no list of its own".
+    return patterns or None
+
+
+def _clean_int(field: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ServiceError(f"{field}: must be a whole number")
+    if value < 1:
+        raise ServiceError(
+            f"{field}: must be at least 1, not {value} (leave it unset for no limit)"
+        )
+    if value > INT_BOUNDS[field]:
+        raise ServiceError(f"{field}: must be at most {INT_BOUNDS[field]:,}")
+    return value
+
+
+def _clean_max_ttl(backend: Backend, value: object) -> int | None:
+    if value is None:
+        return None
+    try:
+        seconds = ttl_parse(value)
+    except ServiceError as exc:
+        raise ServiceError(exc.message.replace("ttl:", "max_ttl:", 1)) from None
+    low, high = backend.token_ttl_min, backend.token_ttl_max
+    if seconds > high:
+        raise ServiceError(
+            f"max_ttl: {format_duration(seconds)} is above backend {backend.name}'s bound "
+            f"of {format_duration(high)}"
+        )
+    if seconds < low:
+        raise ServiceError(
+            f"max_ttl: {format_duration(seconds)} is below backend {backend.name}'s shortest "
+            f"token of {format_duration(low)}"
+        )
+    return seconds
+
+
+def policy_clean(
+    *, backend: Backend, changes: Mapping[str, object], for_backend: bool = False
+) -> dict[str, Any]:
+    """Validate policy input; every problem is reported at once, and nothing is changed.
+
+    ``changes`` maps POLICY_FIELDS names to values (None = take the default). Returns the
+    same names with clean values.
+    """
+    allowed = BACKEND_COLUMNS if for_backend else GRANT_COLUMNS
+    unknown = [name for name in changes if name not in allowed]
+    if unknown:
+        hint = " (a backend's bound is its token TTL max)" if "max_ttl" in unknown else ""
+        raise ServiceError(f"unknown policy field: {', '.join(unknown)}{hint}")
+    clean: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, value in changes.items():
+        try:
+            if name in LIST_FIELDS:
+                clean[name] = _clean_patterns(name, value)
+            elif name == "max_ttl":
+                clean[name] = _clean_max_ttl(backend, value)
+            else:
+                clean[name] = _clean_int(name, value)
+        except ServiceError as exc:
+            problems.append(exc.message)
+    if problems:
+        raise ServiceError("; ".join(problems))
+    return clean
+
+
+def policy_parse_text(name: str, text: str) -> object:
+    """A value as typed in the CLI or the admin form: ``default`` or blank = inherit."""
+    if name not in GRANT_COLUMNS:
+        raise ServiceError(f"unknown policy field: {name}")
+    value = text.strip()
+    if value.lower() in INHERIT_WORDS:
+        return None
+    if name in LIST_FIELDS:
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if name == "max_ttl":
+        return value  # ttl_parse takes seconds or 90s, 30m, 1h
+    if not re.fullmatch(r"-?\d{1,20}", value):
+        raise ServiceError(f"{name}: {value[:20]!r} is not a whole number")
+    return int(value)
+
+
+def policy_parse_texts(texts: Mapping[str, str | None]) -> dict[str, object]:
+    """Several fields at once; fields given as None are left out (unchanged)."""
+    parsed: dict[str, object] = {}
+    problems: list[str] = []
+    for name, text in texts.items():
+        if text is None:
+            continue
+        try:
+            parsed[name] = policy_parse_text(name, text)
+        except ServiceError as exc:
+            problems.append(exc.message)
+    if problems:
+        raise ServiceError("; ".join(problems))
+    return parsed
+
+
+# --- changes -----------------------------------------------------------------------------
+def _apply(
+    target: Grant | Backend, columns: Mapping[str, str], clean: Mapping[str, Any]
+) -> dict[str, Any]:
+    changed: dict[str, Any] = {}
+    for name, value in clean.items():
+        column = columns[name]
+        if getattr(target, column) != value:
+            setattr(target, column, value)
+            changed[name] = value
+    if changed:
+        target.save(update_fields=[columns[name] for name in changed])
+    return changed
+
+
+@transaction.atomic
+def grant_update(*, grant: Grant, policy: Mapping[str, object], by: User = None) -> Grant:
+    """Change a grant's policy: fields given are set (None = the backend's default), fields
+    left out stay as they are. Bad input changes nothing."""
+    clean = policy_clean(backend=grant.backend, changes=policy)
+    changed = _apply(grant, GRANT_COLUMNS, clean)
+    if changed:
+        access_changed()
+        audit_record(
+            action="grant.updated",
+            by=by,
+            agent=grant.agent,
+            backend=grant.backend.name,
+            policy=changed,
+        )
+    return grant
+
+
+@transaction.atomic
+def grant_set(
+    *, agent: Agent, backend: Backend, policy: Mapping[str, object], by: User = None
+) -> Grant:
+    """Grant a backend (idempotent) with a policy; a bad policy grants nothing."""
+    # Validated before the grant exists, so a refused policy leaves no grant behind.
+    policy_clean(backend=backend, changes=policy)
+    grant = agent_grant(agent=agent, backend=backend, by=by)
+    return grant_update(grant=grant, policy=policy, by=by)
+
+
+@transaction.atomic
+def backend_policy_update(
+    *, backend: Backend, policy: Mapping[str, object], by: User = None
+) -> Backend:
+    """Change a backend's policy defaults; every grant that leaves a field unset follows."""
+    clean = policy_clean(backend=backend, changes=policy, for_backend=True)
+    changed = _apply(backend, BACKEND_COLUMNS, clean)
+    if changed:
+        access_changed()
+        audit_record(action="backend.policy_updated", by=by, backend=backend.name, policy=changed)
+    return backend
+
+
+def grant_get(*, agent: Agent, backend_name: str) -> Grant:
+    grant = (
+        agent.grants.select_related("backend", "agent").filter(backend__name=backend_name).first()
+    )
+    if grant is None:
+        raise NotFound(f"agent {agent.name} has no grant for backend {backend_name!r}")
+    return grant
+
+
+def grants_of(agent: Agent) -> list[Grant]:
+    return list(agent.grants.select_related("backend", "agent").order_by("backend__name"))
+
+
+def grant_policy_sources(grant: Grant) -> dict[str, str | None]:
+    """Where each effective value comes from: ``grant``, ``backend`` or None (unlimited)."""
+    own, defaults = grant_values(grant), backend_defaults(grant.backend)
+    sources: dict[str, str | None] = {}
+    for name in POLICY_FIELDS:
+        if own[name] is not None:
+            sources[name] = "grant"
+        elif name == "max_ttl":
+            sources[name] = "backend"  # the backend's token_ttl_max
+        else:
+            sources[name] = "backend" if defaults.get(name) is not None else None
+    return sources
+
+
+def grant_describe(grant: Grant) -> dict[str, Any]:
+    """A grant's policy as the admin API and the CLI show it: own, defaults, effective."""
+    effective = grant_policy(grant).limits()
+    effective["max_ttl"] = effective["max_ttl"] or grant.backend.token_ttl_max
+    return {
+        "agent": grant.agent.name,
+        "backend": grant.backend.name,
+        "policy": grant_values(grant),
+        "defaults": {**backend_defaults(grant.backend), "max_ttl": grant.backend.token_ttl_max},
+        "effective": effective,
+        "sources": grant_policy_sources(grant),
+    }
