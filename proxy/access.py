@@ -48,6 +48,8 @@ class AccessDenied(Exception):
         self.status = status
         self.error_type = error_type
         self.message = message
+        # Set once the token is known, so a refusal's audit event names the agent.
+        self.grant: TokenGrant | None = None
         self.headers = tuple(headers)  # sent with the error: retry-after on a 429
 
 
@@ -211,6 +213,15 @@ class AccessCache:
         grant = await self.token(plaintext, trusted=trusted)
         if grant is None:
             raise AccessDenied(401, "authentication_error", "invalid token")
+        try:
+            route = await self._check(grant, backend, trusted=trusted)
+        except AccessDenied as denied:
+            denied.grant = grant
+            raise
+        self.touch(grant.token_id)
+        return grant, route
+
+    async def _check(self, grant: TokenGrant, backend: str, *, trusted: bool) -> Route:
         if grant.expires_at <= time.time():
             raise AccessDenied(401, "authentication_error", "token expired")
         if grant.revoked:
@@ -234,5 +245,4 @@ class AccessCache:
             raise AccessDenied(404, "not_found_error", f"no backend named {backend}")
         if not route.enabled:
             raise AccessDenied(403, "permission_error", f"backend {backend} is disabled")
-        self.touch(grant.token_id)
-        return grant, route
+        return route

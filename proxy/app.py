@@ -210,6 +210,7 @@ class ProxyApp:
             await self._handle(scope, receive, send, exchange)
         except AccessDenied as denied:
             exchange.status, exchange.outcome = denied.status, "denied"
+            exchange.grant = exchange.grant or denied.grant
             if isinstance(denied, PolicyDenied):
                 exchange.policy_rule = denied.rule
             await respond_error(

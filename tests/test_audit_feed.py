@@ -12,9 +12,7 @@ import json
 import subprocess
 import sys
 import time
-import types
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +20,7 @@ import pytest
 import websockets
 from asgiref.sync import sync_to_async
 from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
+from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
@@ -37,20 +36,6 @@ from tests.conftest import REPO, clean_env
 from tests.fake_anthropic import FakeAnthropic
 from tests.keys import api_key
 from tests.proxy_cast import Proxied
-
-try:
-    from channels.testing import WebsocketCommunicator
-except ModuleNotFoundError as missing:
-    # channels.testing's __init__ also imports its live-server base class, which needs Daphne;
-    # keybroker serves with uvicorn. Load the communicator without that import.
-    if missing.name != "daphne":
-        raise
-    import channels
-
-    testing = types.ModuleType("channels.testing")
-    testing.__path__ = [str(Path(channels.__file__).parent / "testing")]
-    sys.modules["channels.testing"] = testing
-    from channels.testing.websocket import WebsocketCommunicator
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

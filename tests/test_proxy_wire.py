@@ -292,6 +292,13 @@ def test_a_token_for_one_backend_does_not_open_another(
     assert response.status_code == 403
     assert response.json()["error"]["type"] == "permission_error"
     assert fake_anthropic.requests == []
+    audit_drained()
+    refused = AuditEvent.objects.get(backend="staging", action="policy.denied")
+    assert (refused.action, refused.agent, refused.token_id) == (
+        "policy.denied",
+        "bob",
+        proxied.token_id,
+    )
 
 
 def test_an_over_limit_body_gets_413(
