@@ -84,3 +84,15 @@ def backend_states() -> dict[str, dict[str, str]]:
         return {name: {"state": state, "detail": message} for name, state, message in rows}
     except Exception:
         return {}
+
+
+def audit_state() -> dict[str, int | bool]:
+    """This process's queued audit events and whether a spill file waits to be replayed:
+    informational, for alerting; it never fails /ready."""
+    from audit.recorder import SPILL_FILE, audit_backlog
+
+    spill = settings.DATA_DIR / SPILL_FILE
+    return {
+        "queued": audit_backlog(),
+        "spill_waiting": spill.exists() and spill.stat().st_size > 0,
+    }

@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -95,3 +96,16 @@ def test_ready_shows_an_invalid_backend_without_failing(client: Client) -> None:
         "anthropic": {"state": "invalid", "detail": "upstream answered 401"}
     }
     assert client.get("/health").json()["counts"]["backends"] == 1
+
+
+def test_ready_shows_a_waiting_audit_spill_without_failing(client: Client, settings: Any) -> None:
+    worker_heartbeat_record()
+    assert client.get("/ready").json()["audit"] == {"queued": 0, "spill_waiting": False}
+    spill = settings.DATA_DIR / "audit-spill.jsonl"
+    spill.write_text('{"action": "proxy.request"}\n')
+    try:
+        response = client.get("/ready")
+    finally:
+        spill.unlink()
+    assert response.status_code == 200
+    assert response.json()["audit"]["spill_waiting"] is True

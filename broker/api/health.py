@@ -8,7 +8,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from broker.health import backend_states, health_counts, readiness
+from broker.health import audit_state, backend_states, health_counts, readiness
 
 
 class HealthSerializer(serializers.Serializer[None]):
@@ -27,12 +27,20 @@ class BackendStateSerializer(serializers.Serializer[None]):
     detail = serializers.CharField()
 
 
+class AuditStateSerializer(serializers.Serializer[None]):
+    queued = serializers.IntegerField(help_text="audit events this process has not written yet")
+    spill_waiting = serializers.BooleanField(
+        help_text="events were spilled to a file and wait to be replayed into the database"
+    )
+
+
 class ReadySerializer(serializers.Serializer[None]):
     ready = serializers.BooleanField()
     checks = serializers.DictField(child=CheckSerializer())
     backends = serializers.DictField(
         child=BackendStateSerializer(), help_text="informational; never affects `ready`"
     )
+    audit = AuditStateSerializer(help_text="informational; never affects `ready`")
 
 
 class HealthView(APIView):
@@ -64,5 +72,6 @@ class ReadyView(APIView):
             "ready": ready,
             "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in checks.items()},
             "backends": backend_states(),
+            "audit": audit_state(),
         }
         return Response(body, status=200 if ready else 503)
