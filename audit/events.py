@@ -23,6 +23,8 @@ KNOWN_ACTIONS = (
     "backend.updated", "backend.rotated", "backend.removed", "backend.validated",
     "backend.invalid", "backend.unreachable", "admintoken.created", "admintoken.revoked",
     "oidc.client_created", "oidc.token_issued", "oidc.key_rotated", "encryption_key.rotated",
+    "oidc.identity_token_issued", "identity.granted", "identity.updated", "identity.revoked",
+    "backend.token_exchanged", "backend.token_exchange_failed",
 )  # fmt: skip
 
 # Keyword → column, for the fields that have one. Callers keep the names they already

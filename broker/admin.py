@@ -13,17 +13,36 @@ from django.utils.safestring import SafeString
 from broker.errors import ServiceError
 from broker.models import AdminToken, Backend, ValidationState
 from broker.services.backends import (
+    FederationSettings,
     TtlBounds,
     backend_add,
     backend_check_kind,
     backend_check_secret,
     backend_clean_base_url,
+    backend_clean_federation,
     backend_clean_name,
     backend_rotate,
     backend_update,
     backend_validate,
 )
 from proxy.providers import PROVIDERS
+
+FEDERATION_FORM_FIELDS = (
+    "federation_rule_id",
+    "organization_id",
+    "service_account_id",
+    "workspace_id",
+    "federation_audience",
+)
+FEDERATION_HELP = {
+    "federation_rule_id": "Workload identity (kind anthropic-wif) only: fdrl_… from the Claude "
+    "Console. keybroker exchanges its own JWT for an access token; no key is stored.",
+    "organization_id": "Workload identity only: your organization's UUID.",
+    "service_account_id": "Workload identity only, optional: svac_….",
+    "workspace_id": "Workload identity only, optional: wrkspc_… or default.",
+    "federation_audience": "Workload identity only: aud of keybroker's JWT "
+    "(blank: https://api.anthropic.com).",
+}
 
 STATE_COLOURS = {
     ValidationState.VALID: "#1a7f37",
@@ -59,6 +78,7 @@ class BackendForm(forms.ModelForm[Backend]):
             "token_ttl_max",
             "enabled",
             "client_key",
+            *FEDERATION_FORM_FIELDS,
         ]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -67,6 +87,20 @@ class BackendForm(forms.ModelForm[Backend]):
             self.fields[
                 "new_secret"
             ].help_text = "Leave blank to keep the current secret; a new one rotates it."
+        for name, text in FEDERATION_HELP.items():
+            if name in self.fields:  # read-only on a keyed backend's page
+                self.fields[name].help_text = text
+
+    def federation(self) -> FederationSettings:
+        """The workload identity fields as the service takes them (blank = not set)."""
+        data = self.cleaned_data
+        return FederationSettings(
+            federation_rule_id=data.get("federation_rule_id") or None,
+            organization_id=data.get("organization_id") or None,
+            service_account_id=data.get("service_account_id", ""),
+            workspace_id=data.get("workspace_id", ""),
+            audience=data.get("federation_audience", ""),
+        )
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
@@ -84,9 +118,16 @@ class BackendForm(forms.ModelForm[Backend]):
         if adding:
             checks["name"] = lambda: backend_clean_name(data.get("name", ""))
             checks["kind"] = lambda: backend_check_kind(kind)
-        if data.get("client_key") and data.get("new_secret"):
+        federated = kind in PROVIDERS and PROVIDERS[kind].federated
+        if federated:
+            checks["federation_rule_id"] = lambda: self._check_federation(data)
+        elif any(data.get(name) for name in FEDERATION_FORM_FIELDS):
+            self.add_error("federation_rule_id", "only an anthropic-wif backend takes these")
+        if federated and (data.get("client_key") or data.get("new_secret")):
+            self.add_error("new_secret", "a workload identity backend stores no secret")
+        elif data.get("client_key") and data.get("new_secret"):
             self.add_error("new_secret", "a client-key backend stores no secret; leave it blank")
-        elif (adding and not data.get("client_key")) or data.get("new_secret"):
+        elif (adding and not data.get("client_key") and not federated) or data.get("new_secret"):
             checks["new_secret"] = lambda: backend_check_secret(
                 kind=kind, secret=data.get("new_secret", "")
             )
@@ -98,6 +139,19 @@ class BackendForm(forms.ModelForm[Backend]):
                     field if field in self.fields else None, exc.message.split(": ", 1)[-1]
                 )
         return data
+
+    def _check_federation(self, data: dict[str, Any]) -> None:
+        for name in ("federation_rule_id", "organization_id"):
+            if not data.get(name):
+                self.add_error(name, "required for a workload identity backend")
+        try:
+            backend_clean_federation(self.federation())
+        except ServiceError as exc:
+            # One message per field, on that field.
+            for problem in exc.message.split("; "):
+                name, _, text = problem.partition(": ")
+                field = "federation_audience" if name == "audience" else name
+                self.add_error(field if field in self.fields else None, text)
 
 
 @admin.register(Backend)
@@ -115,9 +169,10 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
     search_fields = ["name"]
     actions = ["validate_now"]
     fields = [
-        "name", "kind", "base_url", "client_key", "new_secret", "token_ttl_min",
-        "token_ttl_default", "token_ttl_max", "enabled", "secret_fingerprint", "auth_scheme",
-        "status", "validation_message", "validation_checked_at", "created_at", "rotated_at",
+        "name", "kind", "base_url", "client_key", "new_secret", *FEDERATION_FORM_FIELDS,
+        "token_ttl_min", "token_ttl_default", "token_ttl_max", "enabled", "secret_fingerprint",
+        "auth_scheme", "status", "validation_message", "validation_checked_at", "created_at",
+        "rotated_at",
     ]  # fmt: skip
     readonly_fields = [
         "secret_fingerprint", "auth_scheme", "status", "validation_message",
@@ -131,7 +186,10 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
         # whether keys are stored or brought by agents is part of what agents were told.
         if obj is None:
             return self.readonly_fields
-        return [*self.readonly_fields, "name", "kind", "client_key"]
+        readonly = [*self.readonly_fields, "name", "kind", "client_key"]
+        if not obj.federated:
+            readonly += FEDERATION_FORM_FIELDS  # shown empty; nothing to set on a keyed backend
+        return readonly
 
     @admin.display(description="status", ordering="validation_state")
     def status(self, backend: Backend) -> SafeString:
@@ -158,6 +216,7 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
                 client_key=data["client_key"],
                 base_url=data.get("base_url") or None,
                 ttl=ttl,
+                federation=form.federation() if PROVIDERS[data["kind"]].federated else None,
                 by=request.user,
             )
             obj.pk = created.pk
@@ -168,6 +227,7 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
             base_url=data.get("base_url") or None,
             ttl=ttl,
             enabled=data["enabled"],
+            federation=form.federation() if current.federated else None,
             by=request.user,
         )
         if data.get("new_secret"):

@@ -29,8 +29,14 @@ from django.views.decorators.http import require_POST
 
 from audit.models import AuditEvent
 from broker.errors import ServiceError
-from broker.models import Agent, AgentStatus, Grant, OidcClient, Token
+from broker.models import Agent, AgentStatus, Grant, IdentityGrant, OidcClient, Token
 from broker.services.agents import agent_approve, agent_reject, agent_unenroll, agents_pending
+from broker.services.identity import (
+    identity_grant,
+    identity_grant_get,
+    identity_grants_of,
+    identity_revoke,
+)
 from broker.services.policy import (
     GRANT_COLUMNS,
     backend_defaults,
@@ -301,6 +307,16 @@ class AgentAdmin(admin.ModelAdmin[Agent]):
                 _post_only(site, self.policy_view),
                 name="broker_agent_grant_policy",
             ),
+            path(
+                "<path:object_id>/identities/",
+                _post_only(site, self.identity_add_view),
+                name="broker_agent_identity_add",
+            ),
+            path(
+                "<path:object_id>/identities/<int:grant_id>/remove/",
+                _post_only(site, self.identity_remove_view),
+                name="broker_agent_identity_remove",
+            ),
             *super().get_urls(),
         ]
 
@@ -357,6 +373,49 @@ class AgentAdmin(admin.ModelAdmin[Agent]):
         else:
             self.message_user(request, f"policy of {grant} saved", messages.SUCCESS)
         return _back(request, self._change_url(grant.agent))
+
+    def _identity_agent(self, request: HttpRequest, object_id: str, action: str) -> Agent:
+        if not _may(request, action, IdentityGrant):
+            raise PermissionDenied
+        agent = self.get_object(request, unquote(object_id))
+        if agent is None:
+            raise Http404("no such agent")
+        return agent
+
+    def identity_add_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        agent = self._identity_agent(request, object_id, "add")
+        lifetime = request.POST.get("identity-lifetime", "").strip()
+        try:
+            grant = identity_grant(
+                agent=agent,
+                audience=request.POST.get("identity-audience", ""),
+                lifetime=lifetime or None,
+                by=request.user,
+            )
+        except ServiceError as exc:
+            self.message_user(request, f"{exc.message}. Nothing was saved.", messages.ERROR)
+        else:
+            self.message_user(
+                request,
+                f"{agent.name} may get identity tokens for {grant.audience} "
+                f"({format_duration(grant.lifetime)} each)",
+                messages.SUCCESS,
+            )
+        return _back(request, self._change_url(agent))
+
+    def identity_remove_view(
+        self, request: HttpRequest, object_id: str, grant_id: int
+    ) -> HttpResponse:
+        agent = self._identity_agent(request, object_id, "delete")
+        try:
+            grant = identity_grant_get(agent=agent, grant_id=grant_id)
+        except ServiceError as exc:
+            raise Http404(exc.message) from None
+        identity_revoke(agent=agent, audience=grant.audience, by=request.user)
+        self.message_user(
+            request, f"{agent.name} gets no more identity tokens for {grant.audience}"
+        )
+        return _back(request, self._change_url(agent))
 
     def _approve(self, request: HttpRequest, agent: Agent, scopes: list[str] | None) -> None:
         requested = list(agent.requested_scopes)
@@ -446,6 +505,9 @@ class AgentAdmin(admin.ModelAdmin[Agent]):
             "kb_grants": grants,
             "kb_policy_forms": [GrantPolicyForm(grant) for grant in grants],
             "kb_can_edit_policy": self.has_policy_permission(request),
+            "kb_identities": [(g, format_duration(g.lifetime)) for g in identity_grants_of(agent)],
+            "kb_can_add_identity": _may(request, "add", IdentityGrant),
+            "kb_can_remove_identity": _may(request, "delete", IdentityGrant),
             "kb_approve_form": ApproveForm(agent) if waiting else None,
             "kb_requested": agent.requested_scopes,
             "kb_tokens": [

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
@@ -46,7 +46,7 @@ HTTP_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 
 # Server messages are redacted server-side already; this is the last line of defence so that
 # no vend token (ckr_), client secret (cks_) or access token (crd_) ever reaches stderr.
-_SECRET = re.compile(r"\b(ckr|cks|crd)_[A-Za-z0-9_\-]+")
+_SECRET = re.compile(r"\b(ckr|cks|crd)_[A-Za-z0-9_\-]+|\b(eyJ)[A-Za-z0-9_\-]+\.[A-Za-z0-9_.\-]+")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
 
@@ -64,10 +64,17 @@ class Config:
     name: str
     agent_id: str | int
     vend_token: str
+    # OAuth client credentials for /oauth/token, created on first use (identity-token).
+    client_id: str | None = None
+    client_secret: str | None = None
+
+
+def _cut(match: re.Match[str]) -> str:
+    return f"{match[1]}_…" if match[1] else f"{match[2]}…"
 
 
 def _note(message: str) -> None:
-    print("keybroker: " + _SECRET.sub(r"\1_…", message), file=sys.stderr, flush=True)
+    print("keybroker: " + _SECRET.sub(_cut, message), file=sys.stderr, flush=True)
 
 
 # --- durations -------------------------------------------------------------------------------
@@ -131,7 +138,17 @@ def load_config(path: Path) -> Config | None:
         url = server_url(url)
     except CliError:
         raise broken from None
-    return Config(url=url, name=name, agent_id=agent_id, vend_token=token)
+    client_id, client_secret = data.get("client_id"), data.get("client_secret")
+    if not (isinstance(client_id, str) and isinstance(client_secret, str)):
+        client_id = client_secret = None  # created again when needed
+    return Config(
+        url=url,
+        name=name,
+        agent_id=agent_id,
+        vend_token=token,
+        client_id=client_id,
+        client_secret=client_secret,
+    )
 
 
 def require_config(path: Path) -> Config:
@@ -149,12 +166,22 @@ def save_config(path: Path, config: Config) -> None:
             directory.mkdir(mode=0o700, parents=True)
             # mkdir's mode is filtered through the umask; this directory must be private anyway.
             directory.chmod(0o700)
-        # mkstemp creates the file 0600 whatever the umask, so the token is never exposed.
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".tmp")
+    except OSError as exc:
+        raise CliError(EXIT_ERROR, f"cannot write {path} ({exc.strerror})") from None
+    # Fields never set stay out, so a config reads the same as before they existed.
+    fields = {key: value for key, value in asdict(config).items() if value is not None}
+    write_private(path, json.dumps(fields, indent=2) + "\n", prefix=".config-")
+
+
+def write_private(path: Path, text: str, *, prefix: str = ".keybroker-") -> None:
+    """Replace ``path`` atomically with a file only its owner can read, whatever the umask:
+    a reader sees the old content or the new, never a part, and never a readable secret."""
+    try:
+        # mkstemp creates the file 0600 whatever the umask, so the secret is never exposed.
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(asdict(config), handle, indent=2)
-                handle.write("\n")
+                handle.write(text)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, path)
@@ -207,9 +234,11 @@ class Server:
     def __exit__(self, *exc_info: object) -> None:
         self._client.close()
 
-    def request(self, method: str, path: str, body: object = None) -> httpx.Response:
+    def request(
+        self, method: str, path: str, body: object = None, *, form: dict[str, str] | None = None
+    ) -> httpx.Response:
         try:
-            return self._client.request(method, path, json=body)
+            return self._client.request(method, path, json=body, data=form)
         except httpx.TimeoutException:
             raise CliError(EXIT_UNREACHABLE, f"cannot reach {self.url} (timed out)") from None
         except httpx.TransportError as exc:
@@ -507,6 +536,115 @@ def cmd_unenroll(args: argparse.Namespace, path: Path) -> int:
     return EXIT_OK
 
 
+# --- identity tokens (workload identity) -----------------------------------------------------
+
+GRANT_HINT = "an admin must allow it: manage.py agent grant-identity {name} --audience {audience}"
+
+
+def client_credentials(config: Config, path: Path, *, renew: bool = False) -> Config:
+    """The config with OAuth client credentials, created once (POST /v1/clients) and kept in
+    it: the client secret is a long-lived secret like the vend token, so it lives in the
+    same private file."""
+    if config.client_id and config.client_secret and not renew:
+        return config
+    with Server(config.url, config.vend_token) as server:
+        data = _object(expect(server.request("POST", "/v1/clients"), 201), "client")
+    client_id, secret = data.get("client_id"), data.get("client_secret")
+    if not isinstance(client_id, str) or not isinstance(secret, str):
+        raise CliError(EXIT_ERROR, "the server's client answer has no client_id or secret")
+    config = replace(config, client_id=client_id, client_secret=secret)
+    save_config(path, config)
+    _note(f"created OAuth client {client_id} for {config.name}; its secret is kept in {path}")
+    return config
+
+
+def _oauth_error(response: httpx.Response) -> tuple[str, str]:
+    """RFC 6749's ``{error, error_description}``, which /oauth/token answers with."""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        body = response.json()
+        error, description = body.get("error"), body.get("error_description")
+        if isinstance(error, str):
+            return error, " ".join(str(description or error).split())
+    return "", _server_message(response)
+
+
+def identity_token(config: Config, path: Path, audience: str) -> tuple[str, int]:
+    """A fresh JWT for ``audience`` and its lifetime in seconds."""
+    config = client_credentials(config, path)
+    for attempt in (1, 2):
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": config.client_id or "",
+            "client_secret": config.client_secret or "",
+            "audience": audience,
+        }
+        with Server(config.url) as server:
+            response = server.request("POST", "/oauth/token", form=form)
+        if response.status_code == 200:
+            break
+        error, message = _oauth_error(response)
+        if error == "invalid_client" and attempt == 1:
+            # The stored client is gone on the server (revoked); the vend token may still be
+            # good, so ask for a new one once rather than strand the agent.
+            config = client_credentials(config, path, renew=True)
+            continue
+        if error == "invalid_target":
+            hint = GRANT_HINT.format(name=config.name, audience=shlex.quote(audience))
+            raise CliError(EXIT_NOT_APPROVED, f"{message}; {hint}")
+        if error == "unauthorized_client":
+            raise CliError(EXIT_NOT_APPROVED, message)
+        if response.status_code == 401:
+            raise CliError(EXIT_NOT_ENROLLED, f"{message}; {ENROLL_HINT}")
+        raise CliError(EXIT_ERROR, message)
+    data = _object(expect(response, 200), "token")
+    token, expires_in = data.get("access_token"), data.get("expires_in")
+    if not isinstance(token, str) or not isinstance(expires_in, int) or expires_in <= 0:
+        raise CliError(EXIT_ERROR, "the server's token answer has no access_token or expires_in")
+    return token, expires_in
+
+
+def cmd_identity_token(args: argparse.Namespace, path: Path) -> int:
+    config = require_config(path)
+    out = Path(args.out).expanduser() if args.out else None
+    if args.refresh and out is None:
+        raise CliError(EXIT_USAGE, "--refresh needs --out FILE: it keeps that file fresh")
+    token, lifetime = identity_token(config, path, args.audience)
+    if out is None:
+        print(token)
+        return EXIT_OK
+    while True:
+        write_private(out, token + "\n", prefix=f".{out.name}-")
+        _note(
+            f"wrote an identity token for {args.audience} to {out}; "
+            f"it expires in {format_duration(lifetime)}"
+        )
+        if not args.refresh:
+            return EXIT_OK
+        expires = time.monotonic() + lifetime
+        # Halfway through its life: whoever reads the file always finds time left on it.
+        time.sleep(max(1.0, lifetime / 2))
+        token, lifetime = _renewed(path, args.audience, expires)
+
+
+RETRY_SECONDS = 10.0
+
+
+def _renewed(path: Path, audience: str, expires: float) -> tuple[str, int]:
+    """The next token for --refresh. A server that is briefly away is retried while the
+    token in the file is still good; a refusal (not allowed, not enrolled) ends the loop."""
+    while True:
+        try:
+            # Read again: the client credentials may have been created or renewed meanwhile.
+            return identity_token(require_config(path), path, audience)
+        except CliError as exc:
+            left = expires - time.monotonic()
+            if exc.code in (EXIT_NOT_APPROVED, EXIT_NOT_ENROLLED) or left <= 1:
+                raise
+            wait = min(RETRY_SECONDS, left / 2)
+            _note(f"{exc.message}; trying again in {format_duration(round(wait))}")
+            time.sleep(wait)
+
+
 # --- command line ----------------------------------------------------------------------------
 
 
@@ -582,6 +720,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--can", action="append", required=True, metavar="BACKEND"
     )
     command("unenroll", cmd_unenroll, "delete this agent and every token, then the config")
+    identity = command(
+        "identity-token",
+        cmd_identity_token,
+        "get an identity token (a JWT from keybroker) for ANTHROPIC_IDENTITY_TOKEN_FILE",
+    )
+    identity.add_argument(
+        "--audience", required=True, metavar="URL", help="e.g. https://api.anthropic.com"
+    )
+    identity.add_argument(
+        "--out", metavar="FILE", help="write it to FILE (mode 0600, atomically) instead of stdout"
+    )
+    identity.add_argument(
+        "--refresh",
+        action="store_true",
+        help="keep running and rewrite FILE at half of each token's lifetime",
+    )
     return parser
 
 

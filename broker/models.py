@@ -35,6 +35,16 @@ class Backend(models.Model):
     # Behavry's mode: no stored secret; each agent sends its own key in X-Anthropic-Key and
     # keybroker authenticates, audits and enforces policy around it.
     client_key = models.BooleanField(default=False)
+    # Workload identity (kind anthropic-wif): no stored secret at all. keybroker signs a JWT
+    # as its own OIDC issuer and exchanges it at the upstream for a short-lived access
+    # token. These are identifiers, not secrets: they may be shown anywhere.
+    federation_rule_id = models.CharField(max_length=100, blank=True)
+    organization_id = models.CharField(max_length=100, blank=True)
+    service_account_id = models.CharField(max_length=100, blank=True)
+    workspace_id = models.CharField(max_length=100, blank=True)
+    federation_audience = models.CharField(
+        max_length=255, blank=True, help_text="the aud of keybroker's JWT for this upstream"
+    )
     token_ttl_min = models.PositiveIntegerField(default=60, help_text="seconds")
     token_ttl_max = models.PositiveIntegerField(default=3600, help_text="seconds")
     token_ttl_default = models.PositiveIntegerField(default=600, help_text="seconds")
@@ -64,6 +74,11 @@ class Backend(models.Model):
     def __repr__(self) -> str:
         # Never let a debugger, a log line or an error page print the secret.
         return f"<Backend {self.name} {self.secret_fingerprint}>"
+
+    @property
+    def federated(self) -> bool:
+        """Whether calls go upstream with an access token from a workload identity exchange."""
+        return bool(self.federation_rule_id)
 
 
 class AdminToken(models.Model):
@@ -179,6 +194,33 @@ class Grant(models.Model):
 
     def __str__(self) -> str:
         return f"{self.agent} → {self.backend}"
+
+
+class IdentityGrant(models.Model):
+    """An agent may get identity tokens (JWTs signed by keybroker) for this audience.
+
+    Without one, ``/oauth/token`` only mints JWTs whose audience is keybroker itself; with
+    one, a relying party such as Anthropic's workload identity federation can accept them.
+    """
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="identity_grants")
+    audience = models.CharField(max_length=255)
+    lifetime = models.PositiveIntegerField(
+        default=600, help_text="seconds each identity token for this audience lives"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+
+    class Meta:
+        ordering = ["agent__name", "audience"]
+        constraints = [
+            models.UniqueConstraint(fields=["agent", "audience"], name="identity_once_per_audience")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agent} → {self.audience}"
 
 
 class Token(models.Model):

@@ -38,6 +38,14 @@ urlpatterns = [
     path("v1/admin/agents/<str:agent_id>", admin_agents.AgentDetailView.as_view()),
     path("v1/admin/agents/<str:agent_id>/grants", admin_agents.AgentGrantView.as_view()),
     path(
+        "v1/admin/agents/<str:agent_id>/identities",
+        admin_agents.AgentIdentityListView.as_view(),
+    ),
+    path(
+        "v1/admin/agents/<str:agent_id>/identities/<str:grant_id>",
+        admin_agents.AgentIdentityDetailView.as_view(),
+    ),
+    path(
         "v1/admin/agents/<str:agent_id>/grants/<str:backend>",
         policy.GrantPolicyView.as_view(),
     ),

@@ -26,6 +26,7 @@ from broker.models import AgentStatus, Backend, Grant, Token
 from broker.redis import redis_key
 from broker.secrets import secret_digest
 from broker.services.access import ACCESS_GENERATION
+from broker.services.federation import Federation, federation_of
 from broker.services.policy import Policy, grant_policy
 from proxy.providers import SCHEMES, AuthScheme
 
@@ -81,6 +82,8 @@ class Route:
     scheme: AuthScheme | None
     client_key: bool
     secret: str = field(repr=False)
+    # Set for a workload identity backend: calls carry an exchanged access token instead.
+    federation: Federation | None = None
 
 
 def _read_token(digest: str) -> TokenGrant | None:
@@ -119,6 +122,7 @@ def _read_route(name: str) -> Route | None:
         scheme=SCHEMES.get(backend.auth_scheme),
         client_key=backend.client_key,
         secret=backend.secret,
+        federation=federation_of(backend),
     )
 
 

@@ -24,6 +24,7 @@ from yarl import URL
 
 from audit.recorder import audit_enqueue
 from proxy.access import AccessCache, AccessDenied, Route, TokenGrant
+from proxy.federation import federated_secret, federation_cache
 from proxy.metering import UsageMeter
 from proxy.paths import PathRefused, proxy_path_parse, upstream_url
 from proxy.policy import PolicyDenied, Ticket, policy_check_request, policy_gate
@@ -268,12 +269,20 @@ class ProxyApp:
             exchange.ticket = await policy_gate().admit(
                 grant.policy, agent=grant.agent_name, backend=target.backend
             )
-        upstream_headers = self._upstream_headers(headers, route, _upstream_secret(headers, route))
+        if route.federation is not None:
+            secret = await federated_secret(route.federation)
+        else:
+            secret = _upstream_secret(headers, route)
+        upstream_headers = self._upstream_headers(headers, route, secret)
         if target.path.startswith(BATCH_PATH):
             # Batch answers are rewritten (results_url), so they must arrive uncompressed.
             upstream_headers = [(k, v) for k, v in upstream_headers if k != b"accept-encoding"]
             upstream_headers.append((b"accept-encoding", b"identity"))
         await self._forward(scope, receive, send, exchange, route, url, upstream_headers, body)
+        if route.federation is not None and exchange.status == 401:
+            # The upstream no longer takes this access token (revoked, or the rule changed):
+            # the next call exchanges for a new one instead of failing until it expires.
+            federation_cache().forget(route.federation, secret[1])
 
     async def _read_body(
         self, headers: list[tuple[bytes, bytes]], receive: Receive

@@ -49,6 +49,10 @@ class Provider:
     label: str
     default_base_url: str
     models_path: str
+    # A federated kind stores no secret: its calls carry an access token that keybroker
+    # gets by exchanging its own signed JWT (workload identity federation).
+    federated: bool = False
+    default_audience: str = ""
 
     def auth_scheme(self, secret: str) -> AuthScheme:
         raise NotImplementedError
@@ -86,12 +90,38 @@ class AnthropicProvider(Provider):
         }
 
 
+@dataclass(frozen=True)
+class AnthropicWifProvider(Provider):
+    """Anthropic through workload identity federation: no key, an exchanged access token.
+
+    The access token (``sk-ant-oat01-…``) is a short-lived OAuth token, so it travels as
+    ``Authorization: Bearer`` with the OAuth beta flag, like a stored OAuth token does.
+    """
+
+    def auth_scheme(self, secret: str) -> AuthScheme:
+        return OAUTH_BEARER
+
+    def fingerprint(self, secret: str) -> str:
+        raise ProviderError("an anthropic-wif backend stores no secret")
+
+    def validation_headers(self, secret: str) -> dict[str, str]:
+        return {"anthropic-version": ANTHROPIC_VERSION, **OAUTH_BEARER.headers(secret)}
+
+
 PROVIDERS: dict[str, Provider] = {
     "anthropic": AnthropicProvider(
         kind="anthropic",
         label="Anthropic",
         default_base_url="https://api.anthropic.com",
         models_path="/v1/models",
+    ),
+    "anthropic-wif": AnthropicWifProvider(
+        kind="anthropic-wif",
+        label="Anthropic (workload identity, no stored key)",
+        default_base_url="https://api.anthropic.com",
+        models_path="/v1/models",
+        federated=True,
+        default_audience="https://api.anthropic.com",
     ),
 }
 

@@ -17,6 +17,8 @@ _sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSe
     weakref.WeakKeyDictionary()
 )
 
+KEEPALIVE_SECONDS = 4
+
 # Headers aiohttp would add on its own; the proxy sends only what the client sent.
 SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
@@ -37,7 +39,11 @@ def upstream_session() -> aiohttp.ClientSession:
     if session is None or session.closed:
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
-                limit=settings.PROXY_MAX_CONNECTIONS, keepalive_timeout=30, ttl_dns_cache=60
+                limit=settings.PROXY_MAX_CONNECTIONS,
+                # Shorter than any upstream's own idle timeout (uvicorn's is 5 s): reusing a
+                # connection the upstream has just closed would fail a call it never saw.
+                keepalive_timeout=KEEPALIVE_SECONDS,
+                ttl_dns_cache=60,
             ),
             timeout=upstream_timeout(),
             # Compressed bodies are forwarded as they are, under their own content-encoding.

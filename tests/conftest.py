@@ -14,8 +14,9 @@ from broker.redis import redis_client
 from tests.fake_anthropic import FakeAnthropic, serve_in_thread
 
 REPO = Path(__file__).resolve().parent.parent
-# The cast of the agent tests (alice, bob, the anthropic backend) as shared fixtures.
-pytest_plugins = ["tests.agents", "tests.proxy_cast"]
+# The cast of the agent tests (alice, bob, the anthropic backend, a federated backend) as
+# shared fixtures.
+pytest_plugins = ["tests.agents", "tests.proxy_cast", "tests.wif"]
 
 
 @pytest.fixture(scope="session", autouse=True)

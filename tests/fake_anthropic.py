@@ -5,13 +5,21 @@ upstream, and can be told which keys are valid, which are forbidden and how long
 It answers /v1/models, /v1/messages (JSON, or SSE when asked to stream, with a configurable
 number of deltas and gap between them), count_tokens and message batches; it can answer
 the next request with a scripted error, cut a stream midway, or gzip its JSON.
+
+It is also a workload identity federation relying party: ``POST /v1/oauth/token`` takes an
+RFC 7523 jwt-bearer assertion, fetches the issuer's discovery document and JWKS over HTTP,
+verifies the signature (with joserfc, not keybroker's PyJWT), ``iss``, ``aud``, ``exp`` and
+the rule's subject, refuses a ``jti`` it saw before, and answers an ``sk-ant-oat01-…`` access
+token that its API then accepts as a Bearer token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
+import secrets
 import threading
 import time
 import uuid
@@ -19,13 +27,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import uvicorn
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 OAUTH_BETA = "oauth-2025-04-20"
+FEDERATION_BETA = "oidc-federation-2026-04-01"
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+ANTHROPIC_AUDIENCE = "https://api.anthropic.com"
 MODELS = [
     {
         "type": "model",
@@ -51,6 +66,31 @@ class SeenRequest:
     body: bytes
 
 
+@dataclass(frozen=True)
+class FederationRule:
+    """What the Claude Console's issuer + federation rule say: trust ``issuer``'s JWTs whose
+    ``aud`` is ``audience`` (and ``sub`` is ``subject``, when set) for this organization."""
+
+    issuer: str
+    organization_id: str
+    subject: str | None = None
+    audience: str = ANTHROPIC_AUDIENCE
+    service_account_id: str | None = None
+
+
+@dataclass
+class SeenExchange:
+    claims: dict[str, Any]
+    header: dict[str, Any]
+    request: dict[str, Any]  # the body without the assertion
+    headers: dict[str, str]
+    access_token: str
+
+
+class AssertionRefused(Exception):
+    pass
+
+
 @dataclass
 class FakeAnthropic:
     valid_keys: set[str] = field(default_factory=set)
@@ -65,8 +105,20 @@ class FakeAnthropic:
     scripted: list[tuple[int, dict[str, str], Any]] = field(default_factory=list)
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     streams_abandoned: int = 0
+    federation_rules: dict[str, FederationRule] = field(default_factory=dict)
+    exchanges: list[SeenExchange] = field(default_factory=list)
+    exchange_refusals: list[str] = field(default_factory=list)
+    access_token_lifetime: int = 3600
+    exchange_delay: float = 0.0
+    seen_jtis: set[str] = field(default_factory=set)
 
     def reset(self) -> None:
+        self.federation_rules.clear()
+        self.exchanges.clear()
+        self.exchange_refusals.clear()
+        self.access_token_lifetime = 3600
+        self.exchange_delay = 0.0
+        self.seen_jtis.clear()
         self.valid_keys.clear()
         self.forbidden_keys.clear()
         self.hang_seconds = 0.0
@@ -106,6 +158,10 @@ class FakeAnthropic:
             status, extra, payload = self.scripted.pop(0)
             await self._json(send, status, payload, extra)
             return
+        if (scope["method"], scope["path"]) == ("POST", "/v1/oauth/token"):
+            status, payload = await self._oauth_token(headers, body)
+            await self._json(send, status, payload)
+            return
         method, path = scope["method"], scope["path"]
         status, payload = self._route(method, path, headers)
         if status == 200 and method == "POST" and path == "/v1/messages":
@@ -121,6 +177,92 @@ class FakeAnthropic:
                 return
         accepts_gzip = "gzip" in headers.get("accept-encoding", "")
         await self._json(send, status, payload, gzip_it=self.gzip_json and accepts_gzip)
+
+    async def _oauth_token(self, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+        """The jwt-bearer exchange, checked the way a relying party must check it."""
+        betas = [flag.strip() for flag in headers.get("anthropic-beta", "").split(",")]
+        if OAUTH_BETA not in betas or FEDERATION_BETA not in betas:
+            return 400, oauth_error("invalid_request", "anthropic-beta lacks the federation flags")
+        try:
+            request = json.loads(body)
+        except ValueError:
+            return 400, oauth_error("invalid_request", "body is not JSON")
+        if request.get("grant_type") != JWT_BEARER:
+            return 400, oauth_error("unsupported_grant_type", "use the jwt-bearer grant")
+        rule = self.federation_rules.get(request.get("federation_rule_id", ""))
+        try:
+            if rule is None or request.get("organization_id") != rule.organization_id:
+                raise AssertionRefused("no such federation rule in this organization")
+            if rule.service_account_id and (
+                request.get("service_account_id") != rule.service_account_id
+            ):
+                raise AssertionRefused("service account does not match the rule")
+            header, claims = await self._verify(str(request.get("assertion", "")), rule)
+        except AssertionRefused as refused:
+            self.exchange_refusals.append(str(refused))
+            return 401, oauth_error("invalid_grant", str(refused))
+        if self.exchange_delay:
+            await asyncio.sleep(self.exchange_delay)
+        token = f"sk-ant-oat01-{secrets.token_urlsafe(32)}"
+        self.valid_keys.add(token)
+        self.exchanges.append(
+            SeenExchange(
+                claims=claims,
+                header=header,
+                request={k: v for k, v in request.items() if k != "assertion"},
+                headers=headers,
+                access_token=token,
+            )
+        )
+        return 200, {
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": self.access_token_lifetime,
+            "scope": "workspace:inference",
+        }
+
+    async def _verify(
+        self, assertion: str, rule: FederationRule
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        try:
+            payload = assertion.split(".")[1]
+            unverified = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            issuer = unverified["iss"]
+        except (IndexError, ValueError, KeyError, TypeError):
+            raise AssertionRefused("assertion is not a JWT with an iss") from None
+        if issuer != rule.issuer:
+            raise AssertionRefused(f"issuer {issuer} is not trusted by this rule")
+        # As Anthropic does: discovery first, then the JWKS it names, both over HTTP.
+        async with httpx.AsyncClient(timeout=10) as http:
+            discovery = (await http.get(f"{issuer}/.well-known/openid-configuration")).json()
+            if discovery.get("issuer") != issuer:
+                raise AssertionRefused("discovery document names another issuer")
+            jwks = (await http.get(discovery["jwks_uri"])).json()
+        try:
+            token = jwt.decode(
+                assertion, KeySet.import_key_set(jwks), algorithms=["ES256", "RS256"]
+            )
+        except JoseError as exc:
+            raise AssertionRefused(f"signature: {exc.error}: {exc.description}") from None
+        claims = dict(token.claims)
+        expected: dict[str, Any] = {
+            "iss": {"essential": True, "value": issuer},
+            "aud": {"essential": True, "value": rule.audience},
+            "exp": {"essential": True},
+            "iat": {"essential": True},
+        }
+        if rule.subject is not None:
+            expected["sub"] = {"essential": True, "value": rule.subject}
+        try:
+            jwt.JWTClaimsRegistry(**expected).validate(claims)
+        except JoseError as exc:
+            raise AssertionRefused(f"claims: {exc.error}: {exc.description}") from None
+        jti = claims.get("jti")
+        if jti is not None:
+            if jti in self.seen_jtis:
+                raise AssertionRefused("jti was already used (replay)")
+            self.seen_jtis.add(jti)
+        return dict(token.header), claims
 
     def _credential(self, headers: dict[str, str]) -> tuple[str, str] | None:
         if "x-api-key" in headers:
@@ -329,6 +471,10 @@ def sse_frames(request: dict[str, Any], deltas: int) -> list[bytes]:
         frame("message_stop", {"type": "message_stop"}),
     ]
     return frames
+
+
+def oauth_error(error: str, description: str) -> dict[str, str]:
+    return {"error": error, "error_description": description}
 
 
 def error(error_type: str, message: str) -> dict[str, Any]:

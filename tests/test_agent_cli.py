@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pytest
 
@@ -81,6 +82,12 @@ class FakeBroker:
     failing_polls: list[int] = field(default_factory=list)
     base_url: str | None = None
     leaky_errors: bool = False  # a buggy server that echoes the caller's credential
+    # OAuth client credentials (client_id -> secret) and the audiences identity tokens are
+    # granted for, with their lifetime.
+    clients: dict[str, str] = field(default_factory=dict)
+    identity_audiences: set[str] = field(default_factory=set)
+    identity_lifetime: int = 600
+    identity_tokens: list[str] = field(default_factory=list)
 
     def reset(self) -> None:
         """Back to the defaults above, keeping only the address the server listens on."""
@@ -112,7 +119,10 @@ class FakeBroker:
             if not message.get("more_body"):
                 break
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-        body = json.loads(raw) if raw else None
+        if headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            body: Any = dict(parse_qsl(raw.decode()))
+        else:
+            body = json.loads(raw) if raw else None
         auth = headers.get("authorization", "")
         self.seen.append(Seen(scope["method"], scope["path"], body, auth, time.monotonic()))
         extra: list[tuple[bytes, bytes]] = []
@@ -127,6 +137,8 @@ class FakeBroker:
     def route(self, method: str, path: str, body: Any, auth: str) -> tuple[int, Any]:
         if (method, path) == ("POST", "/v1/enroll"):
             return self.enroll(body)
+        if (method, path) == ("POST", "/oauth/token"):
+            return self.oauth_token(body)
         agent = self.agents.get(auth.removeprefix("Bearer "))
         if agent is None:
             detail = f" {auth}" if self.leaky_errors else ""
@@ -173,6 +185,11 @@ class FakeBroker:
             return 202, agent.view()
         if method == "POST" and path.startswith("/v1/credentials/"):
             return self.mint(agent, path.removeprefix("/v1/credentials/"), body)
+        if (method, path) == ("POST", "/v1/clients"):
+            client_id = f"kbc_{len(self.calls('POST', '/v1/clients'))}"  # this one included
+            secret = f"cks_{secrets.token_urlsafe(32)}"
+            self.clients[client_id] = secret
+            return 201, {"client_id": client_id, "client_secret": secret, "token_endpoint": ""}
         if (method, path) == ("GET", "/v1/active"):
             return 200, [
                 {k: t[k] for k in ("id", "backend", "prefix", "created_at", "expires_at")}
@@ -187,6 +204,24 @@ class FakeBroker:
             del self.tokens[token_id]
             return 204, None
         return error(404, "not_found", f"no route {method} {path}")
+
+    def oauth_token(self, form: dict[str, str]) -> tuple[int, Any]:
+        """RFC 6749's shape, like the real /oauth/token."""
+        if self.clients.get(form.get("client_id", "")) != form.get("client_secret"):
+            return 401, {"error": "invalid_client", "error_description": "unknown client"}
+        audience = form.get("audience", "")
+        if audience not in self.identity_audiences:
+            return 400, {
+                "error": "invalid_target",
+                "error_description": f"agent bob may not get tokens for audience {audience}",
+            }
+        token = f"eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJib2IifQ.{secrets.token_urlsafe(64)}"
+        self.identity_tokens.append(token)
+        return 200, {
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": self.identity_lifetime,
+        }
 
     def mint(self, agent: Agent, backend: str, body: Any) -> tuple[int, Any]:
         if backend not in agent.scopes:
@@ -764,3 +799,117 @@ def test_the_console_script_is_installed(cli: Cli) -> None:
 
     assert os.access(script, os.X_OK)
     assert (result.returncode, result.stderr) == (6, ENROLL_HINT)
+
+
+# --- identity-token --------------------------------------------------------------------------
+
+ANTHROPIC = "https://api.anthropic.com"
+
+
+def test_identity_token_creates_client_credentials_once_and_prints_only_the_jwt(
+    broker: FakeBroker, cli: Cli, bob: Agent
+) -> None:
+    broker.identity_audiences.add(ANTHROPIC)
+    first = cli("identity-token", "--audience", ANTHROPIC)
+    second = cli("identity-token", "--audience", ANTHROPIC)
+
+    assert (first.returncode, second.returncode) == (0, 0), first.stderr
+    assert [first.stdout, second.stdout] == [f"{t}\n" for t in broker.identity_tokens]
+    assert len(broker.calls("POST", "/v1/clients")) == 1  # kept in the config, reused
+    config = json.loads(cli.config.read_text())
+    assert config["client_id"] == "kbc_1"
+    assert config["client_secret"] == broker.clients["kbc_1"]
+    assert stat.S_IMODE(cli.config.stat().st_mode) == 0o600
+    assert first.stderr == (
+        f"keybroker: created OAuth client kbc_1 for bob; its secret is kept in {cli.config}\n"
+    )
+    [posted, _] = broker.calls("POST", "/oauth/token")
+    assert posted.body == {
+        "grant_type": "client_credentials",
+        "client_id": "kbc_1",
+        "client_secret": broker.clients["kbc_1"],
+        "audience": ANTHROPIC,
+    }
+    assert posted.authorization == ""  # the vend token goes nowhere near /oauth/token
+    assert broker.clients["kbc_1"] not in first.stderr + second.stderr
+
+
+def test_identity_token_writes_the_file_private_and_atomically(
+    broker: FakeBroker, cli: Cli, bob: Agent, tmp_path: Path
+) -> None:
+    broker.identity_audiences.add(ANTHROPIC)
+    out = tmp_path / "run" / "identity.jwt"
+    out.parent.mkdir()
+    out.write_text("stale\n")
+    out.chmod(0o644)
+    result = cli("identity-token", "--audience", ANTHROPIC, "--out", str(out), umask=0)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    [token] = broker.identity_tokens
+    assert out.read_text() == token + "\n"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert sorted(p.name for p in out.parent.iterdir()) == ["identity.jwt"]  # no temp file left
+    assert result.stderr.splitlines()[-1] == (
+        f"keybroker: wrote an identity token for {ANTHROPIC} to {out}; it expires in 10m"
+    )
+    assert token not in result.stderr
+
+
+def test_identity_token_for_an_audience_not_granted_exits_3_naming_the_fix(
+    broker: FakeBroker, cli: Cli, bob: Agent
+) -> None:
+    result = cli("identity-token", "--audience", "https://other.example")
+
+    assert result.returncode == 3
+    assert result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        "keybroker: agent bob may not get tokens for audience https://other.example; an admin "
+        "must allow it: manage.py agent grant-identity bob --audience https://other.example"
+    )
+
+
+def test_identity_token_replaces_client_credentials_the_server_forgot(
+    broker: FakeBroker, cli: Cli, bob: Agent
+) -> None:
+    broker.identity_audiences.add(ANTHROPIC)
+    assert cli("identity-token", "--audience", ANTHROPIC).returncode == 0
+    broker.clients.clear()  # revoked on the server
+
+    result = cli("identity-token", "--audience", ANTHROPIC)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{broker.identity_tokens[-1]}\n"
+    assert json.loads(cli.config.read_text())["client_id"] == "kbc_2"
+    assert len(broker.calls("POST", "/oauth/token")) == 3
+
+
+def test_identity_token_refresh_keeps_the_file_fresh(
+    broker: FakeBroker, cli: Cli, bob: Agent, tmp_path: Path
+) -> None:
+    assert cli("identity-token", "--audience", ANTHROPIC, "--refresh").returncode == 2
+    broker.identity_audiences.add(ANTHROPIC)
+    broker.identity_lifetime = 2  # rewritten every second
+    out = tmp_path / "identity.jwt"
+    running = subprocess.Popen(
+        [sys.executable, "-m", "broker.agent_cli", "identity-token", "--audience", ANTHROPIC,
+         "--out", str(out), "--refresh"],
+        env=cli.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while len(broker.identity_tokens) < 3:
+            assert running.poll() is None, running.communicate()
+            assert time.monotonic() < deadline, "the token was not renewed"
+            time.sleep(0.05)
+        written = set()
+        while len(written) < 2 and time.monotonic() < deadline:
+            written.add(out.read_text())  # never a partial file: always one whole token
+            time.sleep(0.01)
+    finally:
+        running.terminate()
+        _, stderr = running.communicate(timeout=10)
+    assert written <= {f"{t}\n" for t in broker.identity_tokens}
+    assert len(written) == 2
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    for token in broker.identity_tokens:
+        assert token not in stderr

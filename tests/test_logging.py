@@ -11,6 +11,8 @@ SECRETS = [
     "ckr_" + "Zz9_" * 10,
     "sk-ant-api03-" + "q" * 40,
     "sk-ant-oat01-" + "w" * 40,
+    # An identity token or a federation assertion: a JWT is a bearer credential too.
+    "eyJhbGciOiJFUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJiYWNrZW5kOndpZiJ9." + "s1g-_" * 17,
 ]
 
 

@@ -28,6 +28,8 @@ def test_schema_documents_every_api_path_and_builds_without_warnings() -> None:
         "/.well-known/jwks.json", "/v1/admin/backends/", "/v1/admin/agents/",
         "/v1/admin/agents/{agent_id}", "/v1/admin/pending/", "/v1/admin/tokens/",
         "/v1/admin/pending/{agent_id}/approve", "/v1/admin/tokens/{token_id}",
+        "/v1/admin/agents/{agent_id}/identities",
+        "/v1/admin/agents/{agent_id}/identities/{grant_id}",
     }  # fmt: skip
     assert expected <= paths, expected - paths
     schemes = schema["components"]["securitySchemes"]

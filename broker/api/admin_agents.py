@@ -14,7 +14,7 @@ from broker.api.agents import EnrollInput, EnrollmentOutput
 from broker.api.policy import GrantPolicyInput
 from broker.api.serializers import StrictCharField, StrictInputSerializer
 from broker.errors import ServiceError
-from broker.models import Agent, AgentStatus, Token
+from broker.models import Agent, AgentStatus, IdentityGrant, Token
 from broker.services.agents import (
     agent_approve,
     agent_enroll,
@@ -24,6 +24,12 @@ from broker.services.agents import (
     agents_pending,
 )
 from broker.services.backends import backend_get
+from broker.services.identity import (
+    identity_grant,
+    identity_grant_get,
+    identity_grants_of,
+    identity_revoke,
+)
 from broker.services.policy import grant_set
 from broker.services.tokens import token_get, token_revoke
 
@@ -84,6 +90,27 @@ class GrantInput(GrantPolicyInput):
     """A backend, and optionally the grant's policy (see GrantPolicyInput)."""
 
     backend = StrictCharField(max_length=63)
+
+
+class IdentityGrantOutput(serializers.ModelSerializer[IdentityGrant]):
+    lifetime = serializers.IntegerField(help_text="seconds each identity token lives")
+    created_by = serializers.SerializerMethodField()
+
+    class Meta:
+        model = IdentityGrant
+        fields = ["id", "audience", "lifetime", "created_at", "created_by"]
+
+    def get_created_by(self, grant: IdentityGrant) -> str | None:
+        return grant.created_by.get_username() if grant.created_by else None
+
+
+class IdentityGrantInput(StrictInputSerializer):
+    audience = StrictCharField(max_length=300, help_text="e.g. https://api.anthropic.com")
+    lifetime = serializers.JSONField(
+        required=False,
+        help_text='seconds, or "90s", "10m", "1h"; 1 minute to the issuer\'s token lifetime '
+        "(default 10m; again for the same audience changes it)",
+    )
 
 
 def _agents() -> QuerySet[Agent]:
@@ -228,4 +255,44 @@ class TokenDetailView(APIView):
     )
     def delete(self, request: Request, token_id: str) -> Response:
         token_revoke(token=token_get(token_id=token_id), by=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class AgentIdentityListView(APIView):
+    @extend_schema(
+        operation_id="admin_agents_identities_list", responses=IdentityGrantOutput(many=True)
+    )
+    def get(self, request: Request, agent_id: str) -> Response:
+        agent = agent_get_by_id(agent_id=agent_id)
+        return Response(IdentityGrantOutput(identity_grants_of(agent), many=True).data)
+
+    @extend_schema(
+        operation_id="admin_agents_identities_grant",
+        request=IdentityGrantInput,
+        responses={201: IdentityGrantOutput},
+        description="Let the agent get identity tokens (JWTs) for this audience from "
+        "POST /oauth/token; for an audience it already has, change the lifetime.",
+    )
+    def post(self, request: Request, agent_id: str) -> Response:
+        agent = agent_get_by_id(agent_id=agent_id)
+        data = IdentityGrantInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        grant = identity_grant(
+            agent=agent,
+            audience=data.validated_data["audience"],
+            lifetime=data.validated_data.get("lifetime"),
+            by=request.user,
+        )
+        return Response(IdentityGrantOutput(grant).data, status=status.HTTP_201_CREATED)
+
+
+class AgentIdentityDetailView(APIView):
+    @extend_schema(
+        operation_id="admin_agents_identities_revoke",
+        responses={204: OpenApiResponse(description="no more identity tokens for it")},
+    )
+    def delete(self, request: Request, agent_id: str, grant_id: str) -> Response:
+        agent = agent_get_by_id(agent_id=agent_id)
+        grant = identity_grant_get(agent=agent, grant_id=grant_id)
+        identity_revoke(agent=agent, audience=grant.audience, by=request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)

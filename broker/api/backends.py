@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -13,6 +13,7 @@ from rest_framework.views import APIView
 from broker.api.serializers import StrictBooleanField, StrictCharField, StrictInputSerializer
 from broker.models import Backend
 from broker.services.backends import (
+    FederationSettings,
     TtlBounds,
     backend_add,
     backend_get,
@@ -21,19 +22,45 @@ from broker.services.backends import (
     backend_update,
     backend_validate,
 )
+from broker.services.oidc import backend_subject
+
+
+class FederationOutput(serializers.Serializer[Any]):
+    federation_rule_id = serializers.CharField()
+    organization_id = serializers.CharField()
+    service_account_id = serializers.CharField()
+    workspace_id = serializers.CharField()
+    audience = serializers.CharField(help_text="the aud of keybroker's JWT for this upstream")
+    subject = serializers.CharField(help_text="the sub of keybroker's JWT for this upstream")
 
 
 class BackendOutput(serializers.ModelSerializer[Backend]):
     fingerprint = serializers.CharField(source="secret_fingerprint")
     ttl = serializers.SerializerMethodField()
     validation = serializers.SerializerMethodField()
+    federation = serializers.SerializerMethodField(
+        help_text="workload identity settings (kind anthropic-wif), else null"
+    )
 
     class Meta:
         model = Backend
         fields = [
             "name", "kind", "base_url", "fingerprint", "auth_scheme", "client_key", "enabled",
-            "ttl", "validation", "created_at", "rotated_at",
+            "ttl", "validation", "federation", "created_at", "rotated_at",
         ]  # fmt: skip
+
+    @extend_schema_field(FederationOutput(allow_null=True))
+    def get_federation(self, backend: Backend) -> dict[str, str] | None:
+        if not backend.federated:
+            return None
+        return {
+            "federation_rule_id": backend.federation_rule_id,
+            "organization_id": backend.organization_id,
+            "service_account_id": backend.service_account_id,
+            "workspace_id": backend.workspace_id,
+            "audience": backend.federation_audience,
+            "subject": backend_subject(backend.name),
+        }
 
     def get_ttl(self, backend: Backend) -> dict[str, int]:
         return {
@@ -56,6 +83,25 @@ class TtlInput(StrictInputSerializer):
     max = serializers.IntegerField(min_value=1)
 
 
+class FederationInput(StrictInputSerializer):
+    """Workload identity settings of an anthropic-wif backend: ids, not secrets."""
+
+    federation_rule_id = StrictCharField(max_length=100, required=False, help_text="fdrl_…")
+    organization_id = StrictCharField(max_length=100, required=False, help_text="a UUID")
+    service_account_id = StrictCharField(
+        max_length=100, required=False, allow_blank=True, help_text="svac_…"
+    )
+    workspace_id = StrictCharField(
+        max_length=100, required=False, allow_blank=True, help_text="wrkspc_… or default"
+    )
+    audience = StrictCharField(
+        max_length=255,
+        required=False,
+        allow_blank=True,
+        help_text="aud of keybroker's JWT (default https://api.anthropic.com)",
+    )
+
+
 class BackendCreateInput(StrictInputSerializer):
     name = StrictCharField(max_length=63)
     kind = StrictCharField(max_length=32, default="anthropic")
@@ -67,12 +113,16 @@ class BackendCreateInput(StrictInputSerializer):
     )
     base_url = StrictCharField(max_length=300, required=False)
     ttl = TtlInput(required=False)
+    federation = FederationInput(required=False, help_text="kind anthropic-wif only")
 
 
 class BackendUpdateInput(StrictInputSerializer):
     base_url = StrictCharField(max_length=300, required=False)
     ttl = TtlInput(required=False)
     enabled = StrictBooleanField(required=False)
+    federation = FederationInput(
+        required=False, help_text="anthropic-wif only; fields left out keep their values"
+    )
 
 
 class SecretInput(StrictInputSerializer):
@@ -84,6 +134,11 @@ def _ttl(data: dict[str, Any]) -> TtlBounds | None:
     return TtlBounds(ttl["min"], ttl["max"], ttl["default"]) if ttl else None
 
 
+def _federation(data: dict[str, Any]) -> FederationSettings | None:
+    given = data.get("federation")
+    return FederationSettings(**given) if given is not None else None
+
+
 class BackendListView(APIView):
     @extend_schema(operation_id="admin_backends_list", responses=BackendOutput(many=True))
     def get(self, request: Request) -> Response:
@@ -93,7 +148,8 @@ class BackendListView(APIView):
         operation_id="admin_backends_create",
         request=BackendCreateInput,
         responses={201: BackendOutput},
-        description="Add a backend. The secret is write-only: no response ever contains it.",
+        description="Add a backend. The secret is write-only: no response ever contains it. "
+        "An anthropic-wif backend takes `federation` instead of a secret.",
     )
     def post(self, request: Request) -> Response:
         data = BackendCreateInput(data=request.data)
@@ -105,6 +161,7 @@ class BackendListView(APIView):
             client_key=data.validated_data["client_key"],
             base_url=data.validated_data.get("base_url"),
             ttl=_ttl(data.validated_data),
+            federation=_federation(data.validated_data),
             by=request.user,
         )
         return Response(BackendOutput(backend).data, status=status.HTTP_201_CREATED)
@@ -127,6 +184,7 @@ class BackendDetailView(APIView):
             base_url=data.validated_data.get("base_url"),
             ttl=_ttl(data.validated_data),
             enabled=data.validated_data.get("enabled"),
+            federation=_federation(data.validated_data),
             by=request.user,
         )
         return Response(BackendOutput(backend).data)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from dataclasses import dataclass
+import re
+import uuid
+from dataclasses import dataclass, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,9 +19,15 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from broker.errors import Conflict, NotFound, ServiceError
-from broker.logging import redact
+from broker.logging import SECRET_PATTERN, redact
 from broker.models import Backend, ValidationState, name_validator
 from broker.services.access import access_changed
+from broker.services.federation import (
+    FederationError,
+    federation_forget,
+    federation_of,
+    federation_token,
+)
 from proxy.providers import Provider, ProviderError, provider_for
 
 logger = logging.getLogger(__name__)
@@ -112,6 +120,106 @@ def _queue_validation(backend: Backend) -> None:
 
 
 CLIENT_KEY_FINGERPRINT = "(the agent's own key)"
+FEDERATION_FINGERPRINT = "(workload identity)"
+
+# Anthropic's tagged ids: a prefix, then letters, digits, dashes and underscores.
+_TAGGED_ID = r"[A-Za-z0-9_-]{1,90}"
+_FEDERATION_ID_PATTERNS = {
+    "federation_rule_id": re.compile(rf"^fdrl_{_TAGGED_ID}$"),
+    "service_account_id": re.compile(rf"^svac_{_TAGGED_ID}$"),
+    "workspace_id": re.compile(rf"^(?:wrkspc_{_TAGGED_ID}|default)$"),
+}
+_FEDERATION_ID_EXAMPLES = {
+    "federation_rule_id": "fdrl_…",
+    "service_account_id": "svac_…",
+    "workspace_id": "wrkspc_… or default",
+}
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """What a workload identity backend exchanges with: ids from the Anthropic console.
+
+    ``None`` means "not given" (keep the current value when updating); ``""`` clears an
+    optional one. Identifiers, not secrets.
+    """
+
+    federation_rule_id: str | None = None
+    organization_id: str | None = None
+    service_account_id: str | None = None
+    workspace_id: str | None = None
+    audience: str | None = None
+
+    def given(self) -> dict[str, str]:
+        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
+
+
+FEDERATION_FIELDS = tuple(f.name for f in fields(FederationSettings))
+
+
+def backend_clean_federation(settings_: FederationSettings) -> FederationSettings:
+    """The settings with each given value checked and trimmed; every problem named at once."""
+    problems: list[str] = []
+    cleaned: dict[str, str] = {}
+    for name, raw in settings_.given().items():
+        value = raw.strip()
+        cleaned[name] = value
+        if not value:
+            continue
+        if SECRET_PATTERN.search(value):
+            problems.append(f"{name}: must not look like a credential")
+        elif name == "organization_id":
+            try:
+                cleaned[name] = str(uuid.UUID(value))
+            except ValueError:
+                problems.append(
+                    f"{name}: must be your organization's UUID (Claude Console, Settings > "
+                    "Organization)"
+                )
+        elif name == "audience":
+            if len(value) > 255 or any(c.isspace() or not c.isprintable() for c in value):
+                problems.append(f"{name}: at most 255 characters, no spaces")
+        elif not _FEDERATION_ID_PATTERNS[name].match(value):
+            problems.append(f"{name}: expected {_FEDERATION_ID_EXAMPLES[name]}")
+    if problems:
+        raise ServiceError("; ".join(problems))
+    return replace(settings_, **cleaned)
+
+
+def _apply_federation(backend: Backend, settings_: FederationSettings) -> dict[str, str]:
+    """Set the given values on ``backend``; returns what changed. Required ones must end up
+    set, so a backend can never be left half-configured."""
+    columns = {
+        "federation_rule_id": "federation_rule_id",
+        "organization_id": "organization_id",
+        "service_account_id": "service_account_id",
+        "workspace_id": "workspace_id",
+        "audience": "federation_audience",
+    }
+    changed = {}
+    for name, value in backend_clean_federation(settings_).given().items():
+        if name == "audience" and not value:
+            value = provider_for(backend.kind).default_audience
+        if getattr(backend, columns[name]) != value:
+            setattr(backend, columns[name], value)
+            changed[name] = value
+    missing = [
+        name for name in ("federation_rule_id", "organization_id") if not getattr(backend, name)
+    ]
+    if missing:
+        raise ServiceError(
+            "; ".join(f"{name}: required for an {backend.kind} backend" for name in missing)
+        )
+    if not backend.federation_audience:
+        backend.federation_audience = provider_for(backend.kind).default_audience
+    backend.secret_fingerprint = f"{backend.federation_rule_id} {FEDERATION_FINGERPRINT}"[:64]
+    backend.auth_scheme = provider_for(backend.kind).auth_scheme("").name
+    return changed
+
+
+def backend_stores_secret(*, kind: str, client_key: bool = False) -> bool:
+    """Whether adding a backend of this kind asks for a secret (the CLI prompts for it)."""
+    return not client_key and not backend_check_kind(kind).federated
 
 
 @transaction.atomic
@@ -123,9 +231,14 @@ def backend_add(
     kind: str = "anthropic",
     base_url: str | None = None,
     ttl: TtlBounds | None = None,
+    federation: FederationSettings | None = None,
     by: User = None,
 ) -> Backend:
     provider = backend_check_kind(kind)
+    if federation is not None and federation.given() and not provider.federated:
+        raise ServiceError(
+            f"federation settings: only an anthropic-wif backend takes them (this one is {kind})"
+        )
     ttl = ttl or TtlBounds()
     ttl.check()
     backend = Backend(
@@ -137,7 +250,14 @@ def backend_add(
         token_ttl_default=ttl.default,
         client_key=client_key,
     )
-    if client_key:
+    if provider.federated:
+        # No secret exists to store: the access token comes from exchanging our own JWT.
+        if secret.strip():
+            raise ServiceError(f"secret: an {kind} backend stores no secret; leave it out")
+        if client_key:
+            raise ServiceError(f"client_key: an {kind} backend uses workload identity instead")
+        _apply_federation(backend, federation or FederationSettings())
+    elif client_key:
         if secret.strip():
             raise ServiceError("secret: a --client-key backend stores no secret; leave it out")
         backend.secret_fingerprint = CLIENT_KEY_FINGERPRINT
@@ -159,10 +279,23 @@ def backend_add(
         base_url=backend.base_url,
         fingerprint=backend.secret_fingerprint,
         client_key=client_key,
+        **_federation_detail(backend),
     )
     if not client_key:
         _queue_validation(backend)
     return backend
+
+
+def _federation_detail(backend: Backend) -> dict[str, Any]:
+    if not backend.federated:
+        return {}
+    return {
+        "federation_rule_id": backend.federation_rule_id,
+        "organization_id": backend.organization_id,
+        "service_account_id": backend.service_account_id,
+        "workspace_id": backend.workspace_id,
+        "audience": backend.federation_audience,
+    }
 
 
 @transaction.atomic
@@ -172,10 +305,21 @@ def backend_update(
     base_url: str | None = None,
     ttl: TtlBounds | None = None,
     enabled: bool | None = None,
+    federation: FederationSettings | None = None,
     by: User = None,
 ) -> Backend:
     """Change a backend's settings; the secret changes only through backend_rotate."""
     changed: dict[str, Any] = {}
+    if federation is not None and federation.given():
+        if not backend.federated:
+            raise ServiceError(
+                f"federation settings: backend {backend.name} is {backend.kind}; only an "
+                "anthropic-wif backend takes them"
+            )
+        changed.update(_apply_federation(backend, federation))
+        if changed:
+            # Like a rotation: a validation still running for the old settings is dropped.
+            backend.rotated_at = timezone.now()
     if base_url is not None:
         clean = backend_clean_base_url(base_url)
         if clean != backend.base_url:
@@ -195,7 +339,7 @@ def backend_update(
         backend.save()
         access_changed()
         audit_record(action="backend.updated", by=by, backend=backend.name, **changed)
-        if "base_url" in changed and not backend.client_key:
+        if not backend.client_key and ({"base_url", *FEDERATION_FIELDS} & set(changed)):
             _queue_validation(backend)
     return backend
 
@@ -206,6 +350,11 @@ def backend_rotate(*, backend: Backend, secret: str, by: User = None) -> Backend
     if backend.client_key:
         raise ServiceError(
             f"backend {backend.name} uses the agents' own keys; it has none to rotate"
+        )
+    if backend.federated:
+        raise ServiceError(
+            f"backend {backend.name} uses workload identity and has no key to rotate; "
+            "change its federation settings instead"
         )
     old_fingerprint = backend.secret_fingerprint
     _apply_secret(backend, secret)
@@ -273,10 +422,20 @@ def backend_check(*, backend: Backend) -> ValidationResult:
     provider = provider_for(backend.kind)
     url = backend.base_url + provider.models_path
     host = urlsplit(backend.base_url).netloc
+    secret, what = backend.secret, "the key"
+    federation = federation_of(backend)
+    if federation is not None:
+        # Validation takes the same path as a proxied call: the shared, cached access token
+        # (exchanged now if there is none), then GET /v1/models with it.
+        try:
+            secret, what = federation_token(federation).token, "the federated access token"
+        except FederationError as exc:
+            state = ValidationState.UNREACHABLE if exc.unreachable else ValidationState.INVALID
+            return ValidationResult(state, exc.message)
     try:
         response = httpx.get(
             url,
-            headers=provider.validation_headers(backend.secret),
+            headers=provider.validation_headers(secret),
             timeout=settings.BACKEND_VALIDATE_TIMEOUT_SECONDS,
             follow_redirects=False,
         )
@@ -290,7 +449,9 @@ def backend_check(*, backend: Backend) -> ValidationResult:
             ValidationState.UNREACHABLE, f"cannot reach {host} ({type(exc).__name__})"
         )
     if response.status_code == 200:
-        return ValidationResult(ValidationState.VALID, f"{host} accepted the key")
+        return ValidationResult(ValidationState.VALID, f"{host} accepted {what}")
+    if federation is not None and response.status_code == 401:
+        federation_forget(federation, secret)
     message = _upstream_error_message(response)
     if response.status_code in {401, 403}:
         return ValidationResult(ValidationState.INVALID, message)

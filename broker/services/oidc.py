@@ -6,7 +6,7 @@ import base64
 import hashlib
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from broker.errors import OAuthError
-from broker.models import Agent, AgentStatus, OidcClient, SigningKey
+from broker.models import Agent, AgentStatus, IdentityGrant, OidcClient, SigningKey
 from broker.secrets import secret_digest, secret_issue
 from broker.services.access import agent_require_approved
 
@@ -38,8 +38,24 @@ class IssuedClient:
 
 @dataclass(frozen=True)
 class AccessToken:
-    jwt: str
+    jwt: str = field(repr=False)
     expires_in: int
+
+
+@dataclass(frozen=True)
+class Assertion:
+    """A JWT keybroker signs for itself, to exchange at a federated upstream."""
+
+    jwt: str = field(repr=False)
+    jti: str
+    kid: str
+    subject: str
+
+
+# How long keybroker's own JWT for a federated backend lives. It is sent once, at once, and
+# never stored; but Anthropic caps the access token it mints at twice the assertion's
+# remaining validity, so a 30-minute assertion is what buys a full hour's access token.
+BACKEND_ASSERTION_SECONDS = 1800
 
 
 def issuer() -> str:
@@ -170,36 +186,74 @@ def oidc_token_issue(
             "unauthorized_client", f"agent {agent.name} is {agent.status}", status_code=400
         )
     audience = audience or issuer()
-    if audience != issuer():
-        raise OAuthError(
-            "invalid_target", f"agent {agent.name} may not get tokens for audience {audience}"
-        )
-    now = timezone.now()
     lifetime = settings.OIDC_TOKEN_LIFETIME_SECONDS
-    key = signing_key_current()
-    claims = {
-        "iss": issuer(),
-        "sub": str(agent.pk),
-        "aud": audience,
-        "iat": int(now.timestamp()),
-        "nbf": int(now.timestamp()),
-        "exp": int(now.timestamp()) + lifetime,
-        "jti": secrets.token_urlsafe(16),
-        "client_id": client.client_id,
-        "name": agent.name,
-    }
-    token = jwt.encode(claims, key.private_pem, algorithm=key.algorithm, headers={"kid": key.kid})
+    identity: IdentityGrant | None = None
+    if audience != issuer():
+        # An identity token for someone else (Anthropic's federation, say): only for an
+        # audience an admin granted, and only as long as that grant says.
+        identity = IdentityGrant.objects.filter(agent=agent, audience=audience).first()
+        if identity is None:
+            raise OAuthError(
+                "invalid_target", f"agent {agent.name} may not get tokens for audience {audience}"
+            )
+        lifetime = min(identity.lifetime, settings.OIDC_TOKEN_LIFETIME_SECONDS)
+    now = timezone.now()
+    token, claims, kid = _sign(
+        subject=str(agent.pk),
+        audience=audience,
+        lifetime=lifetime,
+        extra={"client_id": client.client_id, "name": agent.name},
+    )
     OidcClient.objects.filter(pk=client.pk).update(last_used_at=now)
     audit_record(
-        action="oidc.token_issued",
+        action="oidc.identity_token_issued" if identity else "oidc.token_issued",
         agent=agent,
         address=address,
         client_id=client.client_id,
         audience=audience,
         jti=claims["jti"],
-        kid=key.kid,
+        kid=kid,
+        lifetime=lifetime,
     )
     return AccessToken(token, lifetime)
+
+
+def _sign(
+    *, subject: str, audience: str, lifetime: int, extra: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any], str]:
+    """A JWT from keybroker's issuer, signed with the current key: (jwt, claims, kid)."""
+    now = int(timezone.now().timestamp())
+    key = signing_key_current()
+    claims = {
+        "iss": issuer(),
+        "sub": subject,
+        "aud": audience,
+        "iat": now,
+        "nbf": now,
+        "exp": now + lifetime,
+        # Relying parties may refuse a jti they saw before (Anthropic does by default): every
+        # JWT gets its own.
+        "jti": secrets.token_urlsafe(16),
+        **(extra or {}),
+    }
+    token = jwt.encode(claims, key.private_pem, algorithm=key.algorithm, headers={"kid": key.kid})
+    return token, claims, key.kid
+
+
+def backend_subject(backend_name: str) -> str:
+    """The ``sub`` of keybroker's own JWTs for a backend; never an agent's id (a UUID)."""
+    return f"backend:{backend_name}"
+
+
+def oidc_backend_assertion(*, backend_name: str, audience: str) -> Assertion:
+    """keybroker's JWT for a federated backend, to exchange upstream for an access token.
+
+    Not audited here: the exchange that spends it is (``backend.token_exchanged``).
+    """
+    lifetime = min(BACKEND_ASSERTION_SECONDS, settings.OIDC_TOKEN_LIFETIME_SECONDS)
+    subject = backend_subject(backend_name)
+    token, claims, kid = _sign(subject=subject, audience=audience, lifetime=lifetime)
+    return Assertion(jwt=token, jti=claims["jti"], kid=kid, subject=subject)
 
 
 def looks_like_jwt(token: str) -> bool:

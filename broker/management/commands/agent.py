@@ -1,4 +1,5 @@
-"""`manage.py agent ls|pending|approve|reject|unenroll|create|grant|grants|defaults`."""
+"""`manage.py agent ls|pending|approve|reject|unenroll|create|grant|grants|defaults`, and
+`grant-identity|revoke-identity|identities` for identity tokens (workload identity)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from broker.services.agents import (
     agents_pending,
 )
 from broker.services.backends import backend_get
+from broker.services.identity import identity_grant, identity_grants_of, identity_revoke
+from broker.services.oidc import issuer
 from broker.services.policy import (
     BACKEND_COLUMNS,
     POLICY_FIELDS,
@@ -108,10 +111,26 @@ class Command(BaseCommand):
         )
         defaults.add_argument("backend")
         _policy_flags(defaults, with_ttl=False)
+        identity = sub.add_parser(
+            "grant-identity",
+            help="let an agent get identity tokens (JWTs) for an audience, e.g. Anthropic's "
+            "workload identity federation; again changes the lifetime",
+        )
+        identity.add_argument("name")
+        identity.add_argument("--audience", required=True, metavar="URL")
+        identity.add_argument(
+            "--lifetime", metavar="TTL", help="how long each token lives (default 10m, 1m to 1h)"
+        )
+        revoke = sub.add_parser("revoke-identity", help="no more identity tokens for an audience")
+        revoke.add_argument("name")
+        revoke.add_argument("--audience", required=True, metavar="URL")
+        identities = sub.add_parser("identities", help="the audiences an agent may get tokens for")
+        identities.add_argument("name")
+        identities.add_argument("--json", action="store_true")
 
     def handle(self, *args: Any, **options: Any) -> None:
         with service_errors():
-            getattr(self, f"do_{options['action']}")(**options)
+            getattr(self, f"do_{options['action'].replace('-', '_')}")(**options)
 
     def _rows(self, agents: list[Agent]) -> str:
         rows = [
@@ -209,4 +228,35 @@ class Command(BaseCommand):
         backend = backend_policy_update(backend=backend, policy=changes)
         self.stdout.write(
             f"defaults for grants on {backend.name}: {_policy_line(backend_defaults(backend))}"
+        )
+
+    def do_grant_identity(self, **options: Any) -> None:
+        agent = agent_get(name=options["name"])
+        grant = identity_grant(
+            agent=agent, audience=options["audience"], lifetime=options["lifetime"]
+        )
+        self.stdout.write(
+            f"{agent.name} may now get identity tokens for {grant.audience}, each valid for "
+            f"{format_duration(grant.lifetime)} (sub {agent.pk}, iss {issuer()})"
+        )
+
+    def do_revoke_identity(self, **options: Any) -> None:
+        agent = agent_get(name=options["name"])
+        identity_revoke(agent=agent, audience=options["audience"])
+        self.stdout.write(
+            f"{agent.name} gets no more identity tokens for {options['audience'].strip()}; "
+            "those issued live out their lifetime"
+        )
+
+    def do_identities(self, **options: Any) -> None:
+        agent = agent_get(name=options["name"])
+        grants = identity_grants_of(agent)
+        if options["json"]:
+            from broker.api.admin_agents import IdentityGrantOutput
+
+            self.stdout.write(as_json(IdentityGrantOutput(grants, many=True).data))
+            return
+        rows = [(g.audience, format_duration(g.lifetime), _when(g.created_at)) for g in grants]
+        self.stdout.write(
+            table(rows, ["AUDIENCE", "LIFETIME", "GRANTED"]) if rows else "no identity grants"
         )

@@ -10,13 +10,17 @@ from broker.api.backends import BackendOutput
 from broker.management.commands._output import as_json, read_secret, service_errors, table
 from broker.models import Backend
 from broker.services.backends import (
+    FEDERATION_FIELDS,
+    FederationSettings,
     TtlBounds,
     backend_add,
     backend_get,
     backend_remove,
     backend_rotate,
+    backend_stores_secret,
     backend_validate,
 )
+from broker.services.oidc import backend_subject
 
 
 class Command(BaseCommand):
@@ -34,6 +38,17 @@ class Command(BaseCommand):
             help="store no key: agents send their own in X-Anthropic-Key",
         )
         add.add_argument("--base-url", help="default: the provider's (https://api.anthropic.com)")
+        wif = add.add_argument_group(
+            "workload identity (--kind anthropic-wif: no key is stored; keybroker exchanges "
+            "its own JWT for a short-lived access token)"
+        )
+        wif.add_argument("--federation-rule-id", metavar="fdrl_…")
+        wif.add_argument("--organization-id", metavar="UUID")
+        wif.add_argument("--service-account-id", metavar="svac_…")
+        wif.add_argument("--workspace-id", metavar="wrkspc_…|default")
+        wif.add_argument(
+            "--audience", help="aud of keybroker's JWT (default https://api.anthropic.com)"
+        )
         add.add_argument("--ttl-min", type=int, default=60, help="seconds (default 60)")
         add.add_argument("--ttl-default", type=int, default=600, help="seconds (default 600)")
         add.add_argument("--ttl-max", type=int, default=3600, help="seconds (default 3600)")
@@ -56,16 +71,28 @@ class Command(BaseCommand):
 
     def do_add(self, **options: Any) -> None:
         client_key = options["client_key"]
+        asks_secret = options["api_key"] or backend_stores_secret(
+            kind=options["kind"], client_key=client_key
+        )
         backend = backend_add(
             name=options["name"],
             kind=options["kind"],
             client_key=client_key,
-            secret=""
-            if client_key and not options["api_key"]
-            else read_secret(options["api_key"], prompt="API key (not echoed): "),
+            secret=read_secret(options["api_key"], prompt="API key (not echoed): ")
+            if asks_secret
+            else "",
             base_url=options["base_url"],
             ttl=TtlBounds(options["ttl_min"], options["ttl_max"], options["ttl_default"]),
+            federation=FederationSettings(**{name: options[name] for name in FEDERATION_FIELDS}),
         )
+        if backend.federated:
+            self.stdout.write(
+                f"added backend {backend.name}: no key stored; it exchanges keybroker's JWT "
+                f"(sub {backend_subject(backend.name)}, aud {backend.federation_audience}) "
+                f"under {backend.federation_rule_id}; validation is queued "
+                "(see `backend inspect`)"
+            )
+            return
         if client_key:
             self.stdout.write(
                 f"added backend {backend.name}; agents send their own key in X-Anthropic-Key"

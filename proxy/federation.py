@@ -1,0 +1,120 @@
+"""The access token of a federated backend, as the proxy's hot path needs it: from memory.
+
+Each process (and event loop) keeps the token it last got and uses it until it is due for a
+refresh, so a busy backend costs nothing per request. A refresh is single-flight: the first
+request that finds the token stale starts one exchange (in a worker thread, through the
+shared Redis cache and lock of broker/services/federation.py) and every request arriving
+meanwhile awaits that same one. A failed exchange is remembered for a few seconds so a
+broken federation setting is not retried by every request; a token that failed to refresh
+but has not expired yet keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from typing import Any
+
+from broker.db import db_call
+from broker.services import federation as service
+from broker.services.federation import FederatedToken, Federation, FederationError
+from proxy.access import AccessDenied
+from proxy.providers import OAUTH_BEARER, AuthScheme
+
+logger = logging.getLogger(__name__)
+
+FAILURE_COOLDOWN_SECONDS = 5.0
+
+_federation_token = db_call(service.federation_token)
+_federation_forget = db_call(service.federation_forget)
+
+
+class FederationCache:
+    def __init__(self) -> None:
+        self._tokens: dict[str, FederatedToken] = {}
+        self._flights: dict[str, asyncio.Future[FederatedToken]] = {}
+        self._failures: dict[str, tuple[float, FederationError]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def token(self, federation: Federation) -> str:
+        key = federation.cache_key
+        held = self._tokens.get(key)
+        if held is not None and held.fresh(service.clock()):
+            return held.token
+        try:
+            return (await self._refreshed(federation)).token
+        except FederationError:
+            # An upstream token endpoint that is down must not take the backend down while
+            # the token in hand is still good.
+            if held is not None and held.usable(service.clock()):
+                logger.warning(
+                    "backend %s: refreshing its access token failed; using the current one",
+                    federation.backend,
+                )
+                return held.token
+            raise
+
+    async def _refreshed(self, federation: Federation) -> FederatedToken:
+        key = federation.cache_key
+        flight = self._flights.get(key)
+        if flight is None:
+            failure = self._failures.get(key)
+            if failure is not None and failure[0] > time.monotonic():
+                raise failure[1]
+            flight = asyncio.ensure_future(self._exchange(federation))
+            # Nobody may be left to await a failed flight (all its callers hung up).
+            flight.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self._flights[key] = flight
+        # Shielded: a client that hangs up must not cancel the exchange the others await.
+        return await asyncio.shield(flight)
+
+    async def _exchange(self, federation: Federation) -> FederatedToken:
+        key = federation.cache_key
+        try:
+            token = await _federation_token(federation)
+        except FederationError as exc:
+            self._failures[key] = (time.monotonic() + FAILURE_COOLDOWN_SECONDS, exc)
+            raise
+        finally:
+            self._flights.pop(key, None)
+        self._tokens[key] = token
+        self._failures.pop(key, None)
+        return token
+
+    def forget(self, federation: Federation, token: str) -> None:
+        """The upstream answered 401 to ``token``: the next call exchanges anew."""
+        key = federation.cache_key
+        held = self._tokens.get(key)
+        if held is not None and held.token == token:
+            del self._tokens[key]
+        task = asyncio.ensure_future(_federation_forget(federation, token))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+_caches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FederationCache] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def federation_cache() -> FederationCache:
+    loop = asyncio.get_running_loop()
+    cache = _caches.get(loop)
+    if cache is None:
+        cache = _caches[loop] = FederationCache()
+    return cache
+
+
+async def federated_secret(federation: Federation) -> tuple[AuthScheme, str]:
+    """What a federated backend's calls carry upstream: the access token, as a Bearer with
+    the OAuth beta flag. Refusals use the proxy's own error shape and name the backend."""
+    try:
+        token = await federation_cache().token(federation)
+    except FederationError as exc:
+        status = 504 if exc.timed_out else 502
+        raise AccessDenied(
+            status, "api_error", f"backend {federation.backend}: {exc.message}"
+        ) from None
+    return OAUTH_BEARER, token
