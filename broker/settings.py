@@ -177,6 +177,12 @@ try:
     Rate.parse(ENROLL_RATE)
 except ValueError as exc:
     raise ImproperlyConfigured(f"KEYBROKER_ENROLL_RATE: {exc}") from None
+# The JWT signing algorithm for new keys (existing keys keep theirs until `oidc rotate-key`).
+OIDC_SIGNING_ALGORITHM = env_str("KEYBROKER_OIDC_ALGORITHM", "RS256").upper()
+if OIDC_SIGNING_ALGORITHM not in {"RS256", "ES256"}:
+    raise ImproperlyConfigured(
+        f"KEYBROKER_OIDC_ALGORITHM must be RS256 or ES256, not {OIDC_SIGNING_ALGORITHM!r}"
+    )
 OIDC_TOKEN_LIFETIME_SECONDS = env_int(
     "KEYBROKER_OIDC_TOKEN_LIFETIME", default=3600, minimum=60, maximum=3600
 )

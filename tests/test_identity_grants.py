@@ -54,7 +54,9 @@ def token_for(credentials: dict[str, Any], **extra: str) -> Any:
 def verified_claims(token: str) -> dict[str, Any]:
     """The claims, once an independent library checked the signature against the JWKS."""
     jwks = Client().get("/.well-known/jwks.json").json()
-    return dict(jwt.decode(token, KeySet.import_key_set(jwks), algorithms=["ES256"]).claims)
+    return dict(
+        jwt.decode(token, KeySet.import_key_set(jwks), algorithms=["RS256", "ES256"]).claims
+    )
 
 
 def manage(*args: str) -> str:

@@ -59,9 +59,12 @@ def test_discovery_names_the_issuer_and_its_endpoints() -> None:
     assert "client_credentials" in discovery["grant_types_supported"]
 
 
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
 def test_a_jwt_verifies_against_the_jwks_with_an_independent_library(
-    client_credentials: dict[str, Any],
+    client_credentials: dict[str, Any], settings: Any, algorithm: str
 ) -> None:
+    settings.OIDC_SIGNING_ALGORITHM = algorithm
+    call_command("oidc", "rotate-key", stdout=io.StringIO())
     assert client_credentials["client_secret"].startswith("cks_")
     issued = token_request(client_credentials)
     assert issued.status_code == 200, issued.content
@@ -71,7 +74,8 @@ def test_a_jwt_verifies_against_the_jwks_with_an_independent_library(
     assert issued["Cache-Control"] == "no-store"
 
     jwks = Client().get("/.well-known/jwks.json").json()
-    token = jwt.decode(body["access_token"], KeySet.import_key_set(jwks), algorithms=["ES256"])
+    token = jwt.decode(body["access_token"], KeySet.import_key_set(jwks), algorithms=[algorithm])
+    assert token.header["alg"] == algorithm
     jwt.JWTClaimsRegistry(
         iss={"essential": True, "value": settings.PUBLIC_URL},
         sub={"essential": True, "value": client_credentials["agent_id"]},
@@ -117,7 +121,7 @@ def test_json_and_basic_auth_work_too(client_credentials: dict[str, Any]) -> Non
 def _signed(claims: dict[str, Any], **header: str) -> str:
     key = signing_key_current()
     return pyjwt.encode(
-        claims, key.private_pem, algorithm="ES256", headers={"kid": key.kid, **header}
+        claims, key.private_pem, algorithm=key.algorithm, headers={"kid": key.kid, **header}
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
+from django.conf import settings
 from django.core.management import call_command
 from django.test import Client
 
@@ -45,7 +46,7 @@ def test_the_sdk_calls_through_the_proxy_with_the_exchanged_access_token(
     assert exchange.claims["iss"] == live_url
     assert exchange.claims["sub"] == "backend:wif"
     assert exchange.claims["aud"] == "https://api.anthropic.com"
-    assert exchange.header["alg"] == "ES256"
+    assert exchange.header["alg"] == settings.OIDC_SIGNING_ALGORITHM
     assert exchange.request == {
         "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
         "federation_rule_id": federated.rule_id,

@@ -12,7 +12,7 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -26,7 +26,8 @@ from broker.services.access import agent_require_approved
 logger = logging.getLogger(__name__)
 
 CKS_PREFIX = "cks"
-ALGORITHM = "ES256"
+# RS256 is what every relying party accepts; ES256 is smaller and faster where allowed.
+ALGORITHMS = ("RS256", "ES256")
 GRANT_CLIENT_CREDENTIALS = "client_credentials"
 
 
@@ -72,7 +73,9 @@ def oidc_discovery() -> dict[str, Any]:
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "response_types_supported": ["token"],
         "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": [ALGORITHM],
+        "id_token_signing_alg_values_supported": sorted(
+            {key.algorithm for key in signing_keys_published()}
+        ),
         "claims_supported": ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "client_id", "name"],
     }
 
@@ -85,7 +88,13 @@ def _new_kid(public_pem: bytes) -> str:
 
 @transaction.atomic
 def signing_key_create() -> SigningKey:
-    private = ec.generate_private_key(ec.SECP256R1())
+    """A key for ``KEYBROKER_OIDC_ALGORITHM``; a key keeps its algorithm until rotated."""
+    algorithm = settings.OIDC_SIGNING_ALGORITHM
+    private: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if algorithm == "RS256"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
     pem = private.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -94,7 +103,7 @@ def signing_key_create() -> SigningKey:
     public_pem = private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return SigningKey.objects.create(kid=_new_kid(public_pem), algorithm=ALGORITHM, private_pem=pem)
+    return SigningKey.objects.create(kid=_new_kid(public_pem), algorithm=algorithm, private_pem=pem)
 
 
 def signing_key_current() -> SigningKey:
@@ -119,16 +128,21 @@ def signing_keys_published() -> list[SigningKey]:
     return keys or [signing_key_current()]
 
 
-def _public_key(key: SigningKey) -> ec.EllipticCurvePublicKey:
+def _public_key(key: SigningKey) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
     private = serialization.load_pem_private_key(key.private_pem.encode(), password=None)
-    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    assert isinstance(private, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
     return private.public_key()
 
 
 def oidc_jwks() -> dict[str, list[dict[str, Any]]]:
     keys = []
     for key in signing_keys_published():
-        jwk = jwt.algorithms.ECAlgorithm.to_jwk(_public_key(key), as_dict=True)
+        public = _public_key(key)
+        jwk = (
+            jwt.algorithms.RSAAlgorithm.to_jwk(public, as_dict=True)
+            if isinstance(public, rsa.RSAPublicKey)
+            else jwt.algorithms.ECAlgorithm.to_jwk(public, as_dict=True)
+        )
         keys.append({**jwk, "kid": key.kid, "alg": key.algorithm, "use": "sig"})
     return {"keys": keys}
 
