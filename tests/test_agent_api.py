@@ -285,3 +285,26 @@ def test_an_enrollment_flood_gets_429_with_retry_after(anthropic: Backend) -> No
     assert (
         send(other, "post", "/v1/enroll", {"name": "x", "scopes": ["anthropic"]}).status_code == 201
     )
+
+
+def test_taking_a_backend_away_kills_its_tokens_and_nothing_else(
+    anthropic: Backend, staging: Backend, admin_api: Client
+) -> None:
+    agent, vend = enroll(scopes=("anthropic", "anthropic-staging"))
+    send(admin_api, "post", f"/v1/admin/pending/{agent.pk}/approve", {})
+    bob = as_agent(vend)
+    kept = send(bob, "post", "/v1/credentials/anthropic", {}).json()
+    taken = send(bob, "post", "/v1/credentials/anthropic-staging", {}).json()
+
+    removed = admin_api.delete(f"/v1/admin/agents/{agent.pk}/grants/anthropic-staging")
+
+    assert removed.status_code == 204
+    assert Token.objects.get(pk=taken["id"]).revoked_at is not None
+    assert Token.objects.get(pk=kept["id"]).revoked_at is None
+    assert bob.get("/v1/status").json()["scopes"] == ["anthropic"]
+    refused = send(bob, "post", "/v1/credentials/anthropic-staging", {})
+    assert refused.status_code == 403
+    event = AuditEvent.objects.get(action="grant.removed")
+    assert (event.backend, event.detail["tokens_revoked"]) == ("anthropic-staging", 1)
+    again = admin_api.delete(f"/v1/admin/agents/{agent.pk}/grants/anthropic-staging")
+    assert again.status_code == 404

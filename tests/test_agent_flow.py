@@ -69,3 +69,13 @@ def test_the_agent_cli_commands_refuse_in_one_line(anthropic: Backend) -> None:
         manage("agent", "grant", "ci", "nope")
     with pytest.raises(CommandError, match="nothing waits for a decision"):
         manage("agent", "reject", "ci")
+
+
+def test_agent_ungrant_from_the_command_line(anthropic: Backend) -> None:
+    call_command("agent", "create", "ci", "--can", "anthropic", stdout=io.StringIO(),
+                 stderr=io.StringIO())  # fmt: skip
+    assert "ci may no longer use anthropic (0 token(s) revoked)" in manage(
+        "agent", "ungrant", "ci", "anthropic"
+    )
+    with pytest.raises(CommandError, match="holds no grant for backend anthropic"):
+        manage("agent", "ungrant", "ci", "anthropic")

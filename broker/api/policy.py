@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import extend_schema
-from rest_framework import serializers
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from broker.api.serializers import StrictCharField, StrictInputSerializer
-from broker.services.agents import agent_get_by_id
+from broker.services.agents import agent_get_by_id, agent_ungrant
 from broker.services.backends import backend_get
 from broker.services.policy import (
     MAX_PATTERN_LENGTH,
@@ -128,6 +128,18 @@ class GrantPolicyView(APIView):
         data.is_valid(raise_exception=True)
         grant = grant_update(grant=grant, policy=data.validated_data, by=request.user)
         return Response(GrantPolicyOutput(grant_describe(grant)).data)
+
+    @extend_schema(
+        operation_id="admin_grant_remove",
+        responses={204: OpenApiResponse(description="removed; the agent's tokens for it revoked")},
+    )
+    def delete(self, request: Request, agent_id: str, backend: str) -> Response:
+        agent_ungrant(
+            agent=agent_get_by_id(agent_id=agent_id),
+            backend=backend_get(name=backend),
+            by=request.user,
+        )
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class BackendPolicyView(APIView):

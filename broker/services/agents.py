@@ -235,6 +235,24 @@ def agent_grant(*, agent: Agent, backend: Backend, by: User = None) -> Grant:
 
 
 @transaction.atomic
+def agent_ungrant(*, agent: Agent, backend: Backend, by: User = None) -> int:
+    """Take a backend away: the grant goes and the agent's live tokens for it die at once.
+
+    Returns how many tokens were revoked. The agent may ask for the backend again.
+    """
+    grant = Grant.objects.filter(agent=agent, backend=backend).first()
+    if grant is None:
+        raise NotFound(f"agent {agent.name} holds no grant for backend {backend.name}")
+    revoked = tokens_revoke_all(agent=agent, backend=backend, by=by, reason="grant removed")
+    grant.delete()
+    access_changed()
+    audit_record(
+        action="grant.removed", by=by, agent=agent, backend=backend.name, tokens_revoked=revoked
+    )
+    return revoked
+
+
+@transaction.atomic
 def agent_unenroll(*, agent: Agent, by: User = None) -> Agent:
     """The agent and every token it holds stop working at once; the row stays for history."""
     locked = _lock(agent)

@@ -182,7 +182,8 @@ def token_revoke(
 def tokens_revoke_all(
     *, agent: Agent | None = None, backend: Backend | None = None, by: User = None, reason: str
 ) -> int:
-    """Revoke every live token of an agent or a backend; returns how many."""
+    """Revoke every live token of an agent, of a backend, or of an agent for a backend;
+    returns how many."""
     tokens = tokens_live(agent=agent, backend=backend)
     for token in tokens:
         token_revoke(token=token, by=by, reason=reason)

@@ -16,6 +16,7 @@ from broker.services.agents import (
     agent_reject,
     agent_scopes,
     agent_unenroll,
+    agent_ungrant,
     agents_pending,
 )
 from broker.services.backends import backend_get
@@ -103,6 +104,11 @@ class Command(BaseCommand):
         grant.add_argument("name")
         grant.add_argument("backend")
         _policy_flags(grant)
+        ungrant = sub.add_parser(
+            "ungrant", help="take a backend away; the agent's tokens for it die at once"
+        )
+        ungrant.add_argument("name")
+        ungrant.add_argument("backend")
         grants = sub.add_parser("grants", help="list an agent's grants and their policy")
         grants.add_argument("name")
         grants.add_argument("--json", action="store_true")
@@ -196,6 +202,13 @@ class Command(BaseCommand):
         self.stdout.write(
             f"{agent.name} may now mint tokens for {grant.backend.name}; "
             f"policy: {_policy_line(effective)}"
+        )
+
+    def do_ungrant(self, **options: Any) -> None:
+        agent = agent_get(name=options["name"])
+        revoked = agent_ungrant(agent=agent, backend=backend_get(name=options["backend"]))
+        self.stdout.write(
+            f"{agent.name} may no longer use {options['backend']} ({revoked} token(s) revoked)"
         )
 
     def do_grants(self, **options: Any) -> None:
