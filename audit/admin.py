@@ -10,6 +10,7 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from audit.models import AuditEvent, PolicyResult
+from broker.admin_history import HistoryAdmin
 
 STATUS_COLOURS = {"2": "#1a7f37", "3": "#6e7781", "4": "#cf222e", "5": "#cf222e"}
 DENIED_COLOUR = "#bf8700"
@@ -87,7 +88,7 @@ class ProxiedFilter(admin.SimpleListFilter):
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(admin.ModelAdmin[AuditEvent]):
+class AuditEventAdmin(HistoryAdmin[AuditEvent]):
     """Read-only: nobody adds, edits or deletes history from the admin."""
 
     list_display = [
@@ -155,12 +156,3 @@ class AuditEventAdmin(admin.ModelAdmin[AuditEvent]):
     @admin.display(description="detail")
     def detail_json(self, event: AuditEvent) -> SafeString:
         return format_html("<pre>{}</pre>", json.dumps(event.detail, indent=2, sort_keys=True))
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
-        return False

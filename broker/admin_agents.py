@@ -28,6 +28,7 @@ from django.utils.safestring import SafeString
 from django.views.decorators.http import require_POST
 
 from audit.models import AuditEvent
+from broker.admin_history import HistoryAdmin
 from broker.errors import ServiceError
 from broker.models import Agent, AgentStatus, Grant, IdentityGrant, OidcClient, Token
 from broker.services.agents import agent_approve, agent_reject, agent_unenroll, agents_pending
@@ -189,7 +190,7 @@ class WaitingFilter(admin.SimpleListFilter):
 
 
 @admin.register(Agent)
-class AgentAdmin(admin.ModelAdmin[Agent]):
+class AgentAdmin(HistoryAdmin[Agent]):
     """Agents enroll over REST or `manage.py agent create`; here they are decided on."""
 
     list_display = [
@@ -235,17 +236,9 @@ class AgentAdmin(admin.ModelAdmin[Agent]):
         shown = list(super().get_list_display(request))
         return shown if self.has_decide_permission(request) else [c for c in shown if c != "decide"]
 
-    # Agents are never added, edited or deleted here: creation hands out a vend token
-    # (shown once, so it belongs to the CLI and the API), and deleting would erase history
-    # that unenrolling keeps. The change page is a view with decision buttons.
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Agent | None = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Agent | None = None) -> bool:
-        return False
+    # Agents are never added, edited or deleted here (HistoryAdmin): creation hands out a
+    # vend token (shown once, so it belongs to the CLI and the API), and deleting would
+    # erase history that unenrolling keeps. The change page is a view with decision buttons.
 
     def has_decide_permission(self, request: HttpRequest) -> bool:
         return _may(request, "change", Agent)
@@ -545,7 +538,7 @@ class TokenStateFilter(admin.SimpleListFilter):
 
 
 @admin.register(Token)
-class TokenAdmin(admin.ModelAdmin[Token]):
+class TokenAdmin(HistoryAdmin[Token]):
     """Read-only history of ``crd_`` tokens; revoking is the one thing done here."""
 
     list_display = [
@@ -558,15 +551,7 @@ class TokenAdmin(admin.ModelAdmin[Token]):
     actions = ["revoke_selected"]
     fields = readonly_fields = TOKEN_FIELDS
 
-    # Tokens are minted by agents only, and rows stay so the history does.
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Token | None = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Token | None = None) -> bool:
-        return False
+    # Tokens are minted by agents only, and rows stay so the history does (HistoryAdmin).
 
     def has_revoke_permission(self, request: HttpRequest) -> bool:
         return _may(request, "change", Token)
@@ -631,7 +616,7 @@ class TokenAdmin(admin.ModelAdmin[Token]):
 
 
 @admin.register(OidcClient)
-class OidcClientAdmin(admin.ModelAdmin[OidcClient]):
+class OidcClientAdmin(HistoryAdmin[OidcClient]):
     """Read-only: agents create their client credentials with POST /v1/clients."""
 
     list_display = ["client_id", "agent", "created_at", "last_used_at", "revoked_at"]
@@ -639,15 +624,6 @@ class OidcClientAdmin(admin.ModelAdmin[OidcClient]):
     list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
     search_fields = ["client_id", "agent__name"]
     fields = readonly_fields = OIDC_CLIENT_FIELDS
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: OidcClient | None = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: OidcClient | None = None) -> bool:
-        return False
 
 
 def _waiting_context(request: HttpRequest) -> dict[str, Any]:
