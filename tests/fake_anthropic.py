@@ -111,6 +111,8 @@ class FakeAnthropic:
     access_token_lifetime: int = 3600
     exchange_delay: float = 0.0
     seen_jtis: set[str] = field(default_factory=set)
+    # custom_ids whose batch result is "errored" (no usage) instead of "succeeded".
+    results_errored: set[str] = field(default_factory=set)
 
     def reset(self) -> None:
         self.federation_rules.clear()
@@ -119,6 +121,7 @@ class FakeAnthropic:
         self.access_token_lifetime = 3600
         self.exchange_delay = 0.0
         self.seen_jtis.clear()
+        self.results_errored.clear()
         self.valid_keys.clear()
         self.forbidden_keys.clear()
         self.hang_seconds = 0.0
@@ -386,13 +389,19 @@ class FakeAnthropic:
             return 200, batch
         return 200, {k: v for k, v in batch.items() if k[0] != "_"}
 
-    @staticmethod
-    async def _results(send: Send, batch: dict[str, Any]) -> None:
+    async def _results(self, send: Send, batch: dict[str, Any]) -> None:
+        """JSON Lines as Anthropic sends them; a succeeded message carries its usage."""
+        failed = {
+            "type": "errored",
+            "error": error("invalid_request_error", "max_tokens: field required"),
+        }
         lines = [
             json.dumps(
                 {
                     "custom_id": custom_id,
-                    "result": {"type": "succeeded", "message": message_body({"model": "claude"})},
+                    "result": failed
+                    if custom_id in self.results_errored
+                    else {"type": "succeeded", "message": message_body({"model": "claude"})},
                 }
             )
             for custom_id in batch["_custom_ids"]
