@@ -56,7 +56,7 @@ _SSE_LINE = re.compile(rb"^((?:event|data):[^\r\n]*)\r?\n|^(?:\r?\n)+", re.MULTI
 # A whole frame of an event that carries no usage (pings, content deltas: nearly all of a
 # stream), dropped in one regex pass before any line reaches Python.
 _QUIET_FRAME = re.compile(
-    rb"^event:[ ]*+(?!(?:message_start|message_delta|error)\r?\n)[^\r\n]*\r?\n"
+    rb"^event:[ ]*+(?!(?:message_start|message_delta|error)[ \t]*\r?\n)[^\r\n]*\r?\n"
     rb"(?:data:[^\r\n]*\r?\n)*\r?\n",
     re.MULTILINE,
 )

@@ -71,6 +71,11 @@ def test_a_later_delta_overrides_an_earlier_one() -> None:
     assert usage.stop_reason == "max_tokens"
 
 
+def test_an_event_name_with_trailing_blanks_still_counts() -> None:
+    body = stream_bytes().replace(b"event: message_delta\n", b"event: message_delta \t\n")
+    assert meter_in_pieces(body, []).finish().tokens["output_tokens"] == 14
+
+
 def test_a_streamed_error_event_is_noted() -> None:
     body = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error"}}\n\n'
     assert meter_in_pieces(body, [10]).finish().error_type == "overloaded_error"
