@@ -156,6 +156,9 @@ class GrantPolicyForm(forms.Form):
     tpm = forms.CharField(required=False, label="tpm", help_text="tokens per minute")
     daily_tokens = forms.CharField(required=False, label="daily tokens", help_text="UTC day")
     max_tokens = forms.CharField(required=False, label="max tokens", help_text="per request")
+    max_concurrent = forms.CharField(
+        required=False, label="max concurrent", help_text="calls in flight, per proxy process"
+    )
     max_ttl = forms.CharField(required=False, label="max TTL", help_text="of minted tokens")
 
     def __init__(self, grant: Grant, *args: Any, **kwargs: Any) -> None:

@@ -57,6 +57,7 @@ class Backend(models.Model):
     default_tpm = models.PositiveBigIntegerField(null=True, blank=True)
     default_daily_tokens = models.PositiveBigIntegerField(null=True, blank=True)
     default_max_tokens = models.PositiveIntegerField(null=True, blank=True)
+    default_max_concurrent = models.PositiveIntegerField(null=True, blank=True)
     validation_state = models.CharField(
         max_length=16, choices=ValidationState.choices, default=ValidationState.UNKNOWN
     )
@@ -177,6 +178,9 @@ class Grant(models.Model):
     )
     max_tokens = models.PositiveIntegerField(
         null=True, blank=True, help_text="cap on a request's max_tokens"
+    )
+    max_concurrent = models.PositiveIntegerField(
+        null=True, blank=True, help_text="calls in flight at once, per proxy process"
     )
     max_ttl = models.PositiveIntegerField(
         null=True, blank=True, help_text="seconds; lowers the backend's token TTL bound"

@@ -38,7 +38,9 @@ def policy_url(agent: Agent) -> str:
 
 def form_data(agent: Agent, **values: str) -> dict[str, str]:
     grant = Grant.objects.get(agent=agent)
-    fields = ["models", "paths", "rpm", "tpm", "daily_tokens", "max_tokens", "max_ttl"]
+    fields = [
+        "models", "paths", "rpm", "tpm", "daily_tokens", "max_tokens", "max_concurrent", "max_ttl",
+    ]  # fmt: skip
     return {f"policy-{grant.pk}-{name}": values.get(name, "") for name in fields}
 
 
@@ -91,3 +93,26 @@ def test_staff_who_may_only_look_cannot_change_a_policy(bob: Agent) -> None:
 
 def test_a_get_on_the_policy_url_changes_nothing(admin_client: Client, bob: Agent) -> None:
     assert admin_client.get(policy_url(bob)).status_code == 405
+
+
+def test_max_concurrent_in_the_admin_set_inherited_and_checked(
+    admin_client: Client, bob: Agent, anthropic: Backend
+) -> None:
+    backend_policy_update(backend=anthropic, policy={"max_concurrent": 12})
+    html = admin_client.get(page(bob)).content.decode()
+    grant = Grant.objects.get(agent=bob)
+    assert f'name="policy-{grant.pk}-max_concurrent"' in html
+    assert 'placeholder="12"' in html  # what a blank max_concurrent means here
+
+    data = form_data(bob, max_concurrent="5")
+    admin_client.post(policy_url(bob), {**data, "next": page(bob)}, follow=True)
+    assert grant_values(Grant.objects.get(agent=bob))["max_concurrent"] == 5
+
+    data = form_data(bob, max_concurrent="10001")
+    response = admin_client.post(policy_url(bob), {**data, "next": page(bob)}, follow=True)
+    assert "max_concurrent: must be at most 10,000" in response.content.decode()
+    assert grant_values(Grant.objects.get(agent=bob))["max_concurrent"] == 5
+
+    data = form_data(bob, max_concurrent="default")
+    admin_client.post(policy_url(bob), {**data, "next": page(bob)}, follow=True)
+    assert grant_values(Grant.objects.get(agent=bob))["max_concurrent"] is None

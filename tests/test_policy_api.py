@@ -62,6 +62,9 @@ def test_alice_sets_and_reads_bobs_policy(admin_api: Client, bob: tuple[Agent, s
         ({"models": ["claude-[haiku"]}, "has a [ that is never closed"),
         ({"paths": ["v1/models"]}, "must start with /"),
         ({"max_ttl": "2h"}, "max_ttl: 2h is above backend anthropic's bound of 1h"),
+        ({"max_concurrent": 0}, "max_concurrent: must be at least 1, not 0"),
+        ({"max_concurrent": 10_001}, "max_concurrent: must be at most 10,000"),
+        ({"max_concurrent": "8"}, "max_concurrent: A valid integer is required."),
         ({"budget": 5}, "budget: unknown field"),
     ],
 )
@@ -139,7 +142,13 @@ def test_bob_reads_his_limits_and_what_is_left(bob: tuple[Agent, str]) -> None:
     _, vend_token = bob
     grant_update(
         grant=bobs_grant(),
-        policy={"models": ["claude-haiku-*"], "rpm": 3, "daily_tokens": 100, "max_ttl": "5m"},
+        policy={
+            "models": ["claude-haiku-*"],
+            "rpm": 3,
+            "daily_tokens": 100,
+            "max_ttl": "5m",
+            "max_concurrent": 2,
+        },
     )
     spend(bobs_grant(), 30)
     spend(bobs_grant(), 25)
@@ -148,7 +157,7 @@ def test_bob_reads_his_limits_and_what_is_left(bob: tuple[Agent, str]) -> None:
     assert grant["ttl"] == {"min": 60, "default": 300, "max": 300}
     limits = grant["limits"]
     assert limits["models"] == ["claude-haiku-*"]
-    assert (limits["paths"], limits["max_tokens"]) == ([], None)
+    assert (limits["paths"], limits["max_tokens"], limits["max_concurrent"]) == ([], None, 2)
     assert limits["tpm"] is None
     rpm, daily = limits["rpm"], limits["daily_tokens"]
     assert (rpm["limit"], rpm["used"], rpm["remaining"]) == (3, 2, 1)
@@ -164,3 +173,45 @@ def test_the_gate_refuses_once_the_budget_is_spent(bob: tuple[Agent, str]) -> No
         spend(bobs_grant(), 1)
     assert (refused.value.status, refused.value.rule) == (429, "daily_tokens")
     assert (b"x-should-retry", b"false") in refused.value.headers
+
+
+def test_max_concurrent_over_rest_on_the_grant_and_the_backend(
+    admin_api: Client, bob: tuple[Agent, str]
+) -> None:
+    agent, _ = bob
+    defaults = send(
+        admin_api, "patch", "/v1/admin/backends/anthropic/policy", {"max_concurrent": 6}
+    )
+    assert defaults.status_code == 200, defaults.content
+    assert defaults.json()["defaults"]["max_concurrent"] == 6
+    inherited = admin_api.get(grant_url(agent)).json()
+    assert (inherited["policy"]["max_concurrent"], inherited["effective"]["max_concurrent"]) == (
+        None,
+        6,
+    )
+    assert inherited["sources"]["max_concurrent"] == "backend"
+
+    own = send(admin_api, "patch", grant_url(agent), {"max_concurrent": 3}).json()
+    assert (own["effective"]["max_concurrent"], own["sources"]["max_concurrent"]) == (3, "grant")
+    assert grant_policy(bobs_grant()).max_concurrent == 3
+    back = send(admin_api, "patch", grant_url(agent), {"max_concurrent": None}).json()
+    assert back["effective"]["max_concurrent"] == 6
+
+    refused = send(
+        admin_api, "patch", "/v1/admin/backends/anthropic/policy", {"max_concurrent": 10**6}
+    )
+    assert refused.status_code == 400
+    assert "max_concurrent: must be at most 10,000" in refused.json()["error"]["message"]
+
+
+def test_max_concurrent_is_in_the_schema(admin_api: Client) -> None:
+    schema = Client().get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()
+    components = schema["components"]["schemas"]
+    for name in (
+        "PatchedGrantPolicyInputRequest",
+        "PatchedBackendPolicyInputRequest",
+        "GrantInputRequest",
+        "PolicyValuesOutput",
+        "GrantLimitsOutput",
+    ):
+        assert "max_concurrent" in components[name]["properties"], name

@@ -79,6 +79,9 @@ BAD_INPUT = [
     ({"tpm": 0}, "tpm: must be at least 1, not 0"),
     ({"daily_tokens": -500}, "daily_tokens: must be at least 1, not -500"),
     ({"max_tokens": True}, "max_tokens: must be a whole number"),
+    ({"max_concurrent": 0}, "max_concurrent: must be at least 1, not 0"),
+    ({"max_concurrent": 10_001}, "max_concurrent: must be at most 10,000"),
+    ({"max_concurrent": "4"}, "max_concurrent: must be a whole number"),
     ({"rpm": 10**9}, "rpm: must be at most 1,000,000"),
     ({"max_ttl": "2h"}, "max_ttl: 2h is above backend anthropic's bound of 1h"),
     ({"max_ttl": "10s"}, "max_ttl: 10s is below backend anthropic's shortest token of 1m"),
@@ -135,6 +138,7 @@ def test_the_cli_grants_with_a_policy_and_lists_it(bob: Agent, staging: Backend)
         "agent", "grant", "bob", "anthropic-staging",
         "--models", "claude-haiku-*,claude-sonnet-4-*", "--paths", "/v1/messages*",
         "--rpm", "60", "--daily-tokens", "1000000", "--max-tokens", "4096", "--max-ttl", "30m",
+        "--max-concurrent", "8",
     )  # fmt: skip
     assert said.startswith("bob may now mint tokens for anthropic-staging; policy: models ")
     policy = grant_policy(grant_of(bob, "anthropic-staging"))
@@ -142,17 +146,18 @@ def test_the_cli_grants_with_a_policy_and_lists_it(bob: Agent, staging: Backend)
     assert (policy.paths, policy.rpm, policy.max_tokens, policy.max_ttl) == (
         ("/v1/messages*",), 60, 4096, 1800,
     )  # fmt: skip
+    assert policy.max_concurrent == 8
 
     listed = manage("agent", "grants", "bob").splitlines()
     assert listed[0].split() == [
         "BACKEND", "MODELS", "PATHS", "RPM", "TPM", "DAILY", "TOKENS", "MAX", "TOKENS", "MAX",
-        "TTL", "GRANTED",
+        "CONCURRENT", "MAX", "TTL", "GRANTED",
     ]  # fmt: skip
     anthropic_row, staging_row = listed[1].split(), listed[2].split()
     assert anthropic_row[:6] == ["anthropic", "-", "-", "-", "20000", "(backend)"]
-    assert staging_row[:8] == [
+    assert staging_row[:9] == [
         "anthropic-staging", "claude-haiku-*,claude-sonnet-4-*", "/v1/messages*", "60", "-",
-        "1000000", "4096", "30m",
+        "1000000", "4096", "8", "30m",
     ]  # fmt: skip
 
     manage("agent", "grant", "bob", "anthropic-staging", "--rpm", "default")
@@ -166,6 +171,9 @@ def test_the_cli_grants_with_a_policy_and_lists_it(bob: Agent, staging: Backend)
         (["--rpm", "lots"], "rpm: 'lots' is not a whole number"),
         (["--models", "claude-[haiku"], "has a [ that is never closed"),
         (["--max-ttl", "2h"], "max_ttl: 2h is above backend anthropic-staging's bound of 1h"),
+        (["--max-concurrent", "0"], "max_concurrent: must be at least 1, not 0"),
+        (["--max-concurrent", "20000"], "max_concurrent: must be at most 10,000"),
+        (["--max-concurrent", "many"], "max_concurrent: 'many' is not a whole number"),
     ],
 )
 def test_the_cli_refuses_bad_flags_and_grants_nothing(
@@ -175,3 +183,30 @@ def test_the_cli_refuses_bad_flags_and_grants_nothing(
         manage("agent", "grant", "bob", "anthropic-staging", *flags)
     assert message in str(refused.value)
     assert not Grant.objects.filter(agent=bob, backend=staging).exists()
+
+
+def test_max_concurrent_is_inherited_from_the_backend_unless_the_grant_sets_it(
+    bob: Agent, anthropic: Backend
+) -> None:
+    assert grant_policy(grant_of(bob)).max_concurrent is None  # no default: no limit
+    backend_policy_update(backend=anthropic, policy={"max_concurrent": 4})
+    assert grant_policy(grant_of(bob)).max_concurrent == 4
+    grant_update(grant=grant_of(bob), policy={"max_concurrent": 2})
+    assert grant_policy(grant_of(bob)).max_concurrent == 2
+    grant_update(grant=grant_of(bob), policy={"max_concurrent": None})
+    assert grant_policy(grant_of(bob)).max_concurrent == 4
+    # Held in the process, not counted in Redis: it alone does not make a call counted.
+    assert not grant_policy(grant_of(bob)).counted
+
+
+def test_the_cli_sets_a_backends_max_concurrent_default(bob: Agent, anthropic: Backend) -> None:
+    said = manage("agent", "defaults", "anthropic", "--max-concurrent", "16")
+    assert "max_concurrent 16" in said
+    assert grant_policy(grant_of(bob)).max_concurrent == 16
+    listed = manage("agent", "grants", "bob").splitlines()
+    assert "16 (backend)" in listed[1]
+    manage("agent", "defaults", "anthropic", "--max-concurrent", "default")
+    assert grant_policy(grant_of(bob)).max_concurrent is None
+    with pytest.raises(CommandError) as refused:
+        manage("agent", "defaults", "anthropic", "--max-concurrent", "-2")
+    assert "max_concurrent: must be at least 1, not -2" in str(refused.value)

@@ -94,6 +94,9 @@ class GrantLimitsOutput(serializers.Serializer[Any]):
         child=serializers.CharField(), help_text="allowed upstream path globs; [] = any"
     )
     max_tokens = serializers.IntegerField(allow_null=True, help_text="cap on max_tokens")
+    max_concurrent = serializers.IntegerField(
+        allow_null=True, help_text="calls in flight at once, per proxy process; null = no limit"
+    )
     rpm = LimitLeftOutput(allow_null=True, help_text="requests in any sliding window")
     tpm = LimitLeftOutput(allow_null=True, help_text="tokens in the current window")
     daily_tokens = LimitLeftOutput(allow_null=True, help_text="tokens today (UTC)")
@@ -120,6 +123,7 @@ def grant_status(grant: Grant) -> dict[str, Any]:
             "models": list(policy.models),
             "paths": list(policy.paths),
             "max_tokens": policy.max_tokens,
+            "max_concurrent": policy.max_concurrent,
             **policy_left(policy),
         },
     }

@@ -63,6 +63,7 @@ class BackendPolicyInput(StrictInputSerializer):
     tpm = _limit("input and output tokens per minute")
     daily_tokens = _limit("tokens per UTC day")
     max_tokens = _limit("cap on a request's max_tokens")
+    max_concurrent = _limit("calls of this grant in flight at once, per proxy process")
 
 
 class GrantPolicyInput(BackendPolicyInput):
@@ -81,6 +82,7 @@ class PolicyValuesOutput(serializers.Serializer[Any]):
     tpm = serializers.IntegerField(allow_null=True)
     daily_tokens = serializers.IntegerField(allow_null=True)
     max_tokens = serializers.IntegerField(allow_null=True)
+    max_concurrent = serializers.IntegerField(allow_null=True)
     max_ttl = serializers.IntegerField(allow_null=True, help_text="seconds")
 
 

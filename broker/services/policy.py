@@ -30,7 +30,16 @@ from broker.services.tokens import format_duration, ttl_parse
 User = AbstractBaseUser | AnonymousUser | None
 
 # The names used by the CLI flags (dashes for underscores), the REST API and /v1/status.
-POLICY_FIELDS = ("models", "paths", "rpm", "tpm", "daily_tokens", "max_tokens", "max_ttl")
+POLICY_FIELDS = (
+    "models",
+    "paths",
+    "rpm",
+    "tpm",
+    "daily_tokens",
+    "max_tokens",
+    "max_concurrent",
+    "max_ttl",
+)
 GRANT_COLUMNS = {
     "models": "allowed_models",
     "paths": "allowed_paths",
@@ -38,6 +47,7 @@ GRANT_COLUMNS = {
     "tpm": "tpm",
     "daily_tokens": "daily_tokens",
     "max_tokens": "max_tokens",
+    "max_concurrent": "max_concurrent",
     "max_ttl": "max_ttl",
 }
 # A backend has no max_ttl default: its token_ttl_max is that bound already.
@@ -53,6 +63,7 @@ INT_BOUNDS = {
     "tpm": 10**12,
     "daily_tokens": 10**15,
     "max_tokens": 10_000_000,
+    "max_concurrent": 10_000,
 }
 MAX_PATTERNS = 50
 MAX_PATTERN_LENGTH = 200
@@ -77,6 +88,8 @@ class Policy:
     tpm: int | None = None
     daily_tokens: int | None = None
     max_tokens: int | None = None
+    # Calls of this grant in flight at once, counted per proxy process (not in Redis).
+    max_concurrent: int | None = None
     max_ttl: int | None = None
 
     @property
@@ -121,6 +134,7 @@ def grant_policy(grant: Grant) -> Policy:
         tpm=pick("tpm"),
         daily_tokens=pick("daily_tokens"),
         max_tokens=pick("max_tokens"),
+        max_concurrent=pick("max_concurrent"),
         # A backend bound lowered after the grant was set still wins.
         max_ttl=min(max_ttl, bound) if max_ttl is not None else None,
     )

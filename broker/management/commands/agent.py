@@ -42,6 +42,7 @@ POLICY_FLAGS = {
     "tpm": ("N", "input + output tokens per minute"),
     "daily_tokens": ("N", "tokens per UTC day"),
     "max_tokens": ("N", "cap on a request's max_tokens"),
+    "max_concurrent": ("N", "calls in flight at once (per proxy process)"),
     "max_ttl": ("TTL", "longest token minted for it (90s, 30m, 1h); at most the backend's"),
 }
 
@@ -232,7 +233,7 @@ class Command(BaseCommand):
                 cells.append(cell)
             rows.append((grant.backend.name, *cells, _when(grant.created_at)))
         headers = ["BACKEND", "MODELS", "PATHS", "RPM", "TPM", "DAILY TOKENS", "MAX TOKENS",
-                   "MAX TTL", "GRANTED"]  # fmt: skip
+                   "MAX CONCURRENT", "MAX TTL", "GRANTED"]  # fmt: skip
         return table(rows, headers)
 
     def do_defaults(self, **options: Any) -> None:
