@@ -27,6 +27,7 @@ from rest_framework.views import APIView
 from audit.events import EVENT_FIELDS, event_json
 from audit.models import AuditEvent
 from audit.selectors import AuditFilter, audit_events
+from broker.api.auth import admin_permissions
 from broker.api.serializers import StrictInputSerializer
 from broker.db import db_call
 from broker.errors import ServiceError
@@ -90,6 +91,8 @@ class AuditCursorPagination(CursorPagination):
 
 
 class AuditListView(APIView):
+    permission_classes = admin_permissions(AuditEvent)
+
     @extend_schema(
         operation_id="admin_audit_list",
         parameters=[
@@ -171,6 +174,8 @@ def _export(
 
 
 class _ExportView(APIView):
+    permission_classes = admin_permissions(AuditEvent)
+
     def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
         # Accept: text/csv must not be a 406; errors are still rendered as JSON.
         return super().perform_content_negotiation(request, force=True)

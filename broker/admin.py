@@ -17,6 +17,7 @@ from broker.services.backends import (
     TtlBounds,
     backend_add,
     backend_check_kind,
+    backend_check_move,
     backend_check_secret,
     backend_clean_base_url,
     backend_clean_federation,
@@ -108,7 +109,7 @@ class BackendForm(forms.ModelForm[Backend]):
         kind = data.get("kind", "") if adding else self.instance.kind
         # The same checks the services run, so mistakes show on the form, not as a 500.
         checks: dict[str, Callable[[], object]] = {
-            "base_url": lambda: data.get("base_url") and backend_clean_base_url(data["base_url"]),
+            "base_url": lambda: data.get("base_url") and self._check_base_url(data),
             "token_ttl_max": lambda: TtlBounds(
                 data.get("token_ttl_min") or 0,
                 data.get("token_ttl_max") or 0,
@@ -139,6 +140,15 @@ class BackendForm(forms.ModelForm[Backend]):
                     field if field in self.fields else None, exc.message.split(": ", 1)[-1]
                 )
         return data
+
+    def _check_base_url(self, data: dict[str, Any]) -> str:
+        base_url = backend_clean_base_url(data["base_url"])
+        if self.instance.pk:
+            # A key typed into Secret goes with the move (it replaces the stored one).
+            backend_check_move(
+                backend=self.instance, base_url=base_url, key_entered=bool(data.get("new_secret"))
+            )
+        return base_url
 
     def _check_federation(self, data: dict[str, Any]) -> None:
         for name in ("federation_rule_id", "organization_id"):
@@ -222,18 +232,21 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
             obj.pk = created.pk
             return
         current = Backend.objects.get(pk=obj.pk)
+        secret = data.get("new_secret") or None
+        if secret:
+            # First, so that the key entered is the one a move to a new host sends there.
+            backend_rotate(backend=current, secret=secret, by=request.user)
         backend_update(
             backend=current,
             base_url=data.get("base_url") or None,
             ttl=ttl,
             enabled=data["enabled"],
             federation=form.federation() if current.federated else None,
+            secret=secret,
             by=request.user,
         )
-        if data.get("new_secret"):
-            backend_rotate(backend=current, secret=data["new_secret"], by=request.user)
 
-    @admin.action(description="Validate now against the upstream")
+    @admin.action(description="Validate now against the upstream", permissions=["change"])
     def validate_now(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
         for backend in queryset:
             result = backend_validate(backend=backend)

@@ -146,6 +146,29 @@ HEARTBEAT_INTERVAL_SECONDS = 10
 HEARTBEAT_MAX_AGE_SECONDS = env_int("KEYBROKER_HEARTBEAT_MAX_AGE", default=45, minimum=15)
 BACKEND_VALIDATE_TIMEOUT_SECONDS = env_int("KEYBROKER_VALIDATE_TIMEOUT", default=10, minimum=1)
 BACKEND_VALIDATE_INTERVAL_SECONDS = env_int("KEYBROKER_VALIDATE_INTERVAL", default=3600, minimum=60)
+
+
+def _upstream_hosts(raw: str) -> list[str]:
+    hosts = [entry.strip().lower() for entry in raw.split(",") if entry.strip()]
+    for host in hosts:
+        try:
+            parts = urlsplit(f"//{host}")
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError:
+            parts = None
+        if parts is None or not parts.hostname or parts.netloc != host:
+            raise ImproperlyConfigured(
+                f"KEYBROKER_ALLOWED_UPSTREAM_HOSTS: {host!r} is not a host or host:port "
+                "(such as api.anthropic.com or gateway.example.com:8443)"
+            )
+    return hosts
+
+
+# Hosts a backend may be moved to without its key entered with the change (issue 19): a
+# host alone means its scheme's default port. The provider's own host is always allowed.
+ALLOWED_UPSTREAM_HOSTS = _upstream_hosts(
+    env_str("KEYBROKER_ALLOWED_UPSTREAM_HOSTS", "api.anthropic.com")
+)
 TOKEN_SWEEP_INTERVAL_SECONDS = 60
 # Expired and revoked token rows are kept this long (their audit events stay regardless).
 TOKEN_RETENTION_SECONDS = env_int("KEYBROKER_TOKEN_RETENTION", default=7 * 86400, minimum=0)

@@ -11,10 +11,11 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from broker.api.agents import EnrollInput, EnrollmentOutput
+from broker.api.auth import admin_permissions
 from broker.api.policy import GrantPolicyInput
 from broker.api.serializers import StrictCharField, StrictInputSerializer
 from broker.errors import ServiceError
-from broker.models import Agent, AgentStatus, IdentityGrant, Token
+from broker.models import Agent, AgentStatus, Grant, IdentityGrant, Token
 from broker.services.agents import (
     agent_approve,
     agent_enroll,
@@ -118,6 +119,9 @@ def _agents() -> QuerySet[Agent]:
 
 
 class AgentListView(APIView):
+    # An agent created here is approved at once: enrolling and approving in one request.
+    permission_classes = admin_permissions(Agent, post=("add", "change"))
+
     @extend_schema(
         operation_id="admin_agents_list",
         parameters=[OpenApiParameter("status", enum=AgentStatus.values)],
@@ -152,6 +156,9 @@ class AgentListView(APIView):
 
 
 class AgentDetailView(APIView):
+    # Unenrolling keeps the row for history, as the admin's unenroll action does: a change.
+    permission_classes = admin_permissions(Agent, delete="change")
+
     @extend_schema(operation_id="admin_agents_inspect", responses=AgentOutput)
     def get(self, request: Request, agent_id: str) -> Response:
         return Response(AgentOutput(agent_get_by_id(agent_id=agent_id)).data)
@@ -166,6 +173,9 @@ class AgentDetailView(APIView):
 
 
 class AgentGrantView(APIView):
+    # Grants (idempotent) and sets the grant's policy.
+    permission_classes = admin_permissions(Grant, post=("add", "change"))
+
     @extend_schema(
         operation_id="admin_agents_grant", request=GrantInput, responses={201: AgentOutput}
     )
@@ -184,6 +194,8 @@ class AgentGrantView(APIView):
 
 
 class PendingListView(APIView):
+    permission_classes = admin_permissions(Agent)
+
     @extend_schema(
         operation_id="admin_pending_list",
         responses=AgentOutput(many=True),
@@ -194,6 +206,8 @@ class PendingListView(APIView):
 
 
 class PendingApproveView(APIView):
+    permission_classes = admin_permissions(Agent, post="change")
+
     @extend_schema(
         operation_id="admin_pending_approve", request=ApproveInput, responses=AgentOutput
     )
@@ -208,6 +222,8 @@ class PendingApproveView(APIView):
 
 
 class PendingRejectView(APIView):
+    permission_classes = admin_permissions(Agent, post="change")
+
     @extend_schema(operation_id="admin_pending_reject", request=RejectInput, responses=AgentOutput)
     def post(self, request: Request, agent_id: str) -> Response:
         agent = agent_get_by_id(agent_id=agent_id)
@@ -220,6 +236,8 @@ class PendingRejectView(APIView):
 
 
 class TokenListView(APIView):
+    permission_classes = admin_permissions(Token)
+
     @extend_schema(
         operation_id="admin_tokens_list",
         parameters=[
@@ -245,6 +263,9 @@ class TokenListView(APIView):
 
 
 class TokenDetailView(APIView):
+    # Revoking keeps the row, as the admin's revoke button does: a change.
+    permission_classes = admin_permissions(Token, delete="change")
+
     @extend_schema(operation_id="admin_tokens_inspect", responses=TokenRecordOutput)
     def get(self, request: Request, token_id: str) -> Response:
         return Response(TokenRecordOutput(token_get(token_id=token_id)).data)
@@ -259,6 +280,8 @@ class TokenDetailView(APIView):
 
 
 class AgentIdentityListView(APIView):
+    permission_classes = admin_permissions(IdentityGrant)
+
     @extend_schema(
         operation_id="admin_agents_identities_list", responses=IdentityGrantOutput(many=True)
     )
@@ -287,6 +310,8 @@ class AgentIdentityListView(APIView):
 
 
 class AgentIdentityDetailView(APIView):
+    permission_classes = admin_permissions(IdentityGrant)
+
     @extend_schema(
         operation_id="admin_agents_identities_revoke",
         responses={204: OpenApiResponse(description="no more identity tokens for it")},

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from django.contrib.auth import get_permission_codename
 from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import Model
 from django.http import HttpRequest
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import exceptions
@@ -118,3 +120,78 @@ class IsAgent(BasePermission):
 
     def has_permission(self, request: Request, view: APIView) -> bool:
         return isinstance(request.auth, Agent)
+
+
+# What each method asks of the view's model by default, as Django's admin does: reading needs
+# view (or change, which implies it), creating add, changing change, removing delete.
+METHOD_ACTIONS: dict[str, tuple[str, ...]] = {
+    "GET": ("view",),
+    "HEAD": ("view",),
+    "OPTIONS": ("view",),
+    "POST": ("add",),
+    "PUT": ("change",),
+    "PATCH": ("change",),
+    "DELETE": ("delete",),
+}
+
+
+class AdminModelPermission(BasePermission):
+    """Staff, holding the Django model permissions that the admin asks for the same thing.
+
+    Each admin view names its model and the actions that differ from ``METHOD_ACTIONS``
+    through :func:`admin_permissions`; a view that names none is refused (fail closed).
+    Superusers hold every permission.
+    """
+
+    model: type[Model] | None = None
+    actions: dict[str, tuple[str, ...]] = {}
+    message = "the admin API is for staff users"
+
+    def required(self, method: str) -> list[str]:
+        if self.model is None:
+            return []
+        opts = self.model._meta
+        actions = self.actions.get(method, METHOD_ACTIONS.get(method, ()))
+        return [f"{opts.app_label}.{get_permission_codename(a, opts)}" for a in actions]
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        user = request.user
+        if not (user and user.is_authenticated and user.is_active and user.is_staff):
+            return False
+        required = self.required(request.method or "")
+        if not required:
+            self.message = f"{request.method} is not allowed here"
+            return False
+        missing = [perm for perm in required if not _user_may(user, perm)]
+        if missing:
+            self.message = f"you need the {' and '.join(missing)} permission" + (
+                "s" if len(missing) > 1 else ""
+            )
+            return False
+        return True
+
+
+def _user_may(user: Any, perm: str) -> bool:
+    """Django's has_perm; ``view_`` is also granted by ``change_``, as in the admin."""
+    if user.has_perm(perm):
+        return True
+    app_label, _, codename = perm.partition(".")
+    action, _, model = codename.partition("_")
+    return action == "view" and bool(user.has_perm(f"{app_label}.change_{model}"))
+
+
+def admin_permissions(
+    model: type[Model], **actions: str | tuple[str, ...]
+) -> list[type[BasePermission]]:
+    """``permission_classes`` of an admin view over ``model``: ``post="change"`` for an action
+    such as approve, ``post=("add", "change")`` where one request does both."""
+    overrides = {
+        method.upper(): (action,) if isinstance(action, str) else action
+        for method, action in actions.items()
+    }
+    permission = type(
+        f"Admin{model.__name__}Permission",
+        (AdminModelPermission,),
+        {"model": model, "actions": overrides},
+    )
+    return [permission]

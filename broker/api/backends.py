@@ -10,6 +10,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from broker.api.auth import admin_permissions
 from broker.api.serializers import StrictBooleanField, StrictCharField, StrictInputSerializer
 from broker.models import Backend
 from broker.services.backends import (
@@ -117,7 +118,20 @@ class BackendCreateInput(StrictInputSerializer):
 
 
 class BackendUpdateInput(StrictInputSerializer):
-    base_url = StrictCharField(max_length=300, required=False)
+    base_url = StrictCharField(
+        max_length=300,
+        required=False,
+        help_text="a new host (scheme, host or port) needs `secret` too, unless it is the "
+        "provider's own or listed in KEYBROKER_ALLOWED_UPSTREAM_HOSTS",
+    )
+    secret = StrictCharField(
+        write_only=True,
+        trim_whitespace=True,
+        max_length=4096,
+        required=False,
+        help_text="the backend's current key, entered again: confirms a move to a new host "
+        "(a key that does not match is a 403 and changes nothing; to replace it, rotate)",
+    )
     ttl = TtlInput(required=False)
     enabled = StrictBooleanField(required=False)
     federation = FederationInput(
@@ -140,6 +154,8 @@ def _federation(data: dict[str, Any]) -> FederationSettings | None:
 
 
 class BackendListView(APIView):
+    permission_classes = admin_permissions(Backend)
+
     @extend_schema(operation_id="admin_backends_list", responses=BackendOutput(many=True))
     def get(self, request: Request) -> Response:
         return Response(BackendOutput(Backend.objects.all(), many=True).data)
@@ -168,12 +184,19 @@ class BackendListView(APIView):
 
 
 class BackendDetailView(APIView):
+    permission_classes = admin_permissions(Backend)
+
     @extend_schema(operation_id="admin_backends_inspect", responses=BackendOutput)
     def get(self, request: Request, name: str) -> Response:
         return Response(BackendOutput(backend_get(name=name)).data)
 
     @extend_schema(
-        operation_id="admin_backends_update", request=BackendUpdateInput, responses=BackendOutput
+        operation_id="admin_backends_update",
+        request=BackendUpdateInput,
+        responses=BackendOutput,
+        description="Change a backend's settings. Moving it to a new host needs its key in "
+        "`secret` (or the host in KEYBROKER_ALLOWED_UPSTREAM_HOSTS): 403 naming `base_url` "
+        "otherwise, and nothing changes.",
     )
     def patch(self, request: Request, name: str) -> Response:
         backend = backend_get(name=name)
@@ -185,6 +208,7 @@ class BackendDetailView(APIView):
             ttl=_ttl(data.validated_data),
             enabled=data.validated_data.get("enabled"),
             federation=_federation(data.validated_data),
+            secret=data.validated_data.get("secret"),
             by=request.user,
         )
         return Response(BackendOutput(backend).data)
@@ -197,6 +221,8 @@ class BackendDetailView(APIView):
 
 
 class BackendRotateView(APIView):
+    permission_classes = admin_permissions(Backend, post="change")
+
     @extend_schema(
         operation_id="admin_backends_rotate",
         request=SecretInput,
@@ -214,6 +240,8 @@ class BackendRotateView(APIView):
 
 
 class BackendValidateView(APIView):
+    permission_classes = admin_permissions(Backend, post="change")
+
     @extend_schema(
         operation_id="admin_backends_validate",
         request=None,

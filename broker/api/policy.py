@@ -15,7 +15,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from broker.api.auth import admin_permissions
 from broker.api.serializers import StrictCharField, StrictInputSerializer
+from broker.models import Backend, Grant
 from broker.services.agents import agent_get_by_id, agent_ungrant
 from broker.services.backends import backend_get
 from broker.services.policy import (
@@ -112,6 +114,8 @@ def _backend_body(name: str) -> dict[str, Any]:
 
 
 class GrantPolicyView(APIView):
+    permission_classes = admin_permissions(Grant)
+
     @extend_schema(operation_id="admin_grant_policy_inspect", responses=GrantPolicyOutput)
     def get(self, request: Request, agent_id: str, backend: str) -> Response:
         grant = grant_get(agent=agent_get_by_id(agent_id=agent_id), backend_name=backend)
@@ -145,6 +149,8 @@ class GrantPolicyView(APIView):
 
 
 class BackendPolicyView(APIView):
+    permission_classes = admin_permissions(Backend)
+
     @extend_schema(operation_id="admin_backend_policy_inspect", responses=BackendPolicyOutput)
     def get(self, request: Request, name: str) -> Response:
         return Response(BackendPolicyOutput(_backend_body(name)).data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import logging
 import re
@@ -18,7 +19,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from audit.services import audit_record
-from broker.errors import Conflict, NotFound, ServiceError
+from broker.errors import Conflict, NotFound, NotPermitted, ServiceError
 from broker.logging import SECRET_PATTERN, redact
 from broker.models import Backend, ValidationState, name_validator
 from broker.services.access import access_changed
@@ -60,6 +61,78 @@ def backend_clean_base_url(raw: str) -> str:
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ServiceError("base_url: must not carry credentials, a query or a fragment")
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or _default_port(parts.scheme)
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
+
+
+ALLOWED_HOSTS_SETTING = "KEYBROKER_ALLOWED_UPSTREAM_HOSTS"
+
+
+def backend_host_allowed(*, kind: str, base_url: str) -> str | None:
+    """Why a backend of ``kind`` may be moved to ``base_url`` without its key: it is the
+    provider's own host, or the operator listed it; None when neither."""
+    scheme, host, port = _origin(base_url)
+    if (scheme, host, port) == _origin(backend_check_kind(kind).default_base_url):
+        return "provider"
+    for entry in settings.ALLOWED_UPSTREAM_HOSTS:
+        allowed = urlsplit(f"//{entry}")
+        if allowed.hostname == host and (allowed.port or _default_port(scheme)) == port:
+            return ALLOWED_HOSTS_SETTING
+    return None
+
+
+def backend_check_move(*, backend: Backend, base_url: str, key_entered: bool) -> str | None:
+    """May ``backend`` (as stored) move to ``base_url`` (clean)? The one rule for the REST
+    API, the admin form and any other caller.
+
+    Whatever a backend sends upstream (its key, the agents' own keys, keybroker's signed
+    identity tokens) goes to its base URL, so a new host (scheme, host and port) is allowed
+    only when the key was entered with this change (who has the key may send it anywhere)
+    or the host is the provider's own or listed in KEYBROKER_ALLOWED_UPSTREAM_HOSTS. Returns
+    how a new host was allowed (for the audit trail), None when the host stays; raises
+    NotPermitted otherwise. A new path on the same host is no new host.
+    """
+    if _origin(base_url) == _origin(backend.base_url):
+        return None
+    allowed = backend_host_allowed(kind=backend.kind, base_url=base_url)
+    if allowed:
+        return allowed
+    host = urlsplit(base_url).netloc
+    if backend.client_key or backend.federated:
+        sends = "the agents' own keys" if backend.client_key else "keybroker's identity tokens"
+        raise NotPermitted(
+            f"base_url: {host} is a new host for backend {backend.name}, which would send "
+            f"{sends} there; it stores no key to enter again, so add the host to "
+            f"{ALLOWED_HOSTS_SETTING} first"
+        )
+    if key_entered:
+        return "key"
+    raise NotPermitted(
+        f"base_url: {host} is a new host for backend {backend.name}, and its key would be sent "
+        "there: enter the key again with this change (only who has the key may send it "
+        f"elsewhere), or add the host to {ALLOWED_HOSTS_SETTING}"
+    )
+
+
+def _check_entered_secret(backend: Backend, secret: str) -> None:
+    """The stored key, entered again; a different one changes nothing (rotate to replace)."""
+    if backend.client_key or backend.federated:
+        raise ServiceError(
+            f"secret: backend {backend.name} stores no key; leave it out (a new host for it "
+            f"must be in {ALLOWED_HOSTS_SETTING})"
+        )
+    if not hmac.compare_digest(secret.strip().encode(), backend.secret.encode()):
+        raise NotPermitted(
+            f"secret: does not match the key of backend {backend.name}; nothing was changed "
+            "(to replace the key, rotate it)"
+        )
 
 
 def backend_clean_name(name: str) -> str:
@@ -306,10 +379,23 @@ def backend_update(
     ttl: TtlBounds | None = None,
     enabled: bool | None = None,
     federation: FederationSettings | None = None,
+    secret: str | None = None,
     by: User = None,
 ) -> Backend:
-    """Change a backend's settings; the secret changes only through backend_rotate."""
+    """Change a backend's settings; the secret changes only through backend_rotate.
+
+    ``secret`` is the stored key entered again, which allows a move to a new host (see
+    backend_check_move); a key that does not match changes nothing.
+    """
     changed: dict[str, Any] = {}
+    if secret is not None:
+        _check_entered_secret(backend, secret)
+    new_base_url = None if base_url is None else backend_clean_base_url(base_url)
+    moved_by = None  # how a move to a new host was allowed
+    if new_base_url is not None and new_base_url != backend.base_url:
+        moved_by = backend_check_move(
+            backend=backend, base_url=new_base_url, key_entered=secret is not None
+        )
     if federation is not None and federation.given():
         if not backend.federated:
             raise ServiceError(
@@ -320,10 +406,8 @@ def backend_update(
         if changed:
             # Like a rotation: a validation still running for the old settings is dropped.
             backend.rotated_at = timezone.now()
-    if base_url is not None:
-        clean = backend_clean_base_url(base_url)
-        if clean != backend.base_url:
-            backend.base_url = changed["base_url"] = clean
+    if new_base_url is not None and new_base_url != backend.base_url:
+        backend.base_url = changed["base_url"] = new_base_url
     current_ttl = TtlBounds(backend.token_ttl_min, backend.token_ttl_max, backend.token_ttl_default)
     if ttl is not None and ttl != current_ttl:
         ttl.check()
@@ -338,7 +422,8 @@ def backend_update(
     if changed:
         backend.save()
         access_changed()
-        audit_record(action="backend.updated", by=by, backend=backend.name, **changed)
+        moved: dict[str, Any] = {"new_host_allowed_by": moved_by} if moved_by else {}
+        audit_record(action="backend.updated", by=by, backend=backend.name, **changed, **moved)
         if not backend.client_key and ({"base_url", *FEDERATION_FIELDS} & set(changed)):
             _queue_validation(backend)
     return backend
