@@ -1,10 +1,14 @@
-"""One Redis client per URL and process, shared by everything that talks to Redis directly."""
+"""One Redis client per URL and process (per event loop for asyncio), shared by everything
+that talks to Redis directly."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import weakref
 
 import redis
+import redis.asyncio
 from django.conf import settings
 
 
@@ -17,6 +21,33 @@ def _client_for(url: str) -> redis.Redis:
 
 def redis_client() -> redis.Redis:
     return _client_for(settings.REDIS_URL)
+
+
+_async_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[str, int], redis.asyncio.Redis]
+] = weakref.WeakKeyDictionary()
+
+
+def async_redis_client() -> redis.asyncio.Redis:
+    """This event loop's client, on a pool of a size chosen on purpose.
+
+    redis-py's default pool fails a call at once when its 100 connections are in use, so a
+    burst of one agent failed everyone's calls; this pool makes a call wait briefly for a
+    connection instead (PROXY_REDIS_WAIT_SECONDS), and raises a ConnectionError only then.
+    """
+    clients = _async_clients.setdefault(asyncio.get_running_loop(), {})
+    url, size = settings.REDIS_URL, settings.PROXY_REDIS_CONNECTIONS
+    client = clients.get((url, size))
+    if client is None:
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url,
+            max_connections=size,
+            timeout=settings.PROXY_REDIS_WAIT_SECONDS,
+            socket_connect_timeout=1,
+            socket_timeout=1,
+        )
+        client = clients[(url, size)] = redis.asyncio.Redis(connection_pool=pool)
+    return client
 
 
 def redis_key(*parts: str) -> str:

@@ -334,6 +334,16 @@ PROXY_CONNECT_TIMEOUT_SECONDS = env_int("KEYBROKER_PROXY_CONNECT_TIMEOUT", defau
 PROXY_MAX_CONNECTIONS = env_int("KEYBROKER_PROXY_MAX_CONNECTIONS", default=10_000, minimum=1)
 # A backstop: cached token state is re-read at least this often even without a change signal.
 PROXY_CACHE_SECONDS = env_int("KEYBROKER_PROXY_CACHE_SECONDS", default=30, minimum=0)
+# Redis connections per web process for the proxy's access and policy checks, shared by all
+# agents. A call finds one free within microseconds; when all are busy it waits up to
+# PROXY_REDIS_WAIT_SECONDS (then 503), never failing open and never failing other agents.
+PROXY_REDIS_CONNECTIONS = env_int("KEYBROKER_PROXY_REDIS_CONNECTIONS", default=64, minimum=1)
+PROXY_REDIS_WAIT_SECONDS = 2
+# Request bodies held in memory at once by one web process (all calls together): a call
+# that would go over waits for none, it gets 503 with retry-after.
+PROXY_BUFFERED_BODY_BYTES = env_int(
+    "KEYBROKER_PROXY_BUFFERED_BODY", default=256 * 1024 * 1024, minimum=1024 * 1024
+)
 
 
 # --- Audit -------------------------------------------------------------------------------

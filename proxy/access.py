@@ -17,13 +17,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio
+import redis
 from django.conf import settings
 from django.utils import timezone
 
 from broker.db import db_call
 from broker.models import AgentStatus, Backend, Grant, Token
-from broker.redis import redis_key
+from broker.redis import async_redis_client, redis_key
 from broker.secrets import secret_digest
 from broker.services.access import ACCESS_GENERATION
 from broker.services.federation import Federation, federation_of
@@ -144,20 +144,12 @@ class AccessCache:
         self._routes: dict[str, tuple[Route | None, float]] = {}
         self._generation: bytes | str | None = None
         self._last_used: dict[str, float] = {}
-        self._redis: redis.asyncio.Redis | None = None
         self._background: set[asyncio.Task[Any]] = set()
-
-    def _client(self) -> redis.asyncio.Redis:
-        if self._redis is None:
-            self._redis = redis.asyncio.Redis.from_url(
-                settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=1
-            )
-        return self._redis
 
     async def _fresh(self) -> bool:
         """True when the cache may be trusted for this request."""
         try:
-            generation = await self._client().get(redis_key(ACCESS_GENERATION))
+            generation = await async_redis_client().get(redis_key(ACCESS_GENERATION))
         except (redis.RedisError, OSError):
             logger.warning("proxy cannot read the access generation; checking the database")
             self.clear()

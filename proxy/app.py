@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
@@ -25,9 +26,16 @@ from yarl import URL
 from audit.recorder import audit_enqueue
 from proxy.access import AccessCache, AccessDenied, Route, TokenGrant
 from proxy.federation import federated_secret, federation_cache
-from proxy.metering import UsageMeter
+from proxy.metering import UsageMeter, meterable_accept_encoding
 from proxy.paths import PathRefused, proxy_path_parse, upstream_url
-from proxy.policy import PolicyDenied, Ticket, policy_check_request, policy_gate
+from proxy.policy import (
+    BATCH_PATH,
+    PolicyDenied,
+    Ticket,
+    policy_check_request,
+    policy_demand,
+    policy_gate,
+)
 from proxy.providers import ANTHROPIC_VERSION, AuthScheme, ProviderError, provider_for
 from proxy.upstream import upstream_session, upstream_timeout
 
@@ -49,7 +57,9 @@ HOP_BY_HOP = frozenset(
 CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"cookie", b"x-anthropic-key"})
 CLIENT_KEY_HEADER = b"x-anthropic-key"
 METERED_REQUEST_PATHS = ("/v1/messages",)
-BATCH_PATH = "/v1/messages/batches"
+BATCH_RESULTS_PATH = re.compile(r"^/v1/messages/batches/([A-Za-z0-9_-]{1,100})/results$")
+# keybroker's server sends its own Date; who the upstream runs is none of the client's business.
+UPSTREAM_ONLY_HEADERS = frozenset({b"server", b"date"})
 
 
 class UpstreamBroke(Exception):
@@ -97,11 +107,10 @@ def credential_of(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-def request_facts(path: str, content_type: str, body: bytes) -> dict[str, Any]:
-    """Model, streaming and whether a system prompt was sent: never the content itself."""
-    if not path.startswith(METERED_REQUEST_PATHS) or not content_type.startswith(
-        "application/json"
-    ):
+def request_facts(path: str, body: bytes) -> dict[str, Any]:
+    """Model, streaming, whether a system prompt was sent, a batch's size: never the
+    content itself. Read by content, as policy reads it, whatever the Content-Type says."""
+    if not path.startswith(METERED_REQUEST_PATHS) or not body:
         return {}
     try:
         payload = json.loads(body)
@@ -113,9 +122,22 @@ def request_facts(path: str, content_type: str, body: bytes) -> dict[str, Any]:
     if isinstance(payload.get("model"), str):
         facts["model"] = payload["model"][:100]
     facts["stream"] = payload.get("stream") is True
-    if isinstance(payload.get("max_tokens"), int):
+    if _whole_number(payload.get("max_tokens")):
         facts["max_tokens"] = payload["max_tokens"]
+    requests = payload.get("requests")
+    if isinstance(requests, list):
+        params = [item.get("params") for item in requests if isinstance(item, dict)]
+        facts["batch_requests"] = len(requests)
+        facts["batch_max_tokens"] = sum(
+            p["max_tokens"]
+            for p in params
+            if isinstance(p, dict) and _whole_number(p.get("max_tokens"))
+        )
     return facts
+
+
+def _whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass
@@ -137,6 +159,8 @@ class Exchange:
     meter: UsageMeter | None = None
     policy_rule: str = ""  # the policy field that refused the call
     ticket: Ticket | None = None  # where a metered grant's usage is counted
+    batch_created: str = ""  # the id of the message batch this call created
+    batch_results: str = ""  # the id of the message batch whose results this call read
 
     def record(self, message: str = "") -> None:
         usage = self.meter.finish() if self.meter is not None else None
@@ -171,6 +195,15 @@ class Exchange:
             fields["stop_reason"] = usage.stop_reason
             if usage.error_type:
                 fields["error_type"] = usage.error_type  # not a column: kept in detail
+            if usage.unmetered:
+                fields["unmetered"] = usage.unmetered  # why the tokens are missing or partial
+            if self.batch_results:
+                fields["batch_id"] = self.batch_results
+                fields["batch_requests"] = usage.requests
+        if self.batch_created:
+            fields["batch_id"] = self.batch_created
+        if "batch_requests" in facts:
+            fields["batch_requests"] = facts["batch_requests"]
         if self.policy_rule:
             fields["policy_rule"] = self.policy_rule
         if self.grant is not None:
@@ -223,10 +256,8 @@ class ProxyApp:
             exchange.record(str(broke))
             raise
         finally:
-            if exchange.ticket is not None and exchange.meter is not None:
-                # record() has finished the meter: its usage is the whole call's, streamed
-                # or not, and counts toward the window the call started in.
-                policy_gate().settle(exchange.ticket, exchange.meter.usage.tokens)
+            if exchange.ticket is not None:
+                _settle(exchange, exchange.ticket)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
         try:
@@ -254,8 +285,10 @@ class ProxyApp:
         if body is None:
             exchange.outcome = "client_gone"
             return
-        content_type = _header(headers, b"content-type")
-        exchange.facts = request_facts(target.path, content_type, body)
+        exchange.facts = request_facts(target.path, body)
+        results = BATCH_RESULTS_PATH.match(target.path)
+        if results and scope["method"] == "GET":
+            exchange.batch_results = results[1]
         if grant.policy is not None:
             # Before anything goes upstream; rates and budgets cost Redis only when set.
             policy_check_request(
@@ -267,7 +300,10 @@ class ProxyApp:
                 backend=target.backend,
             )
             exchange.ticket = await policy_gate().admit(
-                grant.policy, agent=grant.agent_name, backend=target.backend
+                grant.policy,
+                agent=grant.agent_name,
+                backend=target.backend,
+                demand=policy_demand(scope["method"], target.path, exchange.facts, len(body)),
             )
         if route.federation is not None:
             secret = await federated_secret(route.federation)
@@ -335,9 +371,11 @@ class ProxyApp:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
     ) -> None:
-        if not any(name == b"accept-encoding" for name, _ in headers):
-            # A client that did not ask for compression must never get it.
-            headers.append((b"accept-encoding", b"identity"))
+        # Only codings the meter reads are asked for (br or zstd would leave usage unread);
+        # a client that did not ask for compression must never get it.
+        asked = b", ".join(v for k, v in headers if k == b"accept-encoding") or None
+        headers = [(k, v) for k, v in headers if k != b"accept-encoding"]
+        headers.append((b"accept-encoding", meterable_accept_encoding(asked)))
         try:
             upstream = await upstream_session().request(
                 scope["method"],
@@ -376,7 +414,8 @@ class ProxyApp:
         return [
             (name.lower(), value)
             for name, value in upstream.raw_headers
-            if name.lower() not in HOP_BY_HOP or name.lower() == b"content-length"
+            if (name.lower() not in HOP_BY_HOP or name.lower() == b"content-length")
+            and name.lower() not in UPSTREAM_ONLY_HEADERS
         ]
 
     async def _stream(
@@ -389,6 +428,7 @@ class ProxyApp:
         exchange.meter = UsageMeter(
             content_type=content_type,
             content_encoding=upstream.headers.get("content-encoding", ""),
+            jsonl=bool(exchange.batch_results) and upstream.status == 200,
         )
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         pump = asyncio.ensure_future(self._pump(send, upstream, exchange))
@@ -439,10 +479,40 @@ class ProxyApp:
             body = json.dumps(_rewrite_results_urls(payload, route)).encode()
         except (ValueError, UnicodeDecodeError):
             body = raw
+        else:
+            created = exchange.method == "POST" and exchange.path == BATCH_PATH
+            if created and upstream.status == 200 and isinstance(payload, dict):
+                batch_id = payload.get("id")
+                if isinstance(batch_id, str) and BATCH_RESULTS_PATH.match(
+                    f"{BATCH_PATH}/{batch_id}/results"
+                ):
+                    exchange.batch_created = batch_id
         headers = [(k, v) for k, v in self._response_headers(upstream) if k != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _settle(exchange: Exchange, ticket: Ticket) -> None:
+    """Count a metered call's usage in place of what it reserved at admission.
+
+    record() has finished the meter: its usage is the whole call's, streamed or not, and
+    counts toward the window the call started in. Usage the meter could not read leaves
+    the reservation standing; a call that got no answer gives it back.
+    """
+    gate = policy_gate()
+    usage = exchange.meter.usage if exchange.meter is not None else None
+    tokens = None if usage is not None and usage.unmetered else (usage.tokens if usage else {})
+    if exchange.batch_created:
+        gate.hold_batch(ticket, exchange.batch_created)  # settled when its results are read
+        return
+    if exchange.batch_results and exchange.status == 200:
+        # The results' usage is the batch's, not this read's (which reserved nothing); a
+        # read cut short leaves the batch held for the next one.
+        if exchange.body_complete:
+            gate.settle_batch(ticket, exchange.batch_results, tokens)
+        return
+    gate.settle(ticket, tokens)
 
 
 def _rewrite_results_urls(payload: Any, route: Route) -> Any:

@@ -37,7 +37,7 @@ import redis
 import redis.asyncio
 from django.conf import settings
 
-from broker.redis import redis_client, redis_key
+from broker.redis import async_redis_client, redis_client, redis_key
 from broker.services.policy import Policy
 from proxy.access import AccessDenied
 
@@ -51,6 +51,8 @@ COUNTED_USAGE = (
     "cache_read_input_tokens",
     "output_tokens",
 )
+MESSAGES_PATH = "/v1/messages"
+BATCH_PATH = "/v1/messages/batches"
 RATE_LIMITED = (429, "rate_limit_error")
 FORBIDDEN = (403, "permission_error")
 
@@ -68,60 +70,120 @@ local base = ARGV[1]
 """
 
 # ARGV: key base, window seconds, rpm, tpm, daily tokens (0 = no limit), a unique id for
-# this request. Returns {refusing rule or '', ms until it would pass, window, day, used}.
+# this request, request slots it takes (a batch takes one per request), tokens to reserve,
+# whether the reservation must fit whole (1 for a batch). Returns {refusing rule or '',
+# ms until it would pass (-1: never), window, day, used}.
 ADMIT = (
     _CLOCK
     + """
+local slots = tonumber(ARGV[7])
+local reserve = tonumber(ARGV[8])
+local whole = ARGV[9] == '1'
+local day_key = base .. ':day:' .. d
+local tpm_key = base .. ':tpm:' .. w
 local daily = tonumber(ARGV[5])
 if daily > 0 then
-  local used = tonumber(redis.call('GET', base .. ':day:' .. d) or '0')
-  if used >= daily then return {'daily_tokens', day_left, window, day, used} end
+  local used = tonumber(redis.call('GET', day_key) or '0')
+  if used >= daily or (whole and used + reserve > daily) then
+    return {'daily_tokens', day_left, window, day, used}
+  end
 end
 local tpm = tonumber(ARGV[4])
 if tpm > 0 then
-  local used = tonumber(redis.call('GET', base .. ':tpm:' .. w) or '0')
-  if used >= tpm then return {'tpm', window_left, window, day, used} end
+  if whole and reserve > tpm then return {'tpm', -1, window, day, 0} end
+  local used = tonumber(redis.call('GET', tpm_key) or '0')
+  if used >= tpm or (whole and used + reserve > tpm) then
+    return {'tpm', window_left, window, day, used}
+  end
 end
 local rpm = tonumber(ARGV[3])
 if rpm > 0 then
+  if slots > rpm then return {'rpm', -1, window, day, 0} end
   local key = base .. ':rpm'
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now_ms - window_ms)
   local count = redis.call('ZCARD', key)
-  if count >= rpm then
-    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if count + slots > rpm then
+    -- Free once enough of the oldest requests have left the window.
+    local nth = count + slots - rpm - 1
+    local oldest = redis.call('ZRANGE', key, nth, nth, 'WITHSCORES')
     return {'rpm', tonumber(oldest[2]) + window_ms - now_ms, window, day, count}
   end
-  redis.call('ZADD', key, now_ms, ARGV[6])
+  for i = 1, slots do redis.call('ZADD', key, now_ms, ARGV[6] .. ':' .. i) end
   redis.call('PEXPIRE', key, window_ms)
+end
+if reserve > 0 then
+  if daily > 0 then
+    redis.call('INCRBY', day_key, reserve)
+    redis.call('PEXPIRE', day_key, day_left + 1000)
+  end
+  if tpm > 0 then
+    redis.call('INCRBY', tpm_key, reserve)
+    redis.call('PEXPIRE', tpm_key, window_left + 1000)
+  end
 end
 return {'', 0, window, day, 0}
 """
 )
 
-# ARGV: key base, window seconds, window, day, tokens, count in the window (1/0), count in
-# the day (1/0). A window or day that is already over is left alone: nobody reads it again.
-SETTLE = """
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local tokens = tonumber(ARGV[5])
-if ARGV[6] == '1' then
-  local window_end = (tonumber(ARGV[3]) + 1) * tonumber(ARGV[2]) * 1000
-  if now_ms < window_end then
-    local key = ARGV[1] .. ':tpm:' .. ARGV[3]
-    redis.call('INCRBY', key, tokens)
-    redis.call('PEXPIRE', key, window_end - now_ms + 1000)
+# Adds tokens (negative to give back part of a reservation) to the window and day a call
+# started in. A window or day that is already over is left alone: nobody reads it again.
+_SETTLE_FUNCTION = """
+local function settle(base, window_seconds, window, day, tokens, count_tpm, count_day)
+  local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  if count_tpm then
+    local window_end = (window + 1) * window_seconds * 1000
+    if now_ms < window_end then
+      local key = base .. ':tpm:' .. string.format('%d', window)
+      redis.call('INCRBY', key, tokens)
+      redis.call('PEXPIRE', key, window_end - now_ms + 1000)
+    end
+  end
+  if count_day then
+    local day_end = (day + 1) * 86400000
+    if now_ms < day_end then
+      local key = base .. ':day:' .. string.format('%d', day)
+      redis.call('INCRBY', key, tokens)
+      redis.call('PEXPIRE', key, day_end - now_ms + 1000)
+    end
   end
 end
-if ARGV[7] == '1' then
-  local day_end = (tonumber(ARGV[4]) + 1) * 86400000
-  if now_ms < day_end then
-    local key = ARGV[1] .. ':day:' .. ARGV[4]
-    redis.call('INCRBY', key, tokens)
-    redis.call('PEXPIRE', key, day_end - now_ms + 1000)
-  end
+"""
+
+# ARGV: key base, window seconds, window, day, tokens, count in the window (1/0), count in
+# the day (1/0).
+SETTLE = (
+    _SETTLE_FUNCTION
+    + """
+settle(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
+       ARGV[6] == '1', ARGV[7] == '1')
+return 1
+"""
+)
+
+# A created batch's reservation, held until its results are read. ARGV: key base, batch
+# id, tokens its results used, or '' when they could not be read (the reservation stands).
+# Returns 1 when the batch was held (and is now settled), 0 when it was not or already was.
+SETTLE_BATCH = (
+    _SETTLE_FUNCTION
+    + """
+local key = ARGV[1] .. ':batch:' .. ARGV[2]
+local held = redis.call('GET', key)
+if not held then return 0 end
+redis.call('DEL', key)
+local window_seconds, window, day, reserved, tpm, daily =
+  string.match(held, '^(%d+):(%d+):(%d+):(%d+):(%d):(%d)$')
+if not window_seconds or ARGV[3] == '' then return 1 end
+local tokens = tonumber(ARGV[3]) - tonumber(reserved)
+if tokens ~= 0 then
+  settle(ARGV[1], tonumber(window_seconds), tonumber(window), tonumber(day), tokens,
+         tpm == '1', daily == '1')
 end
 return 1
 """
+)
+# Results are kept by Anthropic for 29 days after a batch is created.
+BATCH_HOLD_SECONDS = 30 * DAY_SECONDS
 
 # ARGV: key base, window seconds. Returns {requests in the sliding window, tokens in this
 # window, tokens today, ms until the oldest request leaves, ms left in window, ms left today}.
@@ -164,6 +226,20 @@ class PolicyDenied(AccessDenied):
 
 
 @dataclass(frozen=True)
+class Demand:
+    """What a call asks of a grant's limits before it is sent.
+
+    ``requests`` slots of the rpm (one per request of a message batch); ``tokens`` reserved
+    from tpm and the daily budget until its usage is known (max_tokens plus the input's
+    size, a quarter of its bytes); a ``batch`` must fit whole in what is left.
+    """
+
+    requests: int = 1
+    tokens: int = 0
+    batch: bool = False
+
+
+@dataclass(frozen=True)
 class Ticket:
     """An admitted call of a metered grant: where its usage goes once it ends."""
 
@@ -173,6 +249,11 @@ class Ticket:
     day: int
     tpm: bool
     daily: bool
+    reserved: int = 0
+
+
+def counted_tokens(usage: dict[str, int]) -> int:
+    return sum(max(0, usage.get(name) or 0) for name in COUNTED_USAGE)
 
 
 # --- paths, models and max_tokens ----------------------------------------------------------
@@ -210,8 +291,8 @@ def _asked(rule: str, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> li
                 rule=rule,
                 message="a compressed request body cannot be checked; send it uncompressed",
             )
-        if name == b"content-type" and value.strip().lower().startswith(b"multipart/"):
-            return []  # file uploads: they name no model
+    # Read by its content, whatever Content-Type says: a JSON body labelled multipart/* was
+    # still read as JSON upstream, so skipping it let any model through.
     try:
         payload = json.loads(body, object_pairs_hook=_unique_watched_keys)
     except _RepeatedKey as repeated:
@@ -219,6 +300,8 @@ def _asked(rule: str, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> li
             400, "invalid_request_error", rule=rule, message=f"the body repeats the key {repeated}"
         ) from None
     except (ValueError, UnicodeDecodeError):
+        if _is_multipart(headers):
+            return []  # a file upload: it names no model
         # The upstream would refuse it too; passing it on unchecked could let a lenient
         # parser read a model that keybroker never saw.
         raise PolicyDenied(
@@ -235,6 +318,32 @@ def _asked(rule: str, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> li
             if isinstance(item, dict) and isinstance(item.get("params"), dict)
         ]
     return asked
+
+
+def _is_multipart(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    return any(
+        name == b"content-type" and value.strip().lower().startswith(b"multipart/")
+        for name, value in headers
+    )
+
+
+def policy_demand(method: str, path: str, facts: dict[str, Any], body_size: int) -> Demand:
+    """What a call will take from rates and budgets, from the facts of its body
+    (``request_facts``): messages reserve max_tokens plus their input's estimate, a batch
+    a slot per request and the sum of its requests' max_tokens."""
+    if method != "POST":
+        return Demand()
+    path = unquote(path)
+    input_estimate = math.ceil(body_size / 4)
+    if path == MESSAGES_PATH:
+        return Demand(tokens=facts.get("max_tokens", 0) + input_estimate)
+    if path == BATCH_PATH and "batch_requests" in facts:
+        return Demand(
+            requests=max(1, facts["batch_requests"]),
+            tokens=facts.get("batch_max_tokens", 0) + input_estimate,
+            batch=True,
+        )
+    return Demand()
 
 
 def policy_check_request(
@@ -302,12 +411,28 @@ def _per(window_seconds: int) -> str:
 
 
 def _refusal(
-    rule: str, wait_ms: int, used: int, policy: Policy, window_seconds: int, who: str
-) -> PolicyDenied:
+    rule: str, wait_ms: int, used: int, policy: Policy, demand: Demand, window_seconds: int,
+    who: str,
+) -> PolicyDenied:  # fmt: skip
+    if wait_ms < 0:
+        # A batch bigger than the limit itself: no amount of waiting lets it through.
+        limit = policy.rpm if rule == "rpm" else policy.tpm
+        asks = f"{demand.requests:,} requests" if rule == "rpm" else f"{demand.tokens:,} tokens"
+        return PolicyDenied(
+            *RATE_LIMITED,
+            rule=rule,
+            message=f"this batch takes {asks}, over the {rule} of {limit:,} for {who}; "
+            "split it into smaller batches",
+            retry=False,
+        )
     wait = _seconds(wait_ms)
+    batch = f"a batch of {demand.requests:,} requests reserving {demand.tokens:,} tokens does "
     if rule == "rpm":
         message = (
             f"{policy.rpm} requests per {_per(window_seconds)} used up for {who}; retry in {wait}s"
+            if not demand.batch
+            else f"{batch}not fit in the {policy.rpm} requests per {_per(window_seconds)} "
+            f"left for {who}; retry in {wait}s"
         )
     elif rule == "tpm":
         message = (
@@ -319,34 +444,33 @@ def _refusal(
             f"{used:,} of the daily budget of {policy.daily_tokens:,} tokens used for {who}; "
             f"it renews at 00:00 UTC, in {wait}s"
         )
+    if demand.batch and rule != "rpm":
+        message = f"{batch}not fit: {message}"
     return PolicyDenied(
         *RATE_LIMITED, rule=rule, message=message, retry_after=wait, retry=rule != "daily_tokens"
     )
 
 
 class PolicyGate:
-    """Per event loop: its own async Redis client, with the scripts registered on it."""
+    """Per event loop: the scripts, registered on the loop's shared Redis client."""
 
     def __init__(self) -> None:
-        self._url = ""
         self._client: redis.asyncio.Redis | None = None
-        self._admit: Any = None
-        self._settle: Any = None
+        self._scripts_of: dict[str, Any] = {}
         self._background: set[asyncio.Future[Any]] = set()
 
-    def _scripts(self) -> tuple[Any, Any]:
-        if self._client is None or self._url != settings.REDIS_URL:
-            # Made again when the URL changes (a settings override), never per request.
-            if self._client is not None:
-                self._spawn(self._client.aclose())
-            self._url = settings.REDIS_URL
-            self._client = redis.asyncio.Redis.from_url(
-                self._url, socket_connect_timeout=1, socket_timeout=1
-            )
-            # EVALSHA, falling back to EVAL once when Redis does not know the script yet.
-            self._admit = self._client.register_script(ADMIT)
-            self._settle = self._client.register_script(SETTLE)
-        return self._admit, self._settle
+    def _script(self, name: str) -> Any:
+        client = async_redis_client()
+        if client is not self._client:
+            # Registered again only when the client changes (a settings override).
+            self._client = client
+            self._scripts_of = {
+                # EVALSHA, falling back to EVAL once when Redis does not know it yet.
+                "admit": client.register_script(ADMIT),
+                "settle": client.register_script(SETTLE),
+                "settle_batch": client.register_script(SETTLE_BATCH),
+            }
+        return self._scripts_of[name]
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
         # Held until done: the loop keeps only weak references to tasks.
@@ -355,25 +479,25 @@ class PolicyGate:
         task.add_done_callback(self._background.discard)
         return task
 
-    async def admit(self, policy: Policy, *, agent: str, backend: str) -> Ticket | None:
-        """Take a request slot and check the budgets; None when nothing needs counting."""
+    async def admit(
+        self, policy: Policy, *, agent: str, backend: str, demand: Demand = Demand()
+    ) -> Ticket | None:
+        """Take request slots, check the budgets and reserve the call's estimate from
+        them; None when nothing needs counting afterwards."""
         if not policy.counted:
             return None
         window_seconds = settings.POLICY_WINDOW_SECONDS
         key = _key(policy)
-        admit, _ = self._scripts()
+        reserve = demand.tokens if policy.metered else 0
         try:
-            rule, wait_ms, window, day, used = await admit(
+            rule, wait_ms, window, day, used = await self._script("admit")(
                 keys=[],
                 args=[
-                    key,
-                    window_seconds,
-                    policy.rpm or 0,
-                    policy.tpm or 0,
-                    policy.daily_tokens or 0,
-                    secrets.token_hex(8),
+                    key, window_seconds, policy.rpm or 0, policy.tpm or 0,
+                    policy.daily_tokens or 0, secrets.token_hex(8), demand.requests, reserve,
+                    int(demand.batch),
                 ],
-            )
+            )  # fmt: skip
         except (redis.RedisError, OSError) as exc:
             if settings.POLICY_FAIL_OPEN:
                 logger.warning(
@@ -393,7 +517,7 @@ class PolicyGate:
             ) from None
         if rule:
             raise _refusal(
-                rule.decode(), int(wait_ms), int(used), policy, window_seconds,
+                rule.decode(), int(wait_ms), int(used), policy, demand, window_seconds,
                 f"agent {agent} on {backend}",
             )  # fmt: skip
         if not policy.metered:
@@ -405,31 +529,53 @@ class PolicyGate:
             day=int(day),
             tpm=policy.tpm is not None,
             daily=policy.daily_tokens is not None,
+            reserved=reserve,
         )
 
-    def settle(self, ticket: Ticket, usage: dict[str, int]) -> asyncio.Future[None] | None:
-        """Count a finished call's tokens, off the response path; returns the task doing it
-        (nobody on the request path waits for it)."""
-        tokens = sum(max(0, usage.get(name) or 0) for name in COUNTED_USAGE)
-        return self._spawn(self._count(ticket, tokens)) if tokens > 0 else None
+    def settle(self, ticket: Ticket, usage: dict[str, int] | None) -> asyncio.Future[None] | None:
+        """Count a finished call's tokens in place of its reservation, off the response
+        path; ``usage`` None means it could not be read, and the reservation stands.
+        Returns the task doing it (nobody on the request path waits for it)."""
+        tokens = (counted_tokens(usage) if usage is not None else ticket.reserved) - ticket.reserved
+        if tokens == 0:
+            return None
+        args = [
+            ticket.key, ticket.window_seconds, ticket.window, ticket.day, tokens,
+            int(ticket.tpm), int(ticket.daily),
+        ]  # fmt: skip
+        return self._spawn(self._run("settle", args, f"count {tokens} tokens for {ticket.key}"))
 
-    async def _count(self, ticket: Ticket, tokens: int) -> None:
-        _, settle = self._scripts()
+    def hold_batch(self, ticket: Ticket, batch_id: str) -> asyncio.Future[None]:
+        """Keep a created batch's reservation until its results are read (settle_batch)."""
+        held = (
+            f"{ticket.window_seconds}:{ticket.window}:{ticket.day}:{ticket.reserved}:"
+            f"{int(ticket.tpm)}:{int(ticket.daily)}"
+        )
+        return self._spawn(self._hold(f"{ticket.key}:batch:{batch_id}", held))
+
+    def settle_batch(
+        self, ticket: Ticket, batch_id: str, usage: dict[str, int] | None
+    ) -> asyncio.Future[None]:
+        """Count a batch's usage, read from its results, in place of its reservation, in
+        the window and day it was created in; results read again count nothing."""
+        used = "" if usage is None else str(counted_tokens(usage))
+        return self._spawn(
+            self._run("settle_batch", [ticket.key, batch_id, used], f"settle batch {batch_id}")
+        )
+
+    async def _hold(self, key: str, held: str) -> None:
         try:
-            await settle(
-                keys=[],
-                args=[
-                    ticket.key, ticket.window_seconds, ticket.window, ticket.day, tokens,
-                    int(ticket.tpm), int(ticket.daily),
-                ],
-            )  # fmt: skip
+            await async_redis_client().set(key, held, ex=BATCH_HOLD_SECONDS)
+        except (redis.RedisError, OSError) as exc:
+            logger.error("policy could not hold a batch's reservation (%s)", type(exc).__name__)
+
+    async def _run(self, script: str, args: list[Any], what: str) -> None:
+        try:
+            await self._script(script)(keys=[], args=args)
         except (redis.RedisError, OSError) as exc:
             # Lost, not queued: a limit that undercounts during an outage beats a proxy that
             # holds calls open for Redis.
-            logger.error(
-                "policy could not count %d tokens for %s (%s)", tokens, ticket.key,
-                type(exc).__name__,
-            )  # fmt: skip
+            logger.error("policy could not %s (%s)", what, type(exc).__name__)
 
 
 _gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PolicyGate] = (
