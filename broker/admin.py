@@ -1,17 +1,22 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.actions import delete_selected as django_delete_selected
+from django.contrib.auth import get_permission_codename
+from django.db import transaction
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from broker.admin_history import HistoryAdmin
 from broker.errors import ServiceError
 from broker.models import AdminToken, Backend, ValidationState
+from broker.services.admin_tokens import admintoken_revoke
 from broker.services.backends import (
     FederationSettings,
     TtlBounds,
@@ -22,6 +27,8 @@ from broker.services.backends import (
     backend_clean_base_url,
     backend_clean_federation,
     backend_clean_name,
+    backend_remove,
+    backend_remove_refusal,
     backend_rotate,
     backend_update,
     backend_validate,
@@ -177,7 +184,7 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
     ]
     list_filter = ["validation_state", "kind", "enabled"]
     search_fields = ["name"]
-    actions = ["validate_now"]
+    actions = ["validate_now", "delete_selected"]
     fields = [
         "name", "kind", "base_url", "client_key", "new_secret", *FEDERATION_FORM_FIELDS,
         "token_ttl_min", "token_ttl_default", "token_ttl_max", "enabled", "secret_fingerprint",
@@ -255,20 +262,74 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
                 request, f"backend {backend.name}: {result.state} ({result.message})", level
             )
 
+    # Removing a backend here is backend_remove, as from the CLI and the API: its refusal
+    # while tokens are live, their revocation, the proxy told at once, the audit event.
+    # Django's delete page and "Delete selected" stay; only what they do changes.
+
+    def get_deleted_objects(
+        self, objs: Sequence[Backend] | QuerySet[Backend], request: HttpRequest
+    ) -> tuple[list[Any], dict[Any, Any], set[Any], list[Any]]:
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        if self.has_delete_permission(request):
+            # Grants and token history go with their backend: backend_remove's rule, not
+            # each model admin's (token rows are never deleted on their own).
+            perms_needed = set()
+        refusals = [r for backend in objs if (r := backend_remove_refusal(backend=backend))]
+        return deleted, counts, perms_needed, [*protected, *refusals]
+
+    def delete_model(self, request: HttpRequest, obj: Backend) -> None:
+        backend_remove(backend=obj, by=request.user)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+        with transaction.atomic():
+            for backend in queryset:
+                backend_remove(backend=backend, by=request.user)
+
+    def delete_view(
+        self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        try:
+            return super().delete_view(request, object_id, extra_context)
+        except ServiceError as exc:  # tokens minted between the page and the click
+            self.message_user(request, f"{exc.message}. Nothing was removed.", messages.ERROR)
+            return HttpResponseRedirect(request.path)
+
+    @admin.action(description="Delete selected backends", permissions=["delete"])
+    def delete_selected(
+        self, request: HttpRequest, queryset: QuerySet[Backend]
+    ) -> HttpResponse | None:
+        try:
+            with transaction.atomic():  # all of them, or (refused) none
+                response: HttpResponse | None = django_delete_selected(self, request, queryset)
+                return response
+        except ServiceError as exc:
+            self.message_user(request, f"{exc.message}. Nothing was removed.", messages.ERROR)
+            return None
+
 
 @admin.register(AdminToken)
-class AdminTokenAdmin(admin.ModelAdmin[AdminToken]):
-    """Read-only: tokens are created with `manage.py admintoken create` (shown once)."""
+class AdminTokenAdmin(HistoryAdmin[AdminToken]):
+    """Read-only: tokens are created with `manage.py admintoken create` (shown once) and
+    revoked, never deleted, so the trail of who held API access stays."""
 
     list_display = ["name", "display_prefix", "user", "created_at", "last_used_at", "revoked_at"]
     list_select_related = ["user"]
     readonly_fields = ["name", "display_prefix", "user", "created_at", "last_used_at", "revoked_at"]
+    actions = ["revoke_selected"]
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        codename = get_permission_codename("change", self.opts)
+        return request.user.has_perm(f"{self.opts.app_label}.{codename}")
 
-    def has_change_permission(self, request: HttpRequest, obj: AdminToken | None = None) -> bool:
-        return False
+    @admin.action(description="Revoke selected admin tokens", permissions=["revoke"])
+    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[AdminToken]) -> None:
+        live = [token for token in queryset if token.revoked_at is None]
+        for token in live:
+            admintoken_revoke(token_id=token.pk, by=request.user)
+        text = f"revoked {len(live)} admin token{'s' if len(live) != 1 else ''}"
+        if skipped := len(queryset) - len(live):
+            text += f"; {skipped} already revoked"
+        self.message_user(request, text, messages.SUCCESS)
 
 
 # Agents, tokens and OIDC clients live in their own module; importing it registers them.

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
 from django.utils import timezone
 
@@ -58,7 +58,9 @@ def admintoken_authenticate(plaintext: str) -> AbstractBaseUser | None:
 
 
 @transaction.atomic
-def admintoken_revoke(*, token_id: int, by: AbstractBaseUser | None = None) -> AdminToken:
+def admintoken_revoke(
+    *, token_id: int, by: AbstractBaseUser | AnonymousUser | None = None
+) -> AdminToken:
     token = AdminToken.objects.filter(pk=token_id).first()
     if token is None:
         raise NotFound(f"no admin token with id {token_id}")

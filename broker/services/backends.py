@@ -457,18 +457,30 @@ def backend_rotate(*, backend: Backend, secret: str, by: User = None) -> Backend
     return backend
 
 
-@transaction.atomic
-def backend_remove(*, backend: Backend, force: bool = False, by: User = None) -> None:
-    """Delete a backend; while tokens for it are live, only when forced (revoking them)."""
-    from broker.services.tokens import tokens_live, tokens_revoke_all
+def backend_remove_refusal(*, backend: Backend, force: bool = False) -> str | None:
+    """Why backend_remove would refuse now (live tokens, unless forced), or None; the admin
+    shows it on its delete page before anyone confirms."""
+    from broker.services.tokens import tokens_live
 
     live = len(tokens_live(backend=backend))
     if live and not force:
-        raise Conflict(
+        return (
             f"backend {backend.name} has {live} live token(s); revoke them first or force "
             "the removal (which revokes them)"
         )
-    revoked = tokens_revoke_all(backend=backend, by=by, reason="backend removed") if live else 0
+    return None
+
+
+@transaction.atomic
+def backend_remove(*, backend: Backend, force: bool = False, by: User = None) -> None:
+    """Delete a backend with its grants and token history; while tokens for it are live,
+    only when forced (revoking them). Every entry point removes backends through here."""
+    from broker.services.tokens import tokens_revoke_all
+
+    refusal = backend_remove_refusal(backend=backend, force=force)
+    if refusal:
+        raise Conflict(refusal)
+    revoked = tokens_revoke_all(backend=backend, by=by, reason="backend removed") if force else 0
     name = backend.name
     backend.delete()
     access_changed()
