@@ -15,7 +15,7 @@ import logging
 import re
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from proxy.policy import (
     policy_check_request,
     policy_demand,
     policy_gate,
+    process_load,
 )
 from proxy.providers import ANTHROPIC_VERSION, AuthScheme, ProviderError, provider_for
 from proxy.upstream import upstream_session, upstream_timeout
@@ -57,9 +58,15 @@ HOP_BY_HOP = frozenset(
 CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"cookie", b"x-anthropic-key"})
 CLIENT_KEY_HEADER = b"x-anthropic-key"
 METERED_REQUEST_PATHS = ("/v1/messages",)
+# A body nothing needs to read is held up to this much, then streamed upstream.
+STREAM_BODY_AFTER = 1024 * 1024
 BATCH_RESULTS_PATH = re.compile(r"^/v1/messages/batches/([A-Za-z0-9_-]{1,100})/results$")
 # keybroker's server sends its own Date; who the upstream runs is none of the client's business.
 UPSTREAM_ONLY_HEADERS = frozenset({b"server", b"date"})
+
+
+class ClientGone(Exception):
+    """The client hung up while its request body was being streamed upstream."""
 
 
 class UpstreamBroke(Exception):
@@ -136,6 +143,31 @@ def request_facts(path: str, body: bytes) -> dict[str, Any]:
     return facts
 
 
+async def _body_stream(
+    first: list[bytes], receive: Receive, exchange: Exchange, limit: int
+) -> AsyncIterator[bytes]:
+    """The rest of a request body, sent on as it arrives; only what was read ahead is held."""
+    for chunk in first:
+        yield chunk
+    process_load.release_body(exchange.body_held)
+    sent, exchange.body_held = exchange.body_held, 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            exchange.outcome = "client_gone"
+            raise ClientGone
+        chunk = message.get("body", b"")
+        sent += len(chunk)
+        if sent > limit:
+            exchange.body_refused = AccessDenied(
+                413, "request_too_large", f"request body is over {limit} bytes"
+            )
+            raise exchange.body_refused
+        yield chunk
+        if not message.get("more_body"):
+            return
+
+
 def _whole_number(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
@@ -159,6 +191,8 @@ class Exchange:
     meter: UsageMeter | None = None
     policy_rule: str = ""  # the policy field that refused the call
     ticket: Ticket | None = None  # where a metered grant's usage is counted
+    body_held: int = 0  # request-body bytes held in memory, against the process' budget
+    body_refused: AccessDenied | None = None  # why a streamed request body was cut off
     batch_created: str = ""  # the id of the message batch this call created
     batch_results: str = ""  # the id of the message batch whose results this call read
 
@@ -281,36 +315,63 @@ class ProxyApp:
             url = upstream_url(route.base_url, target.path, scope.get("query_string", b""))
         except PathRefused as refused:
             raise AccessDenied(400, "invalid_request_error", str(refused)) from None
-        body = await self._read_body(headers, receive)
+        with process_load.call(grant.policy, agent=grant.agent_name, backend=target.backend):
+            try:
+                await self._call(scope, receive, send, exchange, target.path, grant, route, url)
+            finally:
+                process_load.release_body(exchange.body_held)
+
+    async def _call(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        exchange: Exchange,
+        path: str,
+        grant: TokenGrant,
+        route: Route,
+        url: str,
+    ) -> None:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        # Held whole only when something must read it: policy, or the audit's facts and
+        # the reservation of a messages call. Anything else (file uploads) streams through.
+        must_read = path.startswith(METERED_REQUEST_PATHS) or (
+            grant.policy is not None and grant.policy.reads_body
+        )
+        body = await self._read_body(headers, receive, exchange, whole=must_read)
         if body is None:
             exchange.outcome = "client_gone"
             return
-        exchange.facts = request_facts(target.path, body)
-        results = BATCH_RESULTS_PATH.match(target.path)
+        whole = body if isinstance(body, bytes) else b""
+        exchange.facts = request_facts(path, whole)
+        results = BATCH_RESULTS_PATH.match(path)
         if results and scope["method"] == "GET":
             exchange.batch_results = results[1]
         if grant.policy is not None:
             # Before anything goes upstream; rates and budgets cost Redis only when set.
             policy_check_request(
                 grant.policy,
-                path=target.path,
+                path=path,
                 headers=headers,
-                body=body,
+                body=whole,
                 agent=grant.agent_name,
-                backend=target.backend,
+                backend=route.name,
             )
             exchange.ticket = await policy_gate().admit(
                 grant.policy,
                 agent=grant.agent_name,
-                backend=target.backend,
-                demand=policy_demand(scope["method"], target.path, exchange.facts, len(body)),
+                backend=route.name,
+                demand=policy_demand(scope["method"], path, exchange.facts, len(whole)),
             )
         if route.federation is not None:
             secret = await federated_secret(route.federation)
         else:
             secret = _upstream_secret(headers, route)
         upstream_headers = self._upstream_headers(headers, route, secret)
-        if target.path.startswith(BATCH_PATH):
+        declared = _header(headers, b"content-length")
+        if not isinstance(body, bytes) and declared.isdigit():
+            upstream_headers.append((b"content-length", declared.encode()))
+        if path.startswith(BATCH_PATH):
             # Batch answers are rewritten (results_url), so they must arrive uncompressed.
             upstream_headers = [(k, v) for k, v in upstream_headers if k != b"accept-encoding"]
             upstream_headers.append((b"accept-encoding", b"identity"))
@@ -321,25 +382,35 @@ class ProxyApp:
             federation_cache().forget(route.federation, secret[1])
 
     async def _read_body(
-        self, headers: list[tuple[bytes, bytes]], receive: Receive
-    ) -> bytes | None:
+        self,
+        headers: list[tuple[bytes, bytes]],
+        receive: Receive,
+        exchange: Exchange,
+        *,
+        whole: bool,
+    ) -> bytes | AsyncIterator[bytes] | None:
+        """The request body: whole, held against the process' body budget, or past
+        STREAM_BODY_AFTER bytes (when nothing needs to read it) as a stream to send on.
+        None when the client went away."""
         limit = settings.PROXY_MAX_BODY_BYTES
         declared = _header(headers, b"content-length")
         if declared.isdigit() and int(declared) > limit:
             raise AccessDenied(413, "request_too_large", f"request body is over {limit} bytes")
         chunks: list[bytes] = []
-        size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
+            if exchange.body_held + len(chunk) > limit:
                 raise AccessDenied(413, "request_too_large", f"request body is over {limit} bytes")
+            process_load.hold_body(len(chunk))
+            exchange.body_held += len(chunk)
             chunks.append(chunk)
             if not message.get("more_body"):
                 return b"".join(chunks)
+            if not whole and exchange.body_held > STREAM_BODY_AFTER:
+                return _body_stream(chunks, receive, exchange, limit)
 
     @staticmethod
     def _upstream_headers(
@@ -369,7 +440,7 @@ class ProxyApp:
         route: Route,
         url: str,
         headers: list[tuple[bytes, bytes]],
-        body: bytes,
+        body: bytes | AsyncIterator[bytes],
     ) -> None:
         # Only codings the meter reads are asked for (br or zstd would leave usage unread);
         # a client that did not ask for compression must never get it.
@@ -386,12 +457,20 @@ class ProxyApp:
                 allow_redirects=False,
                 timeout=upstream_timeout(),
             )
-        except TimeoutError:
-            raise AccessDenied(504, "api_error", f"upstream {route.name} timed out") from None
-        except aiohttp.ClientError as exc:
-            raise AccessDenied(
-                502, "api_error", f"upstream {route.name} unreachable ({type(exc).__name__})"
-            ) from None
+        except Exception as exc:
+            # A streamed request body can fail the request from the client's side too.
+            if exchange.outcome == "client_gone":
+                exchange.record("the client hung up while sending its request")
+                return
+            if exchange.body_refused is not None:
+                raise exchange.body_refused from None
+            if isinstance(exc, TimeoutError):
+                raise AccessDenied(504, "api_error", f"upstream {route.name} timed out") from None
+            if isinstance(exc, aiohttp.ClientError):
+                raise AccessDenied(
+                    502, "api_error", f"upstream {route.name} unreachable ({type(exc).__name__})"
+                ) from None
+            raise
         exchange.status = upstream.status
         exchange.ttfb_ms = round((time.perf_counter() - exchange.started) * 1000, 2)
         exchange.request_id = upstream.headers.get("request-id", "")[:100]

@@ -22,13 +22,14 @@ flight when it runs out still finish; the next one is refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import json
 import logging
 import math
 import secrets
 import weakref
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -395,6 +396,61 @@ def policy_check_request(
                     rule="max_tokens",
                     message=f"max_tokens {wanted} is over the cap of {cap} for {who}",
                 )
+
+
+# --- what one process holds ---------------------------------------------------------------
+class ProcessLoad:
+    """Per process: each grant's calls in flight, and the request-body bytes held in memory.
+
+    Memory is a process's own, so these bounds are too (docs/decisions.md); every process
+    on every machine has its own. Touched only from the event loop's thread.
+    """
+
+    def __init__(self) -> None:
+        self.calls: dict[int, int] = {}
+        self.body_bytes = 0
+
+    @contextlib.contextmanager
+    def call(self, policy: Policy | None, *, agent: str, backend: str) -> Iterator[None]:
+        """One call of a grant in flight; 429 while ``max_concurrent`` of them are."""
+        if policy is None or policy.max_concurrent is None:
+            yield
+            return
+        grant = policy.grant_id
+        if self.calls.get(grant, 0) >= policy.max_concurrent:
+            raise PolicyDenied(
+                *RATE_LIMITED,
+                rule="max_concurrent",
+                message=f"{policy.max_concurrent} calls already in flight for agent {agent} "
+                f"on {backend}; retry when one ends",
+                retry_after=1,
+            )
+        self.calls[grant] = self.calls.get(grant, 0) + 1
+        try:
+            yield
+        finally:
+            left = self.calls[grant] - 1
+            if left:
+                self.calls[grant] = left
+            else:
+                del self.calls[grant]
+
+    def hold_body(self, size: int) -> None:
+        """Take ``size`` more bytes of the process' body budget, or 503 when it is spent."""
+        if self.body_bytes + size > settings.PROXY_BUFFERED_BODY_BYTES:
+            raise AccessDenied(
+                503,
+                "overloaded_error",
+                "keybroker holds too many request bodies right now; retry shortly",
+                headers=[(b"retry-after", b"1")],
+            )
+        self.body_bytes += size
+
+    def release_body(self, size: int) -> None:
+        self.body_bytes -= size
+
+
+process_load = ProcessLoad()
 
 
 # --- rates and budgets ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 
 from audit.models import AuditEvent
 from broker.redis import redis_client
+from proxy.policy import process_load
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import Proxied, audit_drained
 from tests.test_policy_proxy import HAIKU, HELLO, OPUS, post, sdk, set_policy, used
@@ -279,3 +280,124 @@ def test_the_upstreams_server_and_date_headers_do_not_pass(
     dates = answer.headers.get_list("date")
     assert len(dates) <= 1
     assert "2001" not in "".join(dates)
+
+
+# --- memory: calls in flight and bodies held -----------------------------------------------
+def test_max_concurrent_refuses_the_call_over_the_limit_while_the_others_stream(
+    proxied: Proxied, fake_anthropic: FakeAnthropic
+) -> None:
+    set_policy(max_concurrent=2)
+    fake_anthropic.stream_gap_seconds = 0.1
+
+    async def one(client: anthropic.AsyncAnthropic) -> str:
+        try:
+            async with client.messages.stream(model=HAIKU, max_tokens=64, messages=HELLO) as stream:
+                await stream.get_final_message()
+            return "ok"
+        except anthropic.RateLimitError as limited:
+            return f"{limited.message} (retry-after {limited.response.headers['retry-after']})"
+
+    async def burst() -> list[str]:
+        client = anthropic.AsyncAnthropic(
+            base_url=proxied.base_url, api_key=proxied.token, max_retries=0
+        )
+        async with client:
+            return await asyncio.gather(*(one(client) for _ in range(5)))
+
+    outcomes = asyncio.run(burst())
+    assert outcomes.count("ok") == 2
+    refused = [o for o in outcomes if o != "ok"]
+    assert len(refused) == 3
+    assert all("policy max_concurrent: 2 calls already in flight" in o for o in refused)
+    assert all(o.endswith("(retry-after 1)") for o in refused)
+    # Once they have ended, calls go through again.
+    assert sdk(proxied).messages.create(model=HAIKU, max_tokens=8, messages=HELLO).usage
+    assert len(fake_anthropic.requests) == 3
+
+
+def test_bodies_over_the_process_budget_get_503_and_nothing_is_lost(
+    proxied: Proxied, fake_anthropic: FakeAnthropic, settings: Any
+) -> None:
+    settings.PROXY_BUFFERED_BODY_BYTES = 3 * 1024 * 1024
+    fake_anthropic.hang_seconds = 1.0  # the first call holds its body while the second asks
+    big = {"model": HAIKU, "max_tokens": 8, "messages": [{"role": "user", "content": "x" * 2**21}]}
+
+    async def two() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            first = asyncio.ensure_future(
+                client.post(
+                    f"{proxied.base_url}/v1/messages",
+                    headers={"x-api-key": proxied.token},
+                    json=big,
+                )
+            )
+            await asyncio.sleep(0.4)
+            second = await client.post(
+                f"{proxied.base_url}/v1/messages", headers={"x-api-key": proxied.token}, json=big
+            )
+            return [await first, second]
+
+    first, second = asyncio.run(two())
+    assert first.status_code == 200
+    assert second.status_code == 503
+    assert second.headers["retry-after"] == "1"
+    assert second.json()["error"]["type"] == "overloaded_error"
+    assert len(fake_anthropic.requests) == 1
+    fake_anthropic.hang_seconds = 0
+    assert post(proxied, "/v1/messages", json=big).status_code == 200  # the budget came back
+
+
+def test_a_body_nothing_reads_streams_upstream_instead_of_being_held(
+    proxied: Proxied, fake_anthropic: FakeAnthropic
+) -> None:
+    piece = bytes(range(256)) * 1024  # 256 KB
+    held: list[int] = []
+
+    def upload() -> Any:
+        for _ in range(32):  # 8 MB
+            held.append(process_load.body_bytes)  # the server runs in this process
+            yield piece
+            time.sleep(0.005)
+
+    answer = httpx.post(
+        f"{proxied.base_url}/v1/files",
+        headers={
+            "x-api-key": proxied.token,
+            "content-type": "application/octet-stream",
+            "content-length": str(32 * len(piece)),
+        },
+        content=upload(),
+        timeout=30,
+    )
+    assert answer.status_code == 404, answer.text  # the fake has no files API: it got there
+    (seen,) = fake_anthropic.requests
+    assert seen.body == piece * 32
+    # Never more than the read-ahead (1 MB) and a chunk in flight was held at once.
+    assert max(held) <= 1024 * 1024 + 2 * len(piece)
+    assert process_load.body_bytes == 0
+
+
+def test_a_streamed_body_over_the_size_limit_is_refused(
+    proxied: Proxied, fake_anthropic: FakeAnthropic, settings: Any
+) -> None:
+    settings.PROXY_MAX_BODY_BYTES = 3 * 1024 * 1024
+
+    def chunks() -> Any:
+        for _ in range(8):
+            yield b"y" * (512 * 1024)
+
+    try:
+        answer = httpx.post(
+            f"{proxied.base_url}/v1/files",
+            headers={"x-api-key": proxied.token, "content-type": "application/octet-stream"},
+            content=chunks(),
+            timeout=30,
+        )
+    except httpx.HTTPError:
+        answer = None  # the server may close before the client has sent everything
+    if answer is not None:
+        assert answer.status_code == 413
+    assert all(len(r.body) <= 3 * 1024 * 1024 for r in fake_anthropic.requests)
+    audit_drained()
+    (event,) = AuditEvent.objects.filter(path="/v1/files")
+    assert event.status == 413
