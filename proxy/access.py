@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 CACHE_SIZE = 10_000
 LAST_USED_RESOLUTION_SECONDS = 60
+# While calls are open, how often each process looks for a change that withdraws them.
+WATCH_INTERVAL_SECONDS = 0.25
 
 
 class AccessDenied(Exception):
@@ -126,6 +128,22 @@ def _read_route(name: str) -> Route | None:
     )
 
 
+def _withdrawn(digest: str, backend: str) -> str:
+    """Why an open call of this token may no longer go on; empty when it may."""
+    grant = _read_token(digest)
+    if grant is None:
+        return "token deleted"
+    if grant.revoked:
+        return "token revoked"
+    if grant.agent_status != AgentStatus.APPROVED:
+        return f"agent {grant.agent_name} is {grant.agent_status}"
+    if not grant.has_grant:
+        return f"agent {grant.agent_name} has no grant for {backend}"
+    if not Backend.objects.filter(name=backend, enabled=True).exists():
+        return f"backend {backend} is disabled"
+    return ""
+
+
 def _touch(token_id: str) -> None:
     Token.objects.filter(pk=token_id).update(last_used_at=timezone.now())
 
@@ -134,6 +152,7 @@ def _touch(token_id: str) -> None:
 _read_token_async = db_call(_read_token)
 _read_route_async = db_call(_read_route)
 _touch_async = db_call(_touch)
+_withdrawn_async = db_call(_withdrawn)
 
 
 class AccessCache:
@@ -145,6 +164,10 @@ class AccessCache:
         self._generation: bytes | str | None = None
         self._last_used: dict[str, float] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Open calls by token digest: their backend and the futures that cut them.
+        self._open: dict[str, tuple[str, set[asyncio.Future[str]]]] = {}
+        self._watcher: asyncio.Task[None] | None = None
+        self._watched_generation: bytes | str | None = None
 
     async def _fresh(self) -> bool:
         """True when the cache may be trusted for this request."""
@@ -187,6 +210,49 @@ class AccessCache:
         route = await _read_route_async(name)
         self._routes[name] = (route, now)
         return route
+
+    def watch(self, digest: str, backend: str) -> asyncio.Future[str]:
+        """A future that resolves, with the reason, once the token of an open call is
+        revoked, its agent unenrolled, its grant removed or its backend disabled. Expiry
+        does not count: a call admitted while its token was valid may finish."""
+        withdrawn: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._open.setdefault(digest, (backend, set()))[1].add(withdrawn)
+        if self._watcher is None or self._watcher.done():
+            # From the generation this call was admitted under: a change since is seen.
+            self._watched_generation = self._generation
+            self._watcher = asyncio.ensure_future(self._watch())
+        return withdrawn
+
+    def unwatch(self, digest: str, withdrawn: asyncio.Future[str]) -> None:
+        withdrawn.cancel()
+        entry = self._open.get(digest)
+        if entry is not None:
+            entry[1].discard(withdrawn)
+            if not entry[1]:
+                del self._open[digest]
+
+    async def _watch(self) -> None:
+        """Runs while calls are open: one Redis read per interval, and the database only
+        when the access generation moved (or cannot be read)."""
+        while self._open:
+            await asyncio.sleep(WATCH_INTERVAL_SECONDS)
+            try:
+                generation = await async_redis_client().get(redis_key(ACCESS_GENERATION))
+            except (redis.RedisError, OSError):
+                generation = None  # unknown: ask the database
+            else:
+                if generation == self._watched_generation:
+                    continue
+                self._watched_generation = generation
+            for digest, (backend, futures) in list(self._open.items()):
+                try:
+                    reason = await _withdrawn_async(digest, backend)
+                except Exception as exc:  # a database hiccup never cuts open calls
+                    logger.warning("open calls unchecked (%s)", type(exc).__name__)
+                    break
+                for withdrawn in list(futures) if reason else ():
+                    if not withdrawn.done():
+                        withdrawn.set_result(reason)
 
     def touch(self, token_id: str) -> None:
         """Record use at most once a minute per token, off the request path."""

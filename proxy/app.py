@@ -24,6 +24,7 @@ from django.conf import settings
 from yarl import URL
 
 from audit.recorder import audit_enqueue
+from broker.secrets import secret_digest
 from proxy.access import AccessCache, AccessDenied, Route, TokenGrant
 from proxy.federation import federated_secret, federation_cache
 from proxy.metering import UsageMeter, meterable_accept_encoding
@@ -71,6 +72,14 @@ class ClientGone(Exception):
 
 class UpstreamBroke(Exception):
     """The upstream stopped mid-stream; the client's connection is cut so it sees a break."""
+
+    outcome = "upstream_broke"
+
+
+class AccessWithdrawn(UpstreamBroke):
+    """The token of an open call was revoked (or its agent, grant or backend withdrawn)."""
+
+    outcome = "revoked"
 
 
 def anthropic_error(status: int, error_type: str, message: str) -> bytes:
@@ -191,6 +200,9 @@ class Exchange:
     meter: UsageMeter | None = None
     policy_rule: str = ""  # the policy field that refused the call
     ticket: Ticket | None = None  # where a metered grant's usage is counted
+    token_digest: str = ""  # of the crd_ token, to close the call if it is revoked
+    note: str = ""  # why the call ended as it did, when it was cut short
+    at_frame_end: bool = True  # whether what was sent so far ends between SSE events
     body_held: int = 0  # request-body bytes held in memory, against the process' budget
     body_refused: AccessDenied | None = None  # why a streamed request body was cut off
     batch_created: str = ""  # the id of the message batch this call created
@@ -286,7 +298,7 @@ class ProxyApp:
             )
             exchange.record(denied.message)
         except UpstreamBroke as broke:
-            exchange.outcome = "upstream_broke"
+            exchange.outcome = broke.outcome
             exchange.record(str(broke))
             raise
         finally:
@@ -311,6 +323,7 @@ class ProxyApp:
             )
         grant, route = await self.access().authorize(token, target.backend)
         exchange.grant = grant
+        exchange.token_digest = secret_digest(token)
         try:
             url = upstream_url(route.base_url, target.path, scope.get("query_string", b""))
         except PathRefused as refused:
@@ -486,7 +499,7 @@ class ProxyApp:
                 upstream.close()
         if exchange.outcome == "ok" and upstream.status >= 400:
             exchange.outcome = "upstream_error"
-        exchange.record()
+        exchange.record(exchange.note)
 
     @staticmethod
     def _response_headers(upstream: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
@@ -512,18 +525,40 @@ class ProxyApp:
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         pump = asyncio.ensure_future(self._pump(send, upstream, exchange))
         hangup = asyncio.ensure_future(_wait_for_disconnect(receive))
+        access = self.access()
+        withdrawn = access.watch(exchange.token_digest, exchange.backend)
+        waiting: set[asyncio.Future[Any]] = {pump, hangup, withdrawn}
         try:
-            await asyncio.wait({pump, hangup}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             hangup.cancel()
+            reason = withdrawn.result() if withdrawn.done() and not withdrawn.cancelled() else ""
+            access.unwatch(exchange.token_digest, withdrawn)
             if not pump.done():
-                # The client hung up (or this task was cancelled): stop reading upstream.
+                # The client hung up, its access was withdrawn, or this task was cancelled:
+                # stop reading upstream.
                 pump.cancel()
-                exchange.outcome = "client_gone"
+                exchange.outcome = "revoked" if reason else "client_gone"
                 with contextlib.suppress(asyncio.CancelledError):
                     await pump
-        if exchange.outcome != "client_gone":
+        if exchange.outcome == "revoked":
+            await self._close_withdrawn(send, content_type, exchange, reason)
+        elif exchange.outcome != "client_gone":
             pump.result()  # re-raises UpstreamBroke
+
+    @staticmethod
+    async def _close_withdrawn(
+        send: Send, content_type: str, exchange: Exchange, reason: str
+    ) -> None:
+        """End a call whose access was withdrawn: an SSE stream between two events gets an
+        error event the SDKs raise, anything else has its connection cut."""
+        message = f"{reason}: this call was closed"
+        if not (content_type.startswith("text/event-stream") and exchange.at_frame_end):
+            raise AccessWithdrawn(message)
+        error = anthropic_error(401, "authentication_error", message).decode()
+        frame = f"event: error\ndata: {error}\n\n".encode()
+        await send({"type": "http.response.body", "body": frame, "more_body": False})
+        exchange.note = message
 
     @staticmethod
     async def _pump(send: Send, upstream: aiohttp.ClientResponse, exchange: Exchange) -> None:
@@ -532,7 +567,9 @@ class ProxyApp:
         try:
             async for chunk in upstream.content.iter_any():
                 meter.feed(chunk)
+                exchange.at_frame_end = False
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                exchange.at_frame_end = chunk.endswith((b"\n\n", b"\r\n\r\n"))
         except TimeoutError:
             raise UpstreamBroke("upstream went silent mid-stream (idle timeout)") from None
         except aiohttp.ClientError as exc:
