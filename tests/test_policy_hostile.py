@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import time
+import zlib
 from typing import Any
 
 import anthropic
@@ -401,3 +403,36 @@ def test_a_streamed_body_over_the_size_limit_is_refused(
     audit_drained()
     (event,) = AuditEvent.objects.filter(path="/v1/files")
     assert event.status == 413
+
+
+# --- hostile upstreams ---------------------------------------------------------------------
+def test_a_gzip_bomb_is_forwarded_whole_but_never_decompressed_whole(
+    proxied: Proxied, fake_anthropic: FakeAnthropic
+) -> None:
+    set_policy(daily_tokens=100_000)
+    # 256 MB of JSON in about 256 KB, built without ever holding it.
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [packer.compress(b'{"usage": {"input_tokens": 5}, "pad": "')]
+    spaces = b" " * (1024 * 1024)
+    parts += [packer.compress(spaces) for _ in range(256)]
+    parts += [packer.compress(b'"}'), packer.flush()]
+    bomb = b"".join(parts)
+    fake_anthropic.answer_next(200, bomb, content_encoding="gzip")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with httpx.stream(
+        "POST",
+        f"{proxied.base_url}/v1/messages",
+        headers={"x-api-key": proxied.token, "accept-encoding": "gzip"},
+        json={"model": HAIKU, "max_tokens": 8, "messages": HELLO},
+        timeout=60,
+    ) as answer:
+        # Raw bytes: httpx would otherwise inflate the bomb in this very process.
+        received = b"".join(answer.iter_raw())
+    # The client gets the upstream's bytes; the meter gave up without holding 256 MB.
+    assert answer.status_code == 200
+    assert answer.headers["content-encoding"] == "gzip"
+    assert received == bomb
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    assert grown < 128 * 1024 * 1024
+    (event,) = proxy_requests()
+    assert event.detail["unmetered"]
