@@ -388,11 +388,19 @@ class ProxyApp:
             # Batch answers are rewritten (results_url), so they must arrive uncompressed.
             upstream_headers = [(k, v) for k, v in upstream_headers if k != b"accept-encoding"]
             upstream_headers.append((b"accept-encoding", b"identity"))
-        await self._forward(scope, receive, send, exchange, route, url, upstream_headers, body)
-        if route.federation is not None and exchange.status == 401:
-            # The upstream no longer takes this access token (revoked, or the rule changed):
-            # the next call exchanges for a new one instead of failing until it expires.
-            federation_cache().forget(route.federation, secret[1])
+        refused: Callable[[], None] | None = None
+        if route.federation is not None:
+            federation = route.federation
+
+            def refused() -> None:
+                # The upstream no longer takes this access token (revoked, or the rule
+                # changed): the next call exchanges for a new one instead of failing until
+                # it expires. Before the answer goes out, so the client's retry sees it.
+                federation_cache().forget(federation, secret[1])
+
+        await self._forward(
+            scope, receive, send, exchange, route, url, upstream_headers, body, refused
+        )
 
     async def _read_body(
         self,
@@ -454,6 +462,7 @@ class ProxyApp:
         url: str,
         headers: list[tuple[bytes, bytes]],
         body: bytes | AsyncIterator[bytes],
+        unauthorized: Callable[[], None] | None = None,
     ) -> None:
         # Only codings the meter reads are asked for (br or zstd would leave usage unread);
         # a client that did not ask for compression must never get it.
@@ -485,6 +494,8 @@ class ProxyApp:
                 ) from None
             raise
         exchange.status = upstream.status
+        if upstream.status == 401 and unauthorized is not None:
+            unauthorized()
         exchange.ttfb_ms = round((time.perf_counter() - exchange.started) * 1000, 2)
         exchange.request_id = upstream.headers.get("request-id", "")[:100]
         try:
