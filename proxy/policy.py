@@ -39,7 +39,7 @@ import redis.asyncio
 from django.conf import settings
 
 from broker.redis import async_redis_client, redis_client, redis_key
-from broker.services.policy import Policy
+from broker.services.policy import Policy, path_allowed
 from proxy.access import AccessDenied
 
 logger = logging.getLogger(__name__)
@@ -360,7 +360,7 @@ def policy_check_request(
     who = f"agent {agent} on {backend}"
     # Matched as the upstream will read it; encoded slashes and dots never get this far.
     upstream_path = unquote(path)
-    if policy.paths and not _matches(upstream_path, policy.paths):
+    if policy.paths and not path_allowed(upstream_path, policy.paths):
         raise PolicyDenied(
             *FORBIDDEN,
             rule="paths",

@@ -86,13 +86,13 @@ def test_a_model_outside_the_allow_list_never_reaches_upstream(
 def test_a_path_outside_the_path_list_never_reaches_upstream(
     proxied: Proxied, fake_anthropic: FakeAnthropic
 ) -> None:
-    set_policy(paths=["/v1/messages*"])
+    set_policy(paths=["/v1/messages**"])
     client = sdk(proxied)
     with pytest.raises(anthropic.PermissionDeniedError) as refused:
         client.models.list()
     assert fake_anthropic.requests == []
     assert "policy paths: path /v1/models is not allowed" in refused.value.message
-    client.messages.count_tokens(model=HAIKU, messages=HELLO)  # under /v1/messages*
+    client.messages.count_tokens(model=HAIKU, messages=HELLO)  # under /v1/messages**
     assert [r.path for r in fake_anthropic.requests] == ["/v1/messages/count_tokens"]
     (event,) = denied_events()
     assert (event.path, event.detail["policy_rule"]) == ("/v1/models", "paths")

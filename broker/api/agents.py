@@ -91,7 +91,8 @@ class GrantLimitsOutput(serializers.Serializer[Any]):
         child=serializers.CharField(), help_text="allowed model globs; [] = any"
     )
     paths = serializers.ListField(
-        child=serializers.CharField(), help_text="allowed upstream path globs; [] = any"
+        child=serializers.CharField(),
+        help_text="allowed upstream path globs (* within a segment, ** across); [] = any",
     )
     max_tokens = serializers.IntegerField(allow_null=True, help_text="cap on max_tokens")
     max_concurrent = serializers.IntegerField(

@@ -60,7 +60,7 @@ class BackendPolicyInput(StrictInputSerializer):
     """Fields left out stay as they are."""
 
     models = _patterns("models (claude-haiku-*)")
-    paths = _patterns("upstream paths (/v1/messages*)")
+    paths = _patterns("upstream paths: * within a segment, ** across (/v1/messages/**)")
     rpm = _limit("requests per minute")
     tpm = _limit("input and output tokens per minute")
     daily_tokens = _limit("tokens per UTC day")

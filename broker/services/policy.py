@@ -12,8 +12,9 @@ enforcement and the Redis counters are in proxy/policy.py.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -168,7 +169,50 @@ def glob_check(field: str, pattern: object) -> str:
     _brackets_check(field, text)
     if field == "paths" and not text.startswith("/"):
         raise ServiceError(f"{field}: {text!r} must start with / (a path on the upstream)")
+    if field == "paths" and "***" in text:
+        raise ServiceError(
+            f"{field}: {text!r} has ***: use * within one segment, ** across segments"
+        )
     return text
+
+
+def path_allowed(path: str, patterns: Iterable[str]) -> bool:
+    """Whether an upstream path matches one of a policy's path globs.
+
+    Segment-aware, unlike fnmatch: ``*`` and ``?`` never match ``/`` (so ``/v1/messages*``
+    is not ``/v1/messages/batches``), ``**`` matches anything including ``/``, and
+    ``[...]`` classes never match ``/``.
+    """
+    return any(_path_regex(pattern).match(path) for pattern in patterns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _path_regex(pattern: str) -> re.Pattern[str]:
+    parts: list[str] = []
+    index = 0
+    while index < len(pattern):
+        char = pattern[index]
+        if pattern.startswith("**", index):
+            parts.append(".*")
+            index += 2
+            continue
+        if char == "*":
+            parts.append("[^/]*")
+        elif char == "?":
+            parts.append("[^/]")
+        elif char == "[":
+            # Validated by glob_check: closed, not empty, "]" never a member.
+            end = pattern.index("]", index + 1)
+            members = pattern[index + 1 : end]
+            negated = members.startswith("!")
+            escaped = "".join("\\" + c if c in "\\^[]" else c for c in members.removeprefix("!"))
+            parts.append(f"[^/{escaped}]" if negated else f"(?!/)[{escaped}]")
+            index = end + 1
+            continue
+        else:
+            parts.append(re.escape(char))
+        index += 1
+    return re.compile("".join(parts) + r"\Z", re.DOTALL)
 
 
 def _brackets_check(field: str, text: str) -> None:

@@ -37,7 +37,7 @@ from broker.services.tokens import format_duration
 # The policy flags of `agent grant` and `agent defaults`: blank or "default" unsets one.
 POLICY_FLAGS = {
     "models": ("GLOB,…", "allowed models, e.g. claude-haiku-*,claude-sonnet-4-*"),
-    "paths": ("GLOB,…", "allowed upstream paths, e.g. /v1/messages*"),
+    "paths": ("GLOB,…", "allowed upstream paths (* in a segment, ** across): /v1/messages/**"),
     "rpm": ("N", "requests per minute"),
     "tpm": ("N", "input + output tokens per minute"),
     "daily_tokens": ("N", "tokens per UTC day"),
