@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from django.conf import settings
@@ -26,14 +27,21 @@ if ttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1] * 1000); ttl = ARGV[1] * 
 return {count, ttl}
 """
 
+# KEYS[1] counter. Returns {count, milliseconds left} without counting anything.
+_PEEK = """
+local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+return {count, redis.call('PTTL', KEYS[1])}
+"""
+
 
 class RateLimited(ServiceError):
     status_code = 429
     error_type = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after: int) -> None:
+    def __init__(self, message: str, *, retry_after: int, count: int = 0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.count = count  # hits in the window so far, this one included
 
 
 class LimiterUnavailable(ServiceError):
@@ -61,24 +69,100 @@ class Rate:
         return rate
 
 
-def rate_limit_hit(*, scope: str, key: str, rate: Rate, what: str) -> None:
-    """Count one hit; RateLimited once ``rate`` is used up in the current window."""
+def _run(script: str, *args: Any, scope: str, what: str) -> tuple[int, int]:
     try:
-        count, ttl_ms = redis_client().eval(
-            _HIT, 1, redis_key("ratelimit", scope, key), rate.window_seconds
-        )
+        count, ttl_ms = redis_client().eval(script, 1, *args)
     except redis.RedisError:
         logger.error("rate limiter unavailable (Redis) for %s", scope)
         raise LimiterUnavailable(
             f"{what} is unavailable: the rate limiter cannot reach Redis"
         ) from None
-    if int(count) > rate.limit:
-        retry_after = max(1, -(-int(ttl_ms) // 1000))
-        raise RateLimited(
-            f"too many {what} requests from this address; retry in {retry_after}s",
-            retry_after=retry_after,
-        )
+    return int(count), int(ttl_ms)
+
+
+def _limited(what: str, count: int, ttl_ms: int) -> RateLimited:
+    retry_after = max(1, -(-ttl_ms // 1000))
+    return RateLimited(
+        f"too many {what} requests from this address; retry in {retry_after}s",
+        retry_after=retry_after,
+        count=count,
+    )
+
+
+def rate_limit_hit(*, scope: str, key: str, rate: Rate, what: str) -> None:
+    """Count one hit; RateLimited once ``rate`` is used up in the current window."""
+    count, ttl_ms = _run(
+        _HIT, redis_key("ratelimit", scope, key), rate.window_seconds, scope=scope, what=what
+    )
+    if count > rate.limit:
+        raise _limited(what, count, ttl_ms)
+
+
+def rate_limit_check(*, scope: str, key: str, rate: Rate, what: str) -> None:
+    """RateLimited if the window's ``rate`` is already used up; counts nothing itself."""
+    count, ttl_ms = _run(_PEEK, redis_key("ratelimit", scope, key), scope=scope, what=what)
+    if count >= rate.limit and ttl_ms > 0:
+        raise _limited(what, count, ttl_ms)
 
 
 def enrollment_rate() -> Rate:
     return Rate.parse(settings.ENROLL_RATE)
+
+
+# --- Failed authentication -----------------------------------------------------------------
+# Failures are counted per client address and per client id from that address. Once either
+# window is used up, attempts it covers are refused with 429 before their credential is
+# looked at, so a right guess while throttled is refused too. The client id is counted per
+# address, not across addresses: otherwise anyone could lock a real client out by failing
+# with its (public) id. Audit rows for failures are capped per address and window; the first
+# failure over the cap writes one row saying that further ones are suppressed.
+AUTH_WHAT = "failed authentication"
+
+
+def _auth_rates() -> tuple[Rate, Rate, Rate]:
+    return (
+        Rate.parse(settings.AUTH_FAILURE_RATE),
+        Rate.parse(settings.AUTH_CLIENT_FAILURE_RATE),
+        Rate.parse(settings.AUTH_FAILURE_AUDIT_RATE),
+    )
+
+
+def _auth_scopes(address: str | None, client_id: str | None) -> list[tuple[str, str, Rate]]:
+    by_address, by_client, _ = _auth_rates()
+    source = address or "-"
+    scopes = [("authfail-address", source, by_address)]
+    if client_id:
+        scopes.append(("authfail-client", f"{source}|{client_id}", by_client))
+    return scopes
+
+
+def auth_throttle_check(*, address: str | None, client_id: str | None = None) -> None:
+    """RateLimited (429) while this address, or this client id from it, is throttled."""
+    for scope, key, rate in _auth_scopes(address, client_id):
+        rate_limit_check(scope=scope, key=key, rate=rate, what=AUTH_WHAT)
+
+
+def auth_failure(*, address: str | None, method: str, client_id: str | None = None) -> None:
+    """Count one failed authentication and audit it, at most the capped number of rows."""
+    from audit.services import audit_record
+
+    *_, audit_rate = _auth_rates()
+    try:
+        rate_limit_hit(scope="authfail-audit", key=address or "-", rate=audit_rate, what=AUTH_WHAT)
+    except RateLimited as capped:
+        if capped.count == audit_rate.limit + 1:
+            audit_record(
+                action="auth.failed",
+                address=address,
+                method=method,
+                suppressed=True,
+                message=(
+                    f"{audit_rate.limit} failed authentications from this address in "
+                    f"{audit_rate.window_seconds}s: further failures suppressed for "
+                    f"{capped.retry_after}s"
+                ),
+            )
+    else:
+        audit_record(action="auth.failed", address=address, method=method)
+    for scope, key, rate in _auth_scopes(address, client_id):
+        rate_limit_hit(scope=scope, key=key, rate=rate, what=AUTH_WHAT)

@@ -200,6 +200,20 @@ try:
     Rate.parse(ENROLL_RATE)
 except ValueError as exc:
     raise ImproperlyConfigured(f"KEYBROKER_ENROLL_RATE: {exc}") from None
+# Failed authentication (bad client secrets, vend tokens, JWTs): per address, per client id
+# from an address, and how many auth.failed audit rows one address may write per window.
+AUTH_FAILURE_RATE = env_str("KEYBROKER_AUTH_FAILURE_RATE", "20/5m")
+AUTH_CLIENT_FAILURE_RATE = env_str("KEYBROKER_AUTH_CLIENT_FAILURE_RATE", "5/5m")
+AUTH_FAILURE_AUDIT_RATE = env_str("KEYBROKER_AUTH_FAILURE_AUDIT_RATE", "10/10m")
+for _name, _rate in (
+    ("KEYBROKER_AUTH_FAILURE_RATE", AUTH_FAILURE_RATE),
+    ("KEYBROKER_AUTH_CLIENT_FAILURE_RATE", AUTH_CLIENT_FAILURE_RATE),
+    ("KEYBROKER_AUTH_FAILURE_AUDIT_RATE", AUTH_FAILURE_AUDIT_RATE),
+):
+    try:
+        Rate.parse(_rate)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{_name}: {exc}") from None
 # The JWT signing algorithm for new keys (existing keys keep theirs until `oidc rotate-key`).
 OIDC_SIGNING_ALGORITHM = env_str("KEYBROKER_OIDC_ALGORITHM", "RS256").upper()
 if OIDC_SIGNING_ALGORITHM not in {"RS256", "ES256"}:

@@ -14,6 +14,7 @@ from rest_framework.request import Request
 
 from broker.errors import ServiceError
 from broker.models import Agent
+from broker.ratelimit import LimiterUnavailable, RateLimited
 from broker.services.admin_tokens import PREFIX, admintoken_authenticate
 from broker.services.agents import agent_authenticate
 
@@ -95,6 +96,8 @@ class AgentAuthentication(BaseAuthentication):
             raise exceptions.AuthenticationFailed("invalid agent credential") from None
         try:
             agent = agent_authenticate(credential, address=client_address(request))
+        except (RateLimited, LimiterUnavailable):
+            raise  # 429 with Retry-After (or 503), not a 401: the credential was not checked
         except ServiceError as exc:
             raise exceptions.AuthenticationFailed(exc.message) from None
         return AgentPrincipal(agent), agent

@@ -17,6 +17,7 @@ from rest_framework.views import APIView
 
 from broker.api.auth import client_address
 from broker.errors import OAuthError
+from broker.ratelimit import RateLimited
 from broker.services.oidc import oidc_discovery, oidc_jwks, oidc_token_issue
 
 
@@ -79,6 +80,14 @@ class TokenView(PublicView):
     def handle_exception(self, exc: Exception) -> Response:
         if isinstance(exc, exceptions.ParseError | exceptions.UnsupportedMediaType):
             exc = OAuthError("invalid_request", str(exc.detail))
+        if isinstance(exc, RateLimited):
+            # RFC 6749's error shape, so that OAuth clients can read why; Retry-After says when.
+            throttled = Response(
+                {"error": "slow_down", "error_description": exc.message}, status=429
+            )
+            throttled["Retry-After"] = str(exc.retry_after)
+            throttled["Cache-Control"] = "no-store"
+            return throttled
         return super().handle_exception(exc)
 
     @extend_schema(

@@ -14,6 +14,7 @@ from audit.services import audit_record
 from broker.errors import Conflict, NotFound, ServiceError, Unauthenticated
 from broker.logging import SECRET_PATTERN
 from broker.models import Agent, AgentStatus, Backend, Grant, agent_name_validator
+from broker.ratelimit import auth_failure, auth_throttle_check
 from broker.secrets import secret_digest, secret_issue
 from broker.services.access import access_changed
 from broker.services.tokens import tokens_revoke_all
@@ -105,6 +106,7 @@ def agent_authenticate(credential: str, *, address: str | None = None) -> Agent:
     """
     from broker.services.oidc import looks_like_jwt, oidc_authenticate
 
+    auth_throttle_check(address=address)
     if looks_like_jwt(credential):
         agent = oidc_authenticate(credential)
         method = "jwt"
@@ -112,7 +114,7 @@ def agent_authenticate(credential: str, *, address: str | None = None) -> Agent:
         agent = Agent.objects.filter(vend_digest=secret_digest(credential)).first()
         method = "vend_token"
     if agent is None:
-        audit_record(action="auth.failed", address=address, method=method)
+        auth_failure(address=address, method=method)
         raise Unauthenticated("invalid, expired or unknown agent credential")
     if agent.status == AgentStatus.UNENROLLED:
         raise Unauthenticated(f"agent {agent.name} was unenrolled; enroll again")

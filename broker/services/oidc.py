@@ -20,6 +20,7 @@ from django.utils import timezone
 from audit.services import audit_record
 from broker.errors import OAuthError
 from broker.models import Agent, AgentStatus, IdentityGrant, OidcClient, SigningKey
+from broker.ratelimit import auth_failure, auth_throttle_check
 from broker.secrets import secret_digest, secret_issue
 from broker.services.access import agent_require_approved
 
@@ -182,6 +183,7 @@ def oidc_token_issue(
         raise OAuthError("unsupported_grant_type", f"grant_type must be {GRANT_CLIENT_CREDENTIALS}")
     if not client_id or not client_secret:
         raise _invalid_client()
+    auth_throttle_check(address=address, client_id=client_id)
     client = (
         OidcClient.objects.select_related("agent")
         .filter(
@@ -192,7 +194,7 @@ def oidc_token_issue(
         .first()
     )
     if client is None:
-        audit_record(action="auth.failed", address=address, method="client_credentials")
+        auth_failure(address=address, method="client_credentials", client_id=client_id)
         raise _invalid_client()
     agent = client.agent
     if agent.status != AgentStatus.APPROVED:
