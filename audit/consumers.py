@@ -1,4 +1,4 @@
-"""The live activity feed: ``/ws/activity/``, for staff only.
+"""The live activity feed: ``/ws/activity/``, for staff who may view audit events.
 
 Protocol (JSON text frames):
 
@@ -9,7 +9,8 @@ Protocol (JSON text frames):
   ``{"type": "filter", ...}`` echoing what is now in force;
 - server → client ``{"type": "error", "message": "..."}`` for a frame it cannot use.
 
-The socket is refused during the handshake (HTTP 403) for anonymous and non-staff users;
+The socket is refused during the handshake (HTTP 403) for anonymous users, non-staff and
+staff without ``audit.view_auditevent`` (the admin's own rule for the trail);
 ``AllowedHostsOriginValidator`` in broker/asgi.py refuses a foreign ``Origin`` before that.
 """
 
@@ -18,10 +19,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from audit.publish import ACTIVITY_GROUP
-from audit.selectors import FILTER_TEXT_LIMIT, FeedFilter
+from audit.selectors import FILTER_TEXT_LIMIT, FeedFilter, audit_viewer
 
 FILTER_FIELDS = ("agent", "backend", "action")
 
@@ -31,8 +33,7 @@ class ActivityConsumer(AsyncJsonWebsocketConsumer):
     joined: bool = False
 
     async def connect(self) -> None:
-        user = self.scope.get("user")
-        if user is None or not (user.is_authenticated and user.is_active and user.is_staff):
+        if not await database_sync_to_async(audit_viewer)(self.scope.get("user")):
             await self.close()  # before accept: the handshake is refused
             return
         self.filters = FeedFilter()

@@ -22,6 +22,18 @@ _STATUS = re.compile(r"^(?:[1-5]\d\d|[1-5]xx)$")
 FILTER_TEXT_LIMIT = 200
 
 
+def audit_viewer(user: Any) -> bool:
+    """Whether this user may read the trail outside the admin (the activity page and its
+    live feed): staff holding ``view_auditevent``, as the admin's own audit pages ask."""
+    return bool(
+        user is not None
+        and user.is_authenticated
+        and user.is_active
+        and user.is_staff
+        and user.has_perm("audit.view_auditevent")
+    )
+
+
 def audit_time_parse(text: str, *, name: str, now: datetime | None = None) -> datetime:
     """``2026-11-23``, ``2026-11-23T10:00:00Z`` or a duration back from now: ``90s``, ``30m``,
     ``2h``, ``7d``. Times without a zone are UTC."""

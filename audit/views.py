@@ -1,14 +1,15 @@
-"""The live activity page: ``/activity/`` (staff only)."""
+"""The live activity page: ``/activity/`` (staff allowed to view audit events)."""
 
 from __future__ import annotations
 
 from django.contrib import admin
 from django.contrib.admin.views.decorators import staff_member_required
+from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from audit.events import KNOWN_ACTIONS, event_json
-from audit.selectors import audit_events
+from audit.selectors import audit_events, audit_viewer
 
 # Shown on load, so the page is never empty; the feed adds to it from then on.
 INITIAL_EVENTS = 50
@@ -18,6 +19,8 @@ MAX_ROWS = 500
 
 @staff_member_required
 def activity(request: HttpRequest) -> HttpResponse:
+    if not audit_viewer(request.user):
+        raise PermissionDenied("you need the audit.view_auditevent permission")
     events = [event_json(event) for event in audit_events()[:INITIAL_EVENTS]]
     context = {
         **admin.site.each_context(request),

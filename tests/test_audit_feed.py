@@ -284,3 +284,32 @@ async def test_an_event_recorded_inside_a_celery_worker_arrives(
         {"state": "valid"},
     )
     assert fake_anthropic.requests[-1].headers["x-api-key"] == key
+
+
+def _staff_with(*codenames: str) -> AbstractBaseUser:
+    from django.contrib.auth.models import Permission
+
+    user = get_user_model().objects.create_user(
+        f"staff-{'-'.join(codenames) or 'none'}", password="staff-pw-123", is_staff=True
+    )
+    user.user_permissions.set(Permission.objects.filter(codename__in=codenames))
+    return user
+
+
+async def test_staff_without_view_auditevent_get_neither_the_feed_nor_the_page() -> None:
+    """The admin asks for view_auditevent to show the trail; the feed and page ask too."""
+    agents_only = await sync_to_async(_staff_with)("view_agent")
+    auditor = await sync_to_async(_staff_with)("view_auditevent")
+    for user, allowed in ((agents_only, False), (auditor, True)):
+        cookie = await sync_to_async(session_cookie)(user)
+        socket = communicator(cookie)
+        connected, _ = await socket.connect(timeout=WAIT)
+        assert connected is allowed, user
+        await socket.disconnect()
+
+        def page(user: AbstractBaseUser = user) -> int:
+            client = Client()
+            client.force_login(user)
+            return client.get("/activity/").status_code
+
+        assert await sync_to_async(page)() == (200 if allowed else 403)
