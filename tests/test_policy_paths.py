@@ -38,7 +38,17 @@ migration = importlib.import_module("broker.migrations.0007_segment_path_globs")
         ("/v1/models/b", "/v1/models/[!a]", True),
         ("/v1/a.b", "/v1/a?b", True),
         ("/v1/a/b", "/v1/a?b", False),
-        ("/v1/a/b", "/v1/a[/]b", False),
+        ("/v1/a/b", "/v1/a[!x]b", False),
+        ("/v1/a/b", "/v1/a[+-0]b", False),  # a range around / still stops at it
+        ("/v1/a.b", "/v1/a[+-0]b", True),
+        ("/v1/a-b", "/v1/a[!-x]b", False),  # a leading - is a member, not a range
+        ("/v1/a.b", "/v1/a[!-x]b", True),
+        ("/v1/a~b", "/v1/a[~~]b", True),
+        ("/v1/a!b", "/v1/a[a!]b", True),  # ! after the first place is a member
+        ("/v1/messages/batches", "/v1/**/batches", True),
+        ("/v1/a/b/c", "/v1/**", True),
+        ("/v2/messages", "/v1/**", False),
+        ("/v1/messages\n", "/v1/messages", False),
         ("/v1/messages", "/v1/Messages", False),
     ],
 )
@@ -48,9 +58,25 @@ def test_star_stays_in_its_segment_and_double_star_crosses(
     assert path_allowed(path, [glob_check("paths", pattern)]) is allowed
 
 
-def test_three_stars_are_refused_with_the_rule() -> None:
-    with pytest.raises(ServiceError, match=r"use \* within one segment, \*\* across"):
-        glob_check("paths", "/v1/***")
+@pytest.mark.parametrize(
+    ("pattern", "problem"),
+    [
+        ("/v1/***", r"has \*\*\*: use \* within one segment, \*\* across segments"),
+        ("/v1/****", r"has \*\*\*"),
+        ("/v1/a[/]b", r"has / in a \[\.\.\.\] class, which never matches /"),
+        ("/v1/a[!x/]b", r"has / in a \[\.\.\.\] class"),
+        ("/v1/[z-a]", r"has a \[\.\.\.\] class with a bad range"),
+    ],
+)
+def test_malformed_path_globs_are_refused_with_the_rule(pattern: str, problem: str) -> None:
+    with pytest.raises(ServiceError, match=problem):
+        glob_check("paths", pattern)
+
+
+def test_models_keep_fnmatch_globs() -> None:
+    # A model id has no segments: *** is only a long way to write *.
+    assert glob_check("models", "claude-***") == "claude-***"
+    assert glob_check("models", "claude/[z-a]") == "claude/[z-a]"
 
 
 def test_messages_star_allows_messages_but_not_batches_or_count_tokens(
@@ -93,3 +119,9 @@ def test_the_migration_keeps_what_old_patterns_allowed_and_goes_back(
     migration.backwards(apps, None)
     assert bobs_grant().allowed_paths == ["/v1/messages*", "/v1/m?dels"]
     assert Backend.objects.get(name="anthropic").default_paths == ["/v1/*"]
+
+
+def test_a_saved_pattern_with_a_reversed_range_matches_nothing() -> None:
+    # Saved before glob_check refused it: no error at the proxy, and nothing allowed.
+    assert path_allowed("/v1/models", ["/v1/[z-a]", "/v1/models"])
+    assert not path_allowed("/v1/b", ["/v1/[z-a]"])

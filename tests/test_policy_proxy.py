@@ -86,16 +86,37 @@ def test_a_model_outside_the_allow_list_never_reaches_upstream(
 def test_a_path_outside_the_path_list_never_reaches_upstream(
     proxied: Proxied, fake_anthropic: FakeAnthropic
 ) -> None:
-    set_policy(paths=["/v1/messages**"])
+    set_policy(paths=["/v1/messages"])
     client = sdk(proxied)
     with pytest.raises(anthropic.PermissionDeniedError) as refused:
         client.models.list()
     assert fake_anthropic.requests == []
     assert "policy paths: path /v1/models is not allowed" in refused.value.message
-    client.messages.count_tokens(model=HAIKU, messages=HELLO)  # under /v1/messages**
-    assert [r.path for r in fake_anthropic.requests] == ["/v1/messages/count_tokens"]
-    (event,) = denied_events()
-    assert (event.path, event.detail["policy_rule"]) == ("/v1/models", "paths")
+    # A path is matched whole: /v1/messages is not what lies below it.
+    with pytest.raises(anthropic.PermissionDeniedError):
+        client.messages.count_tokens(model=HAIKU, messages=HELLO)
+    one: Any = [{"custom_id": "a", "params": {"model": HAIKU, "max_tokens": 8, "messages": HELLO}}]
+    with pytest.raises(anthropic.PermissionDeniedError):
+        client.messages.batches.create(requests=one)
+    assert fake_anthropic.requests == []
+    assert client.messages.create(model=HAIKU, max_tokens=8, messages=HELLO).usage
+    assert [r.path for r in fake_anthropic.requests] == ["/v1/messages"]
+    events = denied_events()
+    assert [(e.path, e.detail["policy_rule"]) for e in events] == [
+        ("/v1/models", "paths"),
+        ("/v1/messages/count_tokens", "paths"),
+        ("/v1/messages/batches", "paths"),
+    ]
+
+    for below in ("/v1/messages/**", "/v1/messages**"):
+        set_policy(paths=[below])
+        fake_anthropic.requests.clear()
+        client.messages.count_tokens(model=HAIKU, messages=HELLO)
+        client.messages.batches.create(requests=one)
+        assert [r.path for r in fake_anthropic.requests] == [
+            "/v1/messages/count_tokens",
+            "/v1/messages/batches",
+        ]
 
 
 def test_a_batch_cannot_smuggle_a_model_or_a_bigger_max_tokens(

@@ -169,11 +169,26 @@ def glob_check(field: str, pattern: object) -> str:
     _brackets_check(field, text)
     if field == "paths" and not text.startswith("/"):
         raise ServiceError(f"{field}: {text!r} must start with / (a path on the upstream)")
-    if field == "paths" and "***" in text:
+    if field == "paths":
+        _path_glob_check(field, text)
+    return text
+
+
+def _path_glob_check(field: str, text: str) -> None:
+    if "***" in text:
         raise ServiceError(
             f"{field}: {text!r} has ***: use * within one segment, ** across segments"
         )
-    return text
+    if re.search(r"\[!?[^\]]*/", text):
+        raise ServiceError(
+            f"{field}: {text!r} has / in a [...] class, which never matches /: "
+            "write the / outside it"
+        )
+    try:
+        _path_regex(text)
+    except re.error:
+        # A reversed range such as [z-a]; fnmatch dropped it quietly.
+        raise ServiceError(f"{field}: {text!r} has a [...] class with a bad range") from None
 
 
 def path_allowed(path: str, patterns: Iterable[str]) -> bool:
@@ -181,9 +196,19 @@ def path_allowed(path: str, patterns: Iterable[str]) -> bool:
 
     Segment-aware, unlike fnmatch: ``*`` and ``?`` never match ``/`` (so ``/v1/messages*``
     is not ``/v1/messages/batches``), ``**`` matches anything including ``/``, and
-    ``[...]`` classes never match ``/``.
+    ``[...]`` classes never match ``/``. ``**`` may match nothing: ``/v1/messages**`` is
+    ``/v1/messages`` and everything below it, ``/v1/messages/**`` only what is below.
+    Case-sensitive, and the whole path must match.
     """
-    return any(_path_regex(pattern).match(path) for pattern in patterns)
+    return any(_path_matches(path, pattern) for pattern in patterns)
+
+
+def _path_matches(path: str, pattern: str) -> bool:
+    try:
+        return _path_regex(pattern).match(path) is not None
+    except re.error:
+        # Saved before glob_check refused reversed ranges; fnmatch matched nothing with one.
+        return False
 
 
 @functools.lru_cache(maxsize=4096)
@@ -205,8 +230,10 @@ def _path_regex(pattern: str) -> re.Pattern[str]:
             end = pattern.index("]", index + 1)
             members = pattern[index + 1 : end]
             negated = members.startswith("!")
-            escaped = "".join("\\" + c if c in "\\^[]" else c for c in members.removeprefix("!"))
-            parts.append(f"[^/{escaped}]" if negated else f"(?!/)[{escaped}]")
+            # Escaped as fnmatch does (~ & | would read as set operations); - keeps ranges.
+            escaped = "".join("\\" + c if c in "\\^[]~&|" else c for c in members.removeprefix("!"))
+            # The / is kept out by a lookahead: inside the class it could join a range.
+            parts.append(f"(?!/)[{'^' if negated else ''}{escaped}]")
             index = end + 1
             continue
         else:
