@@ -21,6 +21,7 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 
 from audit.recorder import audit_flush  # noqa: E402
 from audit.routing import websocket_urlpatterns  # noqa: E402
+from broker.http_timeouts import body_read_timeout  # noqa: E402
 from proxy.app import proxy_application  # noqa: E402
 from proxy.upstream import upstream_close  # noqa: E402
 
@@ -53,10 +54,14 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-async def application(scope: Scope, receive: Receive, send: Send) -> None:
+async def route(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "http" and scope["path"].startswith(PROXY_PREFIX):
         await proxy_application(scope, receive, send)
     elif scope["type"] == "lifespan":
         await _lifespan(receive, send)
     else:
         await django_and_channels(scope, receive, send)
+
+
+# Every HTTP request, the proxy's included: a body that stalls ends in 408 (issue 19, item 14).
+application = body_read_timeout(route)

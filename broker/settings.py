@@ -344,6 +344,11 @@ PROXY_MAX_BODY_BYTES = env_int("KEYBROKER_PROXY_MAX_BODY", default=32 * 1024 * 1
 # a non-streamed answer); there is no limit on a stream's total length.
 PROXY_IDLE_TIMEOUT_SECONDS = env_int("KEYBROKER_PROXY_IDLE_TIMEOUT", default=600, minimum=1)
 PROXY_CONNECT_TIMEOUT_SECONDS = env_int("KEYBROKER_PROXY_CONNECT_TIMEOUT", default=10, minimum=1)
+# Slow clients (broker/http_timeouts.py): request headers must be complete this many seconds
+# after a connection opens or a request begins; a request body may pause this long between
+# chunks (408 after).
+HEADER_TIMEOUT_SECONDS = env_int("KEYBROKER_HEADER_TIMEOUT", default=10, minimum=1)
+BODY_READ_TIMEOUT_SECONDS = env_int("KEYBROKER_BODY_READ_TIMEOUT", default=30, minimum=1)
 # Each open stream holds one upstream connection; beyond this many, new calls queue.
 PROXY_MAX_CONNECTIONS = env_int("KEYBROKER_PROXY_MAX_CONNECTIONS", default=10_000, minimum=1)
 # A backstop: cached token state is re-read at least this often even without a change signal.

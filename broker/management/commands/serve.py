@@ -114,6 +114,8 @@ class Command(BaseCommand):
                     "--host", host, "--port", str(port),
                     "--workers", str(options["workers"]),
                     "--lifespan", "on", "--no-server-header",
+                    # Closes connections whose request headers never finish (issue 19, 14).
+                    "--http", "broker.http_timeouts:HeaderTimeoutProtocol",
                     "--timeout-graceful-shutdown", "10",
                 ],
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
