@@ -11,7 +11,8 @@ Protocol (JSON text frames):
 
 The socket is refused during the handshake (HTTP 403) for anonymous users, non-staff and
 staff without ``audit.view_auditevent`` (the admin's own rule for the trail);
-``AllowedHostsOriginValidator`` in broker/asgi.py refuses a foreign ``Origin`` before that.
+``SameOriginOnly`` (audit/routing.py, wired in broker/asgi.py) refuses before that any
+``Origin`` that is not the broker's own scheme, host and port, and a missing one.
 """
 
 from __future__ import annotations

@@ -16,11 +16,10 @@ django_application = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from audit.recorder import audit_flush  # noqa: E402
-from audit.routing import websocket_urlpatterns  # noqa: E402
+from audit.routing import SameOriginOnly, websocket_urlpatterns  # noqa: E402
 from broker.http_timeouts import body_read_timeout  # noqa: E402
 from proxy.app import proxy_application  # noqa: E402
 from proxy.upstream import upstream_close  # noqa: E402
@@ -35,9 +34,8 @@ django_and_channels = ProtocolTypeRouter(
         # The admin's CSS and JS are served by Django itself, so `make run` needs no web
         # server in front; only paths under STATIC_URL take this branch.
         "http": ASGIStaticFilesHandler(django_application),
-        "websocket": AllowedHostsOriginValidator(
-            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
-        ),
+        # Origin must be the broker's own, scheme, host and port (issue 19, item 7).
+        "websocket": SameOriginOnly(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
 
