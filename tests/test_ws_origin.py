@@ -64,7 +64,7 @@ async def handshake_status(ws_url: str, origin: str | None, cookie: str) -> int:
             assert event["event"]["action"] == "origin.probe"
             return 101
     except websockets.InvalidStatus as refused:
-        return refused.value.response.status_code
+        return refused.response.status_code
 
 
 def other_port(port: int) -> int:
