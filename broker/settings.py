@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -59,6 +60,24 @@ ALLOWED_HOSTS = sorted(
     | {h.strip() for h in env_str("KEYBROKER_ALLOWED_HOSTS").split(",") if h.strip()}
 )
 CSRF_TRUSTED_ORIGINS = [f"{urlsplit(PUBLIC_URL).scheme}://{urlsplit(PUBLIC_URL).netloc}"]
+
+
+def _trusted_proxies(raw: str) -> list[str]:
+    """KEYBROKER_TRUSTED_PROXIES: the addresses (IPs or CIDRs) whose X-Forwarded-For and
+    X-Forwarded-Proto `serve` lets uvicorn believe; empty means nobody's (issue 19, item 10)."""
+    entries = [entry.strip() for entry in raw.split(",") if entry.strip()]
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ImproperlyConfigured(
+                "KEYBROKER_TRUSTED_PROXIES lists IP addresses or networks such as "
+                f"10.0.0.5,10.1.0.0/16, not {entry!r}"
+            ) from None
+    return entries
+
+
+TRUSTED_PROXIES = _trusted_proxies(env_str("KEYBROKER_TRUSTED_PROXIES"))
 SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = PUBLIC_URL.startswith("https://")
 SESSION_COOKIE_HTTPONLY = True
 SECURE_CONTENT_TYPE_NOSNIFF = True

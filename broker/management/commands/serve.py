@@ -58,6 +58,33 @@ def _database_ready() -> None:
         )
 
 
+def proxy_header_options() -> list[str]:
+    """uvicorn's forwarded-header options from KEYBROKER_TRUSTED_PROXIES (issue 19, item 10).
+
+    uvicorn's own default believes X-Forwarded-For and X-Forwarded-Proto from 127.0.0.1 (or
+    $FORWARDED_ALLOW_IPS); `serve` listens on loopback, so any local client could forge the
+    address that enrollment limits, auth throttles and the audit use. Empty: no proxy
+    headers at all; set: only from the listed addresses.
+    """
+    if not settings.TRUSTED_PROXIES:
+        return ["--no-proxy-headers"]
+    return ["--proxy-headers", f"--forwarded-allow-ips={','.join(settings.TRUSTED_PROXIES)}"]
+
+
+def uvicorn_command(python: str, *, host: str, port: int, workers: int) -> list[str]:
+    """The web process `serve` starts (tests start the same one)."""
+    return [
+        python, "-m", "uvicorn", "broker.asgi:application",
+        "--host", host, "--port", str(port),
+        "--workers", str(workers),
+        "--lifespan", "on", "--no-server-header",
+        *proxy_header_options(),
+        # Closes connections whose request headers never finish (issue 19, 14).
+        "--http", "broker.http_timeouts:HeaderTimeoutProtocol",
+        "--timeout-graceful-shutdown", "10",
+    ]  # fmt: skip
+
+
 class Command(BaseCommand):
     help = (
         "Run keybroker: Redis (embedded unless REDIS_URL is set), uvicorn, and a Celery "
@@ -109,17 +136,9 @@ class Command(BaseCommand):
             )  # fmt: skip
             supervisor.spawn(
                 "uvicorn",
-                [
-                    python, "-m", "uvicorn", "broker.asgi:application",
-                    "--host", host, "--port", str(port),
-                    "--workers", str(options["workers"]),
-                    "--lifespan", "on", "--no-server-header",
-                    # Closes connections whose request headers never finish (issue 19, 14).
-                    "--http", "broker.http_timeouts:HeaderTimeoutProtocol",
-                    "--timeout-graceful-shutdown", "10",
-                ],
+                uvicorn_command(python, host=host, port=port, workers=options["workers"]),
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
+            )
         except (EmbeddedRedisError, CommandError) as exc:
             supervisor.stop_all()
             raise CommandError(str(exc)) from None

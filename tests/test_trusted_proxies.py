@@ -1,0 +1,130 @@
+"""Issue 19, item 10: X-Forwarded-For counts only from KEYBROKER_TRUSTED_PROXIES.
+
+uvicorn's own default believes forwarded headers from 127.0.0.1, and `serve` listens on
+loopback, so every local client could forge the address that the enrollment flood limit,
+``enrolled_from`` and the audit record. These tests start uvicorn exactly as `serve` does
+(its command builder) in a subprocess on the test database, and send a forged header.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connection
+
+from audit.models import AuditEvent
+from broker.management.commands.serve import proxy_header_options, uvicorn_command
+from broker.models import Agent
+from broker.settings import _trusted_proxies
+from tests.conftest import REPO, clean_env, free_port
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+FORGED = "203.0.113.7"
+
+
+def database_url() -> str:
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    return f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
+@pytest.fixture
+def serve_uvicorn(settings: Any, anthropic: Any) -> Iterator[Any]:
+    """Starts the web process `serve` would start with the given trusted proxies (and a
+    backend named anthropic for the agents to ask for)."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(trusted: list[str]) -> str:
+        settings.TRUSTED_PROXIES = trusted
+        port = free_port()
+        command = uvicorn_command(sys.executable, host="127.0.0.1", port=port, workers=1)
+        env = clean_env(
+            DATABASE_URL=database_url(),
+            REDIS_URL=django_settings.REDIS_URL,
+            KEYBROKER_REDIS_PREFIX=django_settings.REDIS_KEY_PREFIX,
+            KEYBROKER_DATA_DIR=str(django_settings.DATA_DIR),
+            KEYBROKER_TRUSTED_PROXIES=",".join(trusted),
+            # uvicorn's own fallback for --forwarded-allow-ips: serve's options must win.
+            FORWARDED_ALLOW_IPS="*",
+        )
+        process = subprocess.Popen(
+            [*command, "--log-level", "warning"],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        started.append(process)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/health", timeout=1)
+                return url
+            except httpx.TransportError:
+                if process.poll() is not None:
+                    stderr = process.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+                    pytest.fail(f"uvicorn died: {stderr}")
+                assert time.monotonic() < deadline, "uvicorn did not start"
+                time.sleep(0.2)
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def enrolled_from(url: str, name: str) -> tuple[str | None, str | None]:
+    """Enrolls with a forged X-Forwarded-For; the address on the agent and on its event."""
+    response = httpx.post(
+        f"{url}/v1/enroll",
+        json={"name": name, "scopes": ["anthropic"]},
+        headers={"X-Forwarded-For": FORGED},
+    )
+    assert response.status_code == 201, response.text
+    agent = Agent.objects.get(name=name)
+    deadline = time.monotonic() + 10
+    while not (event := AuditEvent.objects.filter(action="agent.enrolled", agent=agent).first()):
+        assert time.monotonic() < deadline, "the server never wrote agent.enrolled"
+        time.sleep(0.1)
+    return agent.enrolled_from, event.client_address
+
+
+@pytest.mark.parametrize("trusted", [[], ["10.0.0.0/8", "192.0.2.1"]])
+def test_a_forged_forwarded_for_from_an_untrusted_client_is_ignored(
+    serve_uvicorn: Any, trusted: list[str]
+) -> None:
+    url = serve_uvicorn(trusted)
+    assert enrolled_from(url, "bob") == ("127.0.0.1", "127.0.0.1")
+
+
+def test_a_trusted_proxys_forwarded_for_is_the_client_address(serve_uvicorn: Any) -> None:
+    url = serve_uvicorn(["127.0.0.1"])
+    assert enrolled_from(url, "bob") == (FORGED, FORGED)
+
+
+def test_serve_passes_uvicorn_the_trusted_proxies_or_no_proxy_headers(settings: Any) -> None:
+    settings.TRUSTED_PROXIES = []
+    assert proxy_header_options() == ["--no-proxy-headers"]
+    settings.TRUSTED_PROXIES = ["10.0.0.5", "10.1.0.0/16"]
+    assert proxy_header_options() == [
+        "--proxy-headers",
+        "--forwarded-allow-ips=10.0.0.5,10.1.0.0/16",
+    ]
+    command = uvicorn_command("python", host="127.0.0.1", port=8400, workers=2)
+    assert "--forwarded-allow-ips=10.0.0.5,10.1.0.0/16" in command
+
+
+def test_the_setting_takes_ips_and_networks_only() -> None:
+    assert _trusted_proxies("") == []
+    assert _trusted_proxies(" 10.0.0.5, 10.1.0.0/16 ,::1,") == ["10.0.0.5", "10.1.0.0/16", "::1"]
+    for bad in ["*", "proxy.internal", "10.0.0.0/33", "10.0.0.5,*"]:
+        with pytest.raises(ImproperlyConfigured, match="KEYBROKER_TRUSTED_PROXIES"):
+            _trusted_proxies(bad)
