@@ -497,7 +497,15 @@ def error(error_type: str, message: str) -> dict[str, Any]:
 
 def serve_in_thread(app: Any, port: int, *, lifespan: str = "off") -> uvicorn.Server:
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan=lifespan, log_level="warning")
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            lifespan=lifespan,
+            log_level="warning",
+            # As serve runs it by default: no forwarded headers are believed.
+            proxy_headers=False,
+        )
     )
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
