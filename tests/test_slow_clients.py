@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -16,7 +17,9 @@ import pytest
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection
+from django.test import override_settings
 
+from broker.http_timeouts import Message, Receive, Scope, Send, body_read_timeout
 from tests.conftest import REPO, clean_env, free_port
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import proxied_for
@@ -198,3 +201,36 @@ def test_a_slow_body_that_keeps_coming_is_read(server: tuple[str, int]) -> None:
             time.sleep(TIMEOUT * 0.4)
         status_line = sock.makefile("rb").readline()
     assert status_line.split()[1] == b"400"  # the enrollment's own answer: no scopes
+
+
+@override_settings(BODY_READ_TIMEOUT_SECONDS=0.2)
+async def test_a_body_that_stalls_after_the_response_began_reads_as_a_disconnect() -> None:
+    """An app that answers while it still reads (a streamed upload) is told the client left,
+    and nothing it sends afterwards reaches the server: no 408 in the middle of a response."""
+    chunks: list[Message] = [{"type": "http.request", "body": b"{", "more_body": True}]
+    sent: list[Message] = []
+    seen: list[Message] = []
+
+    async def client_receive() -> Message:
+        if chunks:
+            return chunks.pop(0)
+        await asyncio.sleep(3600)  # the client never sends the rest
+        raise AssertionError("unreachable")
+
+    async def server_send(message: Message) -> None:
+        sent.append(message)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(3):  # the chunk, the timeout, and a disconnect from then on
+            seen.append(await receive())
+        await send({"type": "http.response.body", "body": b"late"})
+
+    scope: Scope = {"type": "http", "method": "POST", "path": "/v1/enroll", "client": None}
+    await asyncio.wait_for(body_read_timeout(app)(scope, client_receive, server_send), 5)
+    assert [message["type"] for message in seen] == [
+        "http.request",
+        "http.disconnect",
+        "http.disconnect",
+    ]
+    assert sent == [{"type": "http.response.start", "status": 200, "headers": []}]
