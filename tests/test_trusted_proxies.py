@@ -44,7 +44,7 @@ def serve_uvicorn(settings: Any, anthropic: Any) -> Iterator[Any]:
     backend named anthropic for the agents to ask for)."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(trusted: list[str]) -> str:
+    def start(trusted: list[str], **extra_env: str) -> str:
         settings.TRUSTED_PROXIES = trusted
         port = free_port()
         command = uvicorn_command(sys.executable, host="127.0.0.1", port=port, workers=1)
@@ -56,6 +56,7 @@ def serve_uvicorn(settings: Any, anthropic: Any) -> Iterator[Any]:
             KEYBROKER_TRUSTED_PROXIES=",".join(trusted),
             # uvicorn's own fallback for --forwarded-allow-ips: serve's options must win.
             FORWARDED_ALLOW_IPS="*",
+            **extra_env,
         )
         process = subprocess.Popen(
             [*command, "--log-level", "warning"],
@@ -103,6 +104,24 @@ def test_a_forged_forwarded_for_from_an_untrusted_client_is_ignored(
 ) -> None:
     url = serve_uvicorn(trusted)
     assert enrolled_from(url, "bob") == ("127.0.0.1", "127.0.0.1")
+
+
+def test_rotating_forged_addresses_share_the_real_addresss_enrollment_budget(
+    serve_uvicorn: Any,
+) -> None:
+    """The issue's flood: each enrollment with another forged X-Forwarded-For got a fresh
+    rate-limit bucket. Now they all count against 127.0.0.1."""
+    url = serve_uvicorn([], KEYBROKER_ENROLL_RATE="3/10m")
+    statuses = [
+        httpx.post(
+            f"{url}/v1/enroll",
+            json={"name": f"flood{n}", "scopes": ["anthropic"]},
+            headers={"X-Forwarded-For": f"203.0.113.{n + 1}"},
+        ).status_code
+        for n in range(5)
+    ]
+    assert statuses == [201, 201, 201, 429, 429]
+    assert set(Agent.objects.values_list("enrolled_from", flat=True)) == {"127.0.0.1"}
 
 
 def test_a_trusted_proxys_forwarded_for_is_the_client_address(serve_uvicorn: Any) -> None:
