@@ -27,7 +27,6 @@ import logging
 import os
 import time
 import uuid
-import weakref
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from audit.events import PROXY_COLUMNS, event_row
 from audit.models import ActorType, AuditEvent
 from audit.publish import audit_publish_async
 from broker.db import db_call
+from broker.loops import LoopLocal
 
 logger = logging.getLogger(__name__)
 
@@ -82,16 +82,12 @@ class _Recorder:
     next_spill_check: float = 0.0
 
 
-_recorders: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Recorder] = (
-    weakref.WeakKeyDictionary()
-)
+_recorders = LoopLocal(_Recorder)
 
 
 def _recorder() -> _Recorder:
     loop = asyncio.get_running_loop()
-    recorder = _recorders.get(loop)
-    if recorder is None:
-        recorder = _recorders[loop] = _Recorder()
+    recorder = _recorders.get()
     if recorder.task is None or recorder.task.done():
         recorder.task = loop.create_task(_flush_forever(recorder), name="audit-recorder")
     return recorder
@@ -390,7 +386,7 @@ async def audit_flush() -> None:
     If the database cannot take it, the events go to the spill file instead: a shutdown
     never loses what is queued.
     """
-    recorder = _recorders.get(asyncio.get_running_loop())
+    recorder = _recorders.peek()
     if recorder is None:
         return
     with contextlib.suppress(AuditWriteFailed):
@@ -408,10 +404,10 @@ async def audit_flush() -> None:
 
 
 def audit_recorder_stats() -> RecorderStats:
-    recorder = _recorders.get(asyncio.get_running_loop())
+    recorder = _recorders.peek()
     return recorder.stats if recorder is not None else RecorderStats()
 
 
 def audit_backlog() -> int:
     """Events queued or being written in every event loop of this process."""
-    return sum(len(recorder.pending) + recorder.in_flight for recorder in list(_recorders.values()))
+    return sum(len(recorder.pending) + recorder.in_flight for recorder in _recorders.every())

@@ -3,13 +3,13 @@ that talks to Redis directly."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import weakref
 
 import redis
 import redis.asyncio
 from django.conf import settings
+
+from broker.loops import LoopLocal
 
 
 @functools.cache
@@ -23,9 +23,7 @@ def redis_client() -> redis.Redis:
     return _client_for(settings.REDIS_URL)
 
 
-_async_clients: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[tuple[str, int], redis.asyncio.Redis]
-] = weakref.WeakKeyDictionary()
+_async_clients: LoopLocal[dict[tuple[str, int], redis.asyncio.Redis]] = LoopLocal(dict)
 
 
 def async_redis_client() -> redis.asyncio.Redis:
@@ -35,7 +33,7 @@ def async_redis_client() -> redis.asyncio.Redis:
     burst of one agent failed everyone's calls; this pool makes a call wait briefly for a
     connection instead (PROXY_REDIS_WAIT_SECONDS), and raises a ConnectionError only then.
     """
-    clients = _async_clients.setdefault(asyncio.get_running_loop(), {})
+    clients = _async_clients.get()
     url, size = settings.REDIS_URL, settings.PROXY_REDIS_CONNECTIONS
     client = clients.get((url, size))
     if client is None:

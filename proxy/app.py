@@ -14,7 +14,6 @@ import json
 import logging
 import re
 import time
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from django.conf import settings
 from yarl import URL
 
 from audit.recorder import audit_enqueue
+from broker.loops import LoopLocal
 from broker.secrets import secret_digest
 from proxy.access import AccessCache, AccessDenied, Route, TokenGrant
 from proxy.federation import federated_secret, federation_cache
@@ -267,16 +267,10 @@ class Exchange:
 
 class ProxyApp:
     def __init__(self) -> None:
-        self._caches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AccessCache] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._caches = LoopLocal(AccessCache)
 
     def access(self) -> AccessCache:
-        loop = asyncio.get_running_loop()
-        cache = self._caches.get(loop)
-        if cache is None:
-            cache = self._caches[loop] = AccessCache()
-        return cache
+        return self._caches.get()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client")

@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from typing import Any
 
 from broker.db import db_call
+from broker.loops import LoopLocal
 from broker.services import federation as service
 from broker.services.federation import FederatedToken, Federation, FederationError
 from proxy.access import AccessDenied
@@ -94,17 +94,11 @@ class FederationCache:
         task.add_done_callback(self._background.discard)
 
 
-_caches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FederationCache] = (
-    weakref.WeakKeyDictionary()
-)
+_caches = LoopLocal(FederationCache)
 
 
 def federation_cache() -> FederationCache:
-    loop = asyncio.get_running_loop()
-    cache = _caches.get(loop)
-    if cache is None:
-        cache = _caches[loop] = FederationCache()
-    return cache
+    return _caches.get()
 
 
 async def federated_secret(federation: Federation) -> tuple[AuthScheme, str]:

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import secrets
-import weakref
 from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,7 @@ import redis
 import redis.asyncio
 from django.conf import settings
 
+from broker.loops import LoopLocal
 from broker.redis import async_redis_client, redis_client, redis_key
 from broker.services.policy import Policy, path_allowed
 from proxy.access import AccessDenied
@@ -634,17 +634,11 @@ class PolicyGate:
             logger.error("policy could not %s (%s)", what, type(exc).__name__)
 
 
-_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PolicyGate] = (
-    weakref.WeakKeyDictionary()
-)
+_gates = LoopLocal(PolicyGate)
 
 
 def policy_gate() -> PolicyGate:
-    loop = asyncio.get_running_loop()
-    gate = _gates.get(loop)
-    if gate is None:
-        gate = _gates[loop] = PolicyGate()
-    return gate
+    return _gates.get()
 
 
 # --- what is left (for GET /v1/status) ---------------------------------------------------

@@ -7,15 +7,10 @@ concurrency, where httpx's pool bookkeeping dominated (encode/httpx#3215).
 
 from __future__ import annotations
 
-import asyncio
-import weakref
-
 import aiohttp
 from django.conf import settings
 
-_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
-    weakref.WeakKeyDictionary()
-)
+from broker.loops import LoopLocal
 
 KEEPALIVE_SECONDS = 4
 
@@ -33,30 +28,33 @@ def upstream_timeout() -> aiohttp.ClientTimeout:
     )
 
 
+def _new_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(
+            limit=settings.PROXY_MAX_CONNECTIONS,
+            # Shorter than any upstream's own idle timeout (uvicorn's is 5 s): reusing a
+            # connection the upstream has just closed would fail a call it never saw.
+            keepalive_timeout=KEEPALIVE_SECONDS,
+            ttl_dns_cache=60,
+        ),
+        timeout=upstream_timeout(),
+        # Compressed bodies are forwarded as they are, under their own content-encoding.
+        auto_decompress=False,
+        skip_auto_headers=SKIP_AUTO_HEADERS,
+        trust_env=False,
+        raise_for_status=False,
+    )
+
+
+_sessions = LoopLocal(_new_session)
+
+
 def upstream_session() -> aiohttp.ClientSession:
-    loop = asyncio.get_running_loop()
-    session = _sessions.get(loop)
-    if session is None or session.closed:
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=settings.PROXY_MAX_CONNECTIONS,
-                # Shorter than any upstream's own idle timeout (uvicorn's is 5 s): reusing a
-                # connection the upstream has just closed would fail a call it never saw.
-                keepalive_timeout=KEEPALIVE_SECONDS,
-                ttl_dns_cache=60,
-            ),
-            timeout=upstream_timeout(),
-            # Compressed bodies are forwarded as they are, under their own content-encoding.
-            auto_decompress=False,
-            skip_auto_headers=SKIP_AUTO_HEADERS,
-            trust_env=False,
-            raise_for_status=False,
-        )
-        _sessions[loop] = session
-    return session
+    session = _sessions.get()
+    return _sessions.replace(_new_session()) if session.closed else session
 
 
 async def upstream_close() -> None:
-    session = _sessions.pop(asyncio.get_running_loop(), None)
+    session = _sessions.pop()
     if session is not None:
         await session.close()

@@ -53,7 +53,7 @@ def data_dir(tmp_path: Path, settings: Any) -> Path:
 async def loop_recorder() -> AsyncIterator[None]:
     """This test's event loop gets its own recorder; its flusher stops with the test."""
     yield
-    state = recorder._recorders.pop(asyncio.get_running_loop(), None)
+    state = recorder._recorders.pop()
     if state is not None and state.task is not None:
         state.task.cancel()
 
