@@ -24,7 +24,6 @@ from django.utils import timezone
 from broker.db import db_call
 from broker.models import AgentStatus, Backend, Grant, Token
 from broker.redis import async_redis_client, redis_key
-from broker.secrets import secret_digest
 from broker.services.access import ACCESS_GENERATION
 from broker.services.federation import Federation, federation_of
 from broker.services.policy import Policy, grant_policy
@@ -186,8 +185,7 @@ class AccessCache:
         self._tokens.clear()
         self._routes.clear()
 
-    async def token(self, plaintext: str, *, trusted: bool) -> TokenGrant | None:
-        digest = secret_digest(plaintext)
+    async def token(self, digest: str, *, trusted: bool) -> TokenGrant | None:
         now = time.monotonic()
         max_age = settings.PROXY_CACHE_SECONDS
         if trusted and digest in self._tokens:
@@ -268,11 +266,12 @@ class AccessCache:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def authorize(self, plaintext: str, backend: str) -> tuple[TokenGrant, Route]:
-        """The checks, in order: known, not expired, not revoked, agent approved, grant
-        for this backend, backend enabled. Each refusal says which."""
+    async def authorize(self, digest: str, backend: str) -> tuple[TokenGrant, Route]:
+        """The checks on a crd_ token (by its ``secret_digest``), in order: known, not
+        expired, not revoked, agent approved, grant for this backend, backend enabled.
+        Each refusal says which."""
         trusted = await self._fresh()
-        grant = await self.token(plaintext, trusted=trusted)
+        grant = await self.token(digest, trusted=trusted)
         if grant is None:
             raise AccessDenied(401, "authentication_error", "invalid token")
         try:

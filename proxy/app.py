@@ -25,6 +25,7 @@ from yarl import URL
 from audit.recorder import audit_enqueue
 from broker.loops import LoopLocal
 from broker.secrets import secret_digest
+from broker.services.tokens import proxy_base_url
 from proxy.access import AccessCache, AccessDenied, Route, TokenGrant
 from proxy.federation import federated_secret, federation_cache
 from proxy.metering import UsageMeter, meterable_accept_encoding
@@ -168,13 +169,15 @@ async def _body_stream(
         chunk = message.get("body", b"")
         sent += len(chunk)
         if sent > limit:
-            exchange.body_refused = AccessDenied(
-                413, "request_too_large", f"request body is over {limit} bytes"
-            )
+            exchange.body_refused = _body_too_large(limit)
             raise exchange.body_refused
         yield chunk
         if not message.get("more_body"):
             return
+
+
+def _body_too_large(limit: int) -> AccessDenied:
+    return AccessDenied(413, "request_too_large", f"request body is over {limit} bytes")
 
 
 def _whole_number(value: Any) -> bool:
@@ -315,9 +318,9 @@ class ProxyApp:
                 "authentication_error",
                 "send a crd_ token as x-api-key or Authorization: Bearer",
             )
-        grant, route = await self.access().authorize(token, target.backend)
-        exchange.grant = grant
         exchange.token_digest = secret_digest(token)
+        grant, route = await self.access().authorize(exchange.token_digest, target.backend)
+        exchange.grant = grant
         try:
             url = upstream_url(route.base_url, target.path, scope.get("query_string", b""))
         except PathRefused as refused:
@@ -378,10 +381,6 @@ class ProxyApp:
         declared = _header(headers, b"content-length")
         if not isinstance(body, bytes) and declared.isdigit():
             upstream_headers.append((b"content-length", declared.encode()))
-        if path.startswith(BATCH_PATH):
-            # Batch answers are rewritten (results_url), so they must arrive uncompressed.
-            upstream_headers = [(k, v) for k, v in upstream_headers if k != b"accept-encoding"]
-            upstream_headers.append((b"accept-encoding", b"identity"))
         refused: Callable[[], None] | None = None
         if route.federation is not None:
             federation = route.federation
@@ -410,7 +409,7 @@ class ProxyApp:
         limit = settings.PROXY_MAX_BODY_BYTES
         declared = _header(headers, b"content-length")
         if declared.isdigit() and int(declared) > limit:
-            raise AccessDenied(413, "request_too_large", f"request body is over {limit} bytes")
+            raise _body_too_large(limit)
         chunks: list[bytes] = []
         while True:
             message = await receive()
@@ -418,7 +417,7 @@ class ProxyApp:
                 return None
             chunk = message.get("body", b"")
             if exchange.body_held + len(chunk) > limit:
-                raise AccessDenied(413, "request_too_large", f"request body is over {limit} bytes")
+                raise _body_too_large(limit)
             process_load.hold_body(len(chunk))
             exchange.body_held += len(chunk)
             chunks.append(chunk)
@@ -459,10 +458,14 @@ class ProxyApp:
         unauthorized: Callable[[], None] | None = None,
     ) -> None:
         # Only codings the meter reads are asked for (br or zstd would leave usage unread);
-        # a client that did not ask for compression must never get it.
+        # a client that did not ask for compression must never get it. Batch answers are
+        # rewritten (results_url), so they must arrive uncompressed.
         asked = b", ".join(v for k, v in headers if k == b"accept-encoding") or None
         headers = [(k, v) for k, v in headers if k != b"accept-encoding"]
-        headers.append((b"accept-encoding", meterable_accept_encoding(asked)))
+        batch = exchange.path.startswith(BATCH_PATH)
+        headers.append(
+            (b"accept-encoding", b"identity" if batch else meterable_accept_encoding(asked))
+        )
         try:
             upstream = await upstream_session().request(
                 scope["method"],
@@ -637,7 +640,7 @@ def _settle(exchange: Exchange, ticket: Ticket) -> None:
 
 
 def _rewrite_results_urls(payload: Any, route: Route) -> Any:
-    proxy_base = f"{settings.PUBLIC_URL}/v1/proxy/{route.name}"
+    proxy_base = proxy_base_url(route.name)
     if isinstance(payload, dict):
         rewritten = {key: _rewrite_results_urls(value, route) for key, value in payload.items()}
         url = payload.get("results_url")
