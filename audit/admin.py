@@ -10,7 +10,7 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from audit.models import AuditEvent, PolicyResult
-from broker.admin_history import HistoryAdmin
+from broker.admin.history import HistoryAdmin
 
 STATUS_COLOURS = {"2": "#1a7f37", "3": "#6e7781", "4": "#cf222e", "5": "#cf222e"}
 DENIED_COLOUR = "#bf8700"

@@ -29,8 +29,8 @@ from audit.models import AuditEvent
 from audit.selectors import AuditFilter, audit_events
 from broker.api.auth import admin_permissions
 from broker.api.serializers import StrictInputSerializer
-from broker.db import db_call
-from broker.errors import ServiceError
+from broker.infra.db import db_call
+from broker.infra.errors import ServiceError
 
 EXPORT_CHUNK = 1000
 # Cells a spreadsheet would run as a formula; agents choose paths and models, so quote them.

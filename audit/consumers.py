@@ -11,7 +11,7 @@ Protocol (JSON text frames):
 
 The socket is refused during the handshake (HTTP 403) for anonymous users, non-staff and
 staff without ``audit.view_auditevent`` (the admin's own rule for the trail);
-``SameOriginOnly`` (audit/routing.py, wired in broker/asgi.py) refuses before that any
+``SameOriginOnly`` (audit/routing.py, wired in broker/project/asgi.py) refuses before that any
 ``Origin`` that is not the broker's own scheme, host and port, and a missing one.
 """
 

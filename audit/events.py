@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from audit.models import AuditEvent
-from broker.logging import redact
+from keybroker.wire import redact
 
 # The actions keybroker records today, for pickers and docs; the column takes any name.
 KNOWN_ACTIONS = (

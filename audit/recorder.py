@@ -41,8 +41,8 @@ from django.utils import timezone
 from audit.events import PROXY_COLUMNS, event_row
 from audit.models import ActorType, AuditEvent
 from audit.publish import audit_publish_async
-from broker.db import db_call
-from broker.loops import LoopLocal
+from broker.infra.db import db_call
+from broker.infra.loops import LoopLocal
 
 logger = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -13,10 +14,9 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
 from audit.models import AuditEvent
-from broker.errors import ServiceError
+from broker.infra.errors import ServiceError
+from keybroker.wire import duration_parse
 
-_RELATIVE = re.compile(r"^(\d{1,6})([smhd])$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _STATUS_CLASS = re.compile(r"^([1-5])xx$")
 _STATUS = re.compile(r"^(?:[1-5]\d\d|[1-5]xx)$")
 FILTER_TEXT_LIMIT = 200
@@ -38,9 +38,8 @@ def audit_time_parse(text: str, *, name: str, now: datetime | None = None) -> da
     """``2026-11-23``, ``2026-11-23T10:00:00Z`` or a duration back from now: ``90s``, ``30m``,
     ``2h``, ``7d``. Times without a zone are UTC."""
     text = text.strip()
-    relative = _RELATIVE.match(text)
-    if relative:
-        seconds = int(relative[1]) * _UNIT_SECONDS[relative[2]]
+    with contextlib.suppress(ValueError):
+        seconds = duration_parse(text, units="smhd", unit_required=True)
         return (now or timezone.now()) - timedelta(seconds=seconds)
     try:
         moment = parse_datetime(text)

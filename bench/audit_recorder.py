@@ -45,7 +45,7 @@ def _setup() -> subprocess.Popen[bytes] | None:
     data_dir = Path(tempfile.mkdtemp(prefix="kbbench-audit-"))
     os.environ["KEYBROKER_DATA_DIR"] = str(data_dir)
     os.environ.setdefault("KEYBROKER_REDIS_PREFIX", f"kbbench{os.getpid()}")
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "broker.settings")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "broker.project.settings")
     import django
 
     django.setup()
@@ -54,7 +54,7 @@ def _setup() -> subprocess.Popen[bytes] | None:
 
     redis_process = None
     if settings.REDIS_EMBEDDED:
-        from broker.embedded_redis import start_embedded_redis
+        from broker.runtime.embedded_redis import start_embedded_redis
 
         redis_process = start_embedded_redis(
             data_dir=settings.DATA_DIR, socket_path=settings.REDIS_SOCKET, stdout=subprocess.DEVNULL
@@ -129,7 +129,7 @@ async def writes(events: int) -> dict[str, float]:
     from audit import recorder
     from audit.events import PROXY_COLUMNS, event_row
     from audit.models import AuditEvent
-    from broker.db import db_call
+    from broker.infra.db import db_call
 
     results: dict[str, float] = {}
     for _ in range(events):

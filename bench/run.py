@@ -359,7 +359,7 @@ http {{
 
 
 def fake_anthropic_key() -> str:
-    """A key that passes proxy/providers.py's format check (sk-ant-api03-…AA, 93 chars)."""
+    """A key that passes broker/kinds.py's format check (sk-ant-api03-…AA, 93 chars)."""
     alphabet = string.ascii_letters + string.digits + "-_"
     return "sk-ant-api03-" + "".join(secrets.choice(alphabet) for _ in range(91)) + "AA"
 

@@ -1,3 +1,5 @@
-"""keybroker: the Django project package and the core domain (backends, agents, tokens)."""
+"""keybroker's server: project wiring, the domain (backends, agents, tokens), API and admin."""
 
-__version__ = "0.1.0"
+from keybroker import __version__
+
+__all__ = ["__version__"]

@@ -1,22 +1,5 @@
-"""The Celery application; the beat schedule lives in settings (CELERY_BEAT_SCHEDULE)."""
+"""The name ``celery -A broker`` finds; the app is configured in ``broker.project.celery``."""
 
-from __future__ import annotations
+from broker.project.celery import app
 
-import os
-
-from celery import Celery
-from celery.signals import worker_ready
-
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "broker.settings")
-
-app = Celery("broker")
-app.config_from_object("django.conf:settings", namespace="CELERY")
-app.autodiscover_tasks()
-
-
-@worker_ready.connect
-def _heartbeat_on_start(**_: object) -> None:
-    # /ready should see a fresh worker at once, not after the first beat interval.
-    from broker.health import worker_heartbeat_record
-
-    worker_heartbeat_record()
+__all__ = ["app"]

@@ -7,7 +7,7 @@ from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
 
-from broker.fields import EncryptedTextField
+from broker.infra.fields import EncryptedTextField
 
 NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 name_validator = RegexValidator(

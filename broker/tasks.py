@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from broker.health import worker_heartbeat_record
 from broker.models import Backend
-from broker.services.backends import backend_validate
+from broker.runtime.health import worker_heartbeat_record
+from broker.services.backends import VALIDATE_TASK, backend_validate
 from broker.services.tokens import tokens_sweep
 
 
@@ -16,7 +16,7 @@ def heartbeat() -> None:
     worker_heartbeat_record()
 
 
-@shared_task(ignore_result=True)
+@shared_task(name=VALIDATE_TASK, ignore_result=True)
 def backend_validate_task(backend_id: int) -> None:
     backend = Backend.objects.filter(pk=backend_id).first()
     if backend is None:

@@ -21,13 +21,13 @@ import redis
 from django.conf import settings
 from django.utils import timezone
 
-from broker.db import db_call
+from broker.infra.db import db_call
+from broker.infra.redis import async_redis_client, redis_key
+from broker.kinds import SCHEMES, AuthScheme
 from broker.models import AgentStatus, Backend, Grant, Token
-from broker.redis import async_redis_client, redis_key
 from broker.services.access import ACCESS_GENERATION
 from broker.services.federation import Federation, federation_of
 from broker.services.policy import Policy, grant_policy
-from proxy.providers import SCHEMES, AuthScheme
 
 logger = logging.getLogger(__name__)
 

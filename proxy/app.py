@@ -23,8 +23,9 @@ from django.conf import settings
 from yarl import URL
 
 from audit.recorder import audit_enqueue
-from broker.loops import LoopLocal
-from broker.secrets import secret_digest
+from broker.infra.loops import LoopLocal
+from broker.infra.secrets import secret_digest
+from broker.kinds import ANTHROPIC_VERSION, AuthScheme, ProviderError, provider_for
 from broker.services.tokens import proxy_base_url
 from proxy.access import AccessCache, AccessDenied, Route, TokenGrant
 from proxy.federation import federated_secret, federation_cache
@@ -39,7 +40,6 @@ from proxy.policy import (
     policy_gate,
     process_load,
 )
-from proxy.providers import ANTHROPIC_VERSION, AuthScheme, ProviderError, provider_for
 from proxy.upstream import upstream_session, upstream_timeout
 
 logger = logging.getLogger(__name__)

@@ -16,12 +16,12 @@ import logging
 import time
 from typing import Any
 
-from broker.db import db_call
-from broker.loops import LoopLocal
+from broker.infra.db import db_call
+from broker.infra.loops import LoopLocal
+from broker.kinds import OAUTH_BEARER, AuthScheme
 from broker.services import federation as service
 from broker.services.federation import FederatedToken, Federation, FederationError
 from proxy.access import AccessDenied
-from proxy.providers import OAUTH_BEARER, AuthScheme
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,9 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-PREFIX = b"/v1/proxy/"
+from keybroker.wire import PROXY_PREFIX
+
+PREFIX = PROXY_PREFIX.encode()
 _BACKEND = re.compile(rb"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 # Encoded slashes, backslashes and dots would let a path be read differently upstream.
 _SMUGGLING = re.compile(r"%(2f|5c|2e|00)|\\", re.IGNORECASE)

@@ -2,13 +2,11 @@
 and count what it uses in Redis, so every process on every machine shares one limit.
 
 Paths, models and the ``max_tokens`` cap are checked in memory, against the policy cached
-with the token (proxy/access.py). Rates and budgets live in Redis under
-``{prefix}:policy:{grant}:…``:
-
-- ``rpm``: a sliding window log (a sorted set of request times): the N+1st request within
-  any window is refused, whatever the clock says, and ``retry-after`` is exact;
-- ``tpm:{window}``: tokens of the calls that started in that fixed window;
-- ``day:{day}``: tokens of the calls that started on that UTC day.
+with the token (proxy/access.py). Rates and budgets live in Redis, laid out as
+``broker/selectors/policy.py`` describes (that module reads them for ``GET /v1/status``):
+``rpm`` is a sliding window log, so the N+1st request within any window is refused whatever
+the clock says and ``retry-after`` is exact; ``tpm`` and ``day`` count tokens per fixed
+window and per UTC day.
 
 Windows and days are read from Redis' own clock (``TIME`` inside the scripts), so machines
 whose clocks disagree still agree on them. A call is admitted by one Lua script (EVALSHA):
@@ -37,8 +35,9 @@ import redis
 import redis.asyncio
 from django.conf import settings
 
-from broker.loops import LoopLocal
-from broker.redis import async_redis_client, redis_client, redis_key
+from broker.infra.loops import LoopLocal
+from broker.infra.redis import async_redis_client
+from broker.selectors.policy import USAGE_CLOCK, seconds_until, usage_key
 from broker.services.policy import Policy, path_allowed
 from proxy.access import AccessDenied
 
@@ -57,25 +56,12 @@ BATCH_PATH = "/v1/messages/batches"
 RATE_LIMITED = (429, "rate_limit_error")
 FORBIDDEN = (403, "permission_error")
 
-_CLOCK = """
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local window_ms = tonumber(ARGV[2]) * 1000
-local window = math.floor(now_ms / window_ms)
-local day = math.floor(tonumber(now[1]) / 86400)
-local w = string.format('%d', window)
-local d = string.format('%d', day)
-local window_left = (window + 1) * window_ms - now_ms
-local day_left = (day + 1) * 86400000 - now_ms
-local base = ARGV[1]
-"""
-
 # ARGV: key base, window seconds, rpm, tpm, daily tokens (0 = no limit), a unique id for
 # this request, request slots it takes (a batch takes one per request), tokens to reserve,
 # whether the reservation must fit whole (1 for a batch). Returns {refusing rule or '',
 # ms until it would pass (-1: never), window, day, used}.
 ADMIT = (
-    _CLOCK
+    USAGE_CLOCK
     + """
 local slots = tonumber(ARGV[7])
 local reserve = tonumber(ARGV[8])
@@ -186,23 +172,9 @@ return 1
 # Results are kept by Anthropic for 29 days after a batch is created.
 BATCH_HOLD_SECONDS = 30 * DAY_SECONDS
 
+
 # ARGV: key base, window seconds. Returns {requests in the sliding window, tokens in this
 # window, tokens today, ms until the oldest request leaves, ms left in window, ms left today}.
-READ = (
-    _CLOCK
-    + """
-local key = base .. ':rpm'
-local since = '(' .. string.format('%d', now_ms - window_ms)
-local requests = redis.call('ZCOUNT', key, since, '+inf')
-local oldest = redis.call('ZRANGEBYSCORE', key, since, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-local frees = 0
-if oldest[2] then frees = tonumber(oldest[2]) + window_ms - now_ms end
-return {requests, tonumber(redis.call('GET', base .. ':tpm:' .. w) or '0'),
-        tonumber(redis.call('GET', base .. ':day:' .. d) or '0'), frees, window_left, day_left}
-"""
-)
-
-
 class PolicyDenied(AccessDenied):
     """A request the grant's policy refuses; ``rule`` names the field that refused it."""
 
@@ -454,14 +426,6 @@ process_load = ProcessLoad()
 
 
 # --- rates and budgets ---------------------------------------------------------------------
-def _key(policy: Policy) -> str:
-    return redis_key("policy", str(policy.grant_id))
-
-
-def _seconds(milliseconds: int) -> int:
-    return max(1, math.ceil(milliseconds / 1000))
-
-
 def _per(window_seconds: int) -> str:
     return "minute" if window_seconds == 60 else f"{window_seconds}s"
 
@@ -481,7 +445,7 @@ def _refusal(
             "split it into smaller batches",
             retry=False,
         )
-    wait = _seconds(wait_ms)
+    wait = seconds_until(wait_ms)
     batch = f"a batch of {demand.requests:,} requests reserving {demand.tokens:,} tokens does "
     if rule == "rpm":
         message = (
@@ -543,7 +507,7 @@ class PolicyGate:
         if not policy.counted:
             return None
         window_seconds = settings.POLICY_WINDOW_SECONDS
-        key = _key(policy)
+        key = usage_key(policy)
         reserve = demand.tokens if policy.metered else 0
         try:
             rule, wait_ms, window, day, used = await self._script("admit")(
@@ -639,40 +603,3 @@ _gates = LoopLocal(PolicyGate)
 
 def policy_gate() -> PolicyGate:
     return _gates.get()
-
-
-# --- what is left (for GET /v1/status) ---------------------------------------------------
-def policy_left(policy: Policy) -> dict[str, Any]:
-    """Each rate and budget of the grant: its limit, what is used and left, when it renews.
-
-    ``used`` and ``remaining`` are None when Redis cannot be read; a limit that is not set
-    is None altogether.
-    """
-    window_seconds = settings.POLICY_WINDOW_SECONDS
-    reading: list[int | None] = [None] * 6
-    if policy.counted:
-        try:
-            raw = redis_client().eval(READ, 0, _key(policy), window_seconds)
-            reading = [int(value) for value in raw]
-        except redis.RedisError:
-            logger.warning("policy usage unreadable: Redis unreachable")
-    requests, window_tokens, day_tokens, frees_ms, window_ms, day_ms = reading
-
-    def entry(limit: int | None, used: int | None, renews_ms: int | None) -> dict[str, Any] | None:
-        if limit is None:
-            return None
-        return {
-            "limit": limit,
-            "used": used,
-            "remaining": max(0, limit - used) if used is not None else None,
-            # Seconds until some of it comes back: the oldest request leaving the sliding
-            # window, the fixed window ending, midnight UTC.
-            "resets_in": None if used is None or renews_ms is None else _seconds(renews_ms),
-        }
-
-    return {
-        "rpm": entry(policy.rpm, requests, frees_ms),
-        "tpm": entry(policy.tpm, window_tokens, window_ms),
-        "daily_tokens": entry(policy.daily_tokens, day_tokens, day_ms),
-        "window_seconds": window_seconds,
-    }

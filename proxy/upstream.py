@@ -10,7 +10,7 @@ from __future__ import annotations
 import aiohttp
 from django.conf import settings
 
-from broker.loops import LoopLocal
+from broker.infra.loops import LoopLocal
 
 KEEPALIVE_SECONDS = 4
 

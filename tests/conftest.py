@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from broker.embedded_redis import start_embedded_redis
-from broker.redis import redis_client
+from broker.infra.redis import redis_client
+from broker.runtime.embedded_redis import start_embedded_redis
 from tests.fake_anthropic import FakeAnthropic, serve_in_thread
 
 REPO = Path(__file__).resolve().parent.parent

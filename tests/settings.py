@@ -14,7 +14,7 @@ os.environ["KEYBROKER_DATA_DIR"] = _data_dir
 # Several runs may share one external Redis (CI, a developer's): keep their keys apart.
 os.environ.setdefault("KEYBROKER_REDIS_PREFIX", f"kbtest{os.getpid()}")
 
-from broker.settings import *  # noqa: E402, F403
+from broker.project.settings import *  # noqa: E402, F403
 
 # A file, not SQLite's in-memory default, so that a second server process (started by a
 # test) shares the test database; PostgreSQL test databases are shared anyway.

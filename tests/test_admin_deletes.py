@@ -19,8 +19,8 @@ from django.test import Client
 from django.utils import timezone
 
 from audit.models import AuditEvent
+from broker.infra.redis import redis_client, redis_key
 from broker.models import AdminToken, Agent, Backend, Grant, Token
-from broker.redis import redis_client, redis_key
 from broker.services.access import ACCESS_GENERATION
 from broker.services.admin_tokens import admintoken_create
 from broker.services.agents import agent_enroll

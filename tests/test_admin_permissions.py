@@ -128,7 +128,7 @@ def snapshot() -> dict[str, Any]:
 
 
 # --- every admin endpoint ----------------------------------------------------------------
-# (method, route in broker/urls.py, url, body, vera may, carl may). Reading needs view (or
+# (method, route in broker/project/urls.py, url, body, vera may, carl may). Reading needs view (or
 # change, as in the admin); creating add; changing and actions (approve, reject, rotate,
 # validate, revoke a token, unenroll an agent) change; removing a row delete.
 ENDPOINTS: list[tuple[str, str, str, Any, bool, bool]] = [
@@ -226,7 +226,7 @@ IDS = [f"{method} {url}" for method, _, url, *_ in ENDPOINTS]
 
 
 def _admin_routes() -> set[tuple[str, str]]:
-    """(method, route) of every handler under /v1/admin/ that broker/urls.py serves."""
+    """(method, route) of every handler under /v1/admin/ that broker/project/urls.py serves."""
     found: set[tuple[str, str]] = set()
 
     def walk(patterns: list[URLPattern | URLResolver], prefix: str = "") -> None:

@@ -8,7 +8,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.test import Client
 
 from audit.models import AuditEvent
-from broker.errors import NotPermitted
+from broker.infra.errors import NotPermitted
 from broker.models import Agent, AgentStatus, Backend, Token
 from broker.services.agents import (
     EnrolledAgent,

@@ -268,7 +268,7 @@ def broker(_broker_server: FakeBroker) -> FakeBroker:
 
 @dataclass
 class Cli:
-    """Runs `python -m broker.agent_cli` in a clean environment whose home is tmp_path."""
+    """Runs `python -m keybroker.cli` in a clean environment whose home is tmp_path."""
 
     env: dict[str, str]
     config: Path
@@ -278,7 +278,7 @@ class Cli:
         self, *args: str, env: dict[str, str] | None = None, umask: int = 0o022
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [sys.executable, "-m", "broker.agent_cli", *args],
+            [sys.executable, "-m", "keybroker.cli", *args],
             env={**self.env, **(env or {})},
             cwd=REPO,
             capture_output=True,
@@ -526,7 +526,7 @@ def test_env_output_is_evaluated_by_bash_and_read_by_the_sdk(
     # A hostile base_url proves the values are quoted, not just usually harmless.
     broker.base_url = f"{broker.url}/v1/proxy/anthropic?a='$(touch pwned)'&b=`touch pwned`"
     script = (
-        f'eval "$({sys.executable} -m broker.agent_cli env anthropic --ttl 5m)" || exit 9\n'
+        f'eval "$({sys.executable} -m keybroker.cli env anthropic --ttl 5m)" || exit 9\n'
         'printf "%s\\n" "$ANTHROPIC_BASE_URL" "$ANTHROPIC_AUTH_TOKEN"\n'
         'echo "${ANTHROPIC_API_KEY-unset}"\n'
         f"{sys.executable} -c 'import anthropic; c = anthropic.Anthropic(); "
@@ -778,10 +778,10 @@ def test_the_vend_token_never_reaches_the_terminal(broker: FakeBroker, cli: Cli)
 
 def test_it_imports_nothing_from_django_or_the_server(cli: Cli) -> None:
     probe = (
-        "import sys, broker.agent_cli; "
+        "import sys, keybroker.cli; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'django', 'rest_framework', 'channels', 'celery', 'proxy', 'audit'} "
-        "or (m.startswith('broker.') and m != 'broker.agent_cli')))"
+        "or (m.startswith('broker.') and m != 'keybroker.cli')))"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], env=cli.env, cwd=REPO, capture_output=True, text=True
@@ -891,7 +891,7 @@ def test_identity_token_refresh_keeps_the_file_fresh(
     broker.identity_lifetime = 2  # rewritten every second
     out = tmp_path / "identity.jwt"
     running = subprocess.Popen(
-        [sys.executable, "-m", "broker.agent_cli", "identity-token", "--audience", ANTHROPIC,
+        [sys.executable, "-m", "keybroker.cli", "identity-token", "--audience", ANTHROPIC,
          "--out", str(out), "--refresh"],
         env=cli.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -25,7 +25,7 @@ def test_enroll_wait_get_list_revoke_unenroll(
     settings.PUBLIC_URL = live_url  # the server runs in this process
     config = tmp_path / "xdg" / "keybroker" / "config.json"
     env = clean_env(XDG_CONFIG_HOME=str(tmp_path / "xdg"), HOME=str(tmp_path))
-    command = [sys.executable, "-m", "broker.agent_cli"]
+    command = [sys.executable, "-m", "keybroker.cli"]
 
     def keybroker(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

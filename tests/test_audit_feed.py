@@ -30,7 +30,7 @@ from websockets.asyncio.client import connect
 
 from audit.services import audit_record
 from broker.asgi import application
-from broker.redis import redis_client, redis_key
+from broker.infra.redis import redis_client, redis_key
 from broker.services.backends import backend_add
 from tests.conftest import REPO, clean_env
 from tests.fake_anthropic import FakeAnthropic

@@ -27,7 +27,7 @@ from audit.recorder import (
     audit_recorder_stats,
     audit_spill_replay,
 )
-from broker.db import db_call
+from broker.infra.db import db_call
 from tests.proxy_cast import Proxied, audit_drained
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -11,7 +11,7 @@ from django.test import override_settings
 
 from audit.models import AuditEvent
 from broker.celery import app as celery_app
-from broker.errors import Conflict, ServiceError
+from broker.infra.errors import Conflict, ServiceError
 from broker.models import Backend, SigningKey, Token, ValidationState
 from broker.services.agents import agent_enroll
 from broker.services.backends import (

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from broker.env import env_bool, env_int, env_secret, generated_secret
+from broker.project.env import env_bool, env_int, env_secret, generated_secret
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ from django.contrib.auth import get_user_model
 from django.test import Client, override_settings
 
 from broker import __version__
-from broker.embedded_redis import start_embedded_redis
-from broker.health import worker_heartbeat_record
-from broker.redis import redis_client, redis_key
+from broker.infra.redis import redis_client, redis_key
+from broker.runtime.embedded_redis import start_embedded_redis
+from broker.runtime.health import worker_heartbeat_record
 
 pytestmark = pytest.mark.django_db
 

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from broker.logging import RedactSecretsFilter
+from broker.project.logging import RedactSecretsFilter
 
 SECRETS = [
     "crd_" + "A1b2" * 10,

@@ -7,7 +7,7 @@ import gc
 
 import pytest
 
-from broker.loops import LoopLocal
+from broker.infra.loops import LoopLocal
 
 
 class Thing:

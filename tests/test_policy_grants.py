@@ -11,7 +11,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.core.management import CommandError, call_command
 
 from audit.models import AuditEvent
-from broker.errors import ServiceError
+from broker.infra.errors import ServiceError
 from broker.models import Agent, Backend, Grant
 from broker.services.agents import agent_enroll
 from broker.services.policy import (

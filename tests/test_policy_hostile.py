@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from audit.models import AuditEvent
-from broker.redis import redis_client
+from broker.infra.redis import redis_client
 from proxy.policy import process_load
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import Proxied, audit_drained

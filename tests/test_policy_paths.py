@@ -9,7 +9,7 @@ import anthropic
 import pytest
 from django.apps import apps
 
-from broker.errors import ServiceError
+from broker.infra.errors import ServiceError
 from broker.models import Backend, Grant
 from broker.services.policy import backend_policy_update, glob_check, path_allowed
 from tests.fake_anthropic import FakeAnthropic

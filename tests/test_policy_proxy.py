@@ -13,8 +13,8 @@ import pytest
 
 from audit.models import AuditEvent
 from broker.models import Grant
+from broker.selectors.policy import policy_left
 from broker.services.policy import grant_policy, grant_update
-from proxy.policy import policy_left
 from tests.conftest import free_port
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import Proxied, audit_drained

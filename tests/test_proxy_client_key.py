@@ -83,7 +83,7 @@ def test_without_its_own_key_an_agent_is_told_what_to_send(
 def test_a_client_key_backend_has_nothing_to_rotate_or_validate(
     own_key_backend: tuple[str, str],
 ) -> None:
-    from broker.errors import ServiceError
+    from broker.infra.errors import ServiceError
     from broker.services.backends import backend_rotate, backend_validate
 
     team = Backend.objects.get(name="team")

@@ -17,8 +17,8 @@ from django.core.management import call_command
 from django.test import Client
 
 from audit.models import AuditEvent
+from broker.infra.redis import redis_client, redis_key
 from broker.models import Backend
-from broker.redis import redis_client, redis_key
 from broker.services import federation
 from broker.services.federation import federation_of, federation_token
 from tests.fake_anthropic import FakeAnthropic

@@ -19,14 +19,14 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection
 from django.test import override_settings
 
-from broker.http_timeouts import Message, Receive, Scope, Send, body_read_timeout
+from broker.runtime.http_timeouts import Message, Receive, Scope, Send, body_read_timeout
 from tests.conftest import REPO, clean_env, free_port
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import proxied_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
-HTTP_PROTOCOL = "broker.http_timeouts:HeaderTimeoutProtocol"
+HTTP_PROTOCOL = "broker.runtime.http_timeouts:HeaderTimeoutProtocol"
 TIMEOUT = 1  # seconds, both timeouts, set through the environment
 
 

@@ -23,7 +23,7 @@ from django.db import connection
 from audit.models import AuditEvent
 from broker.management.commands.serve import proxy_header_options, uvicorn_command
 from broker.models import Agent
-from broker.settings import _trusted_proxies
+from broker.project.settings import _trusted_proxies
 from tests.conftest import REPO, clean_env, free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -84,7 +84,7 @@ def workload(
 
 def keybroker(workload: Workload, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "broker.agent_cli", "--config", str(workload.config), *args],
+        [sys.executable, "-m", "keybroker.cli", "--config", str(workload.config), *args],
         env=clean_env(HOME=str(workload.config.parent)),
         cwd=REPO,
         capture_output=True,

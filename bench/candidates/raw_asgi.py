@@ -1,6 +1,6 @@
 """``uvicorn bench.candidates.raw_asgi:application``: the same proxy with no Django at all.
 
-What a proxy mounted beside Django in ``broker/asgi.py`` would cost: read the body, open
+What a proxy mounted beside Django in ``broker/project/asgi.py`` would cost: read the body, open
 the upstream request, relay status, headers and each chunk, and watch for the client's
 ``http.disconnect`` (uvicorn's ``send`` after a disconnect returns silently, so without the
 watcher a proxy learns of it only from the upstream, possibly minutes later).

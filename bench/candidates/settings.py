@@ -26,7 +26,7 @@ if os.environ.get("BENCH_DJANGO_MIDDLEWARE") == "project":
         "django.contrib.sessions",
         "django.contrib.messages",
     ]
-    # Copied from broker/settings.py (not imported: the candidates stand alone).
+    # Copied from broker/project/settings.py (not imported: the candidates stand alone).
     MIDDLEWARE = [
         "django.middleware.security.SecurityMiddleware",
         "django.contrib.sessions.middleware.SessionMiddleware",

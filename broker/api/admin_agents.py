@@ -14,7 +14,7 @@ from broker.api.agents import EnrollInput, EnrollmentOutput
 from broker.api.auth import admin_permissions
 from broker.api.policy import GrantPolicyInput
 from broker.api.serializers import StrictCharField, StrictInputSerializer
-from broker.errors import ServiceError
+from broker.infra.errors import ServiceError
 from broker.models import Agent, AgentStatus, Grant, IdentityGrant, Token
 from broker.services.agents import (
     agent_approve,

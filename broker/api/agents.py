@@ -13,8 +13,9 @@ from rest_framework.views import APIView
 
 from broker.api.auth import AgentAuthentication, IsAgent, client_address
 from broker.api.serializers import StrictCharField, StrictInputSerializer
+from broker.infra.ratelimit import enrollment_rate, rate_limit_hit
 from broker.models import Agent, Grant, Token
-from broker.ratelimit import enrollment_rate, rate_limit_hit
+from broker.selectors.policy import policy_left
 from broker.services.access import agent_require_approved
 from broker.services.agents import agent_enroll, agent_request_scopes, agent_scopes, agent_unenroll
 from broker.services.oidc import oidc_client_create, oidc_discovery
@@ -27,7 +28,6 @@ from broker.services.tokens import (
     tokens_live,
     ttl_bounds,
 )
-from proxy.policy import policy_left
 
 
 class EnrollInput(StrictInputSerializer):

@@ -12,9 +12,9 @@ from rest_framework.authentication import BaseAuthentication, get_authorization_
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
-from broker.errors import ServiceError
+from broker.infra.errors import ServiceError
+from broker.infra.ratelimit import LimiterUnavailable, RateLimited
 from broker.models import Agent
-from broker.ratelimit import LimiterUnavailable, RateLimited
 from broker.services.admin_tokens import PREFIX, admintoken_authenticate
 from broker.services.agents import agent_authenticate
 

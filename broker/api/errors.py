@@ -9,9 +9,9 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from broker.errors import OAuthError, ServiceError
-from broker.logging import redact
-from broker.ratelimit import RateLimited
+from broker.infra.errors import OAuthError, ServiceError
+from broker.infra.ratelimit import RateLimited
+from keybroker.wire import redact
 
 _TYPES = {
     status.HTTP_400_BAD_REQUEST: "invalid_request",

@@ -8,7 +8,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from broker.health import audit_state, backend_states, health_counts, readiness
+from broker.runtime.health import audit_state, backend_states, health_counts, readiness
 
 
 class HealthSerializer(serializers.Serializer[None]):

@@ -16,8 +16,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from broker.api.auth import client_address
-from broker.errors import OAuthError
-from broker.ratelimit import RateLimited
+from broker.infra.errors import OAuthError
+from broker.infra.ratelimit import RateLimited
 from broker.services.oidc import oidc_discovery, oidc_jwks, oidc_token_issue
 
 

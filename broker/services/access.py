@@ -8,9 +8,9 @@ import secrets
 import redis
 from django.db import transaction
 
-from broker.errors import NotPermitted
+from broker.infra.errors import NotPermitted
+from broker.infra.redis import redis_client, redis_key
 from broker.models import Agent, AgentStatus
-from broker.redis import redis_client, redis_key
 
 logger = logging.getLogger(__name__)
 

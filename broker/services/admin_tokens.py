@@ -11,9 +11,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from audit.services import audit_record
-from broker.errors import NotFound, ServiceError
+from broker.infra.errors import NotFound, ServiceError
+from broker.infra.secrets import secret_digest, secret_issue
 from broker.models import AdminToken
-from broker.secrets import secret_digest, secret_issue
 
 PREFIX = "cka"
 LAST_USED_RESOLUTION_SECONDS = 60

@@ -11,13 +11,13 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from audit.services import audit_record
-from broker.errors import Conflict, NotFound, ServiceError, Unauthenticated
-from broker.logging import SECRET_PATTERN
+from broker.infra.errors import Conflict, NotFound, ServiceError, Unauthenticated
+from broker.infra.ratelimit import auth_failure, auth_throttle_check
+from broker.infra.secrets import secret_digest, secret_issue
 from broker.models import Agent, AgentStatus, Backend, Grant, agent_name_validator
-from broker.ratelimit import auth_failure, auth_throttle_check
-from broker.secrets import secret_digest, secret_issue
 from broker.services.access import access_changed
 from broker.services.tokens import tokens_revoke_all
+from keybroker.wire import SECRET_PATTERN
 
 User = AbstractBaseUser | AnonymousUser | None
 VEND_PREFIX = "ckr"

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from celery import signature
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.core.exceptions import ValidationError
@@ -19,8 +20,8 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from audit.services import audit_record
-from broker.errors import Conflict, NotFound, NotPermitted, ServiceError
-from broker.logging import SECRET_PATTERN, redact
+from broker.infra.errors import Conflict, NotFound, NotPermitted, ServiceError
+from broker.kinds import Provider, ProviderError, provider_for
 from broker.models import Backend, ValidationState, name_validator
 from broker.services.access import access_changed
 from broker.services.federation import (
@@ -29,7 +30,7 @@ from broker.services.federation import (
     federation_of,
     federation_token,
 )
-from proxy.providers import Provider, ProviderError, provider_for
+from keybroker.wire import SECRET_PATTERN, redact
 
 logger = logging.getLogger(__name__)
 
@@ -186,10 +187,13 @@ def _apply_secret(backend: Backend, secret: str) -> None:
     backend.validation_checked_at = None
 
 
-def _queue_validation(backend: Backend) -> None:
-    from broker.tasks import backend_validate_task
+# broker/tasks.py registers the task under this name. The service names it rather than
+# importing the task, which imports the service (no import cycle).
+VALIDATE_TASK = "broker.tasks.backend_validate_task"
 
-    transaction.on_commit(lambda: backend_validate_task.delay(backend.pk))
+
+def _queue_validation(backend: Backend) -> None:
+    transaction.on_commit(lambda: signature(VALIDATE_TASK, args=(backend.pk,)).delay())
 
 
 CLIENT_KEY_FINGERPRINT = "(the agent's own key)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.db import connection, models, transaction
 
 from audit.services import audit_record
-from broker.fields import secret_box, secret_box_for
+from broker.infra.fields import secret_box, secret_box_for
 from broker.models import Backend, SigningKey
 
 # Every encrypted column; a new EncryptedTextField must be listed here to survive a re-key.

@@ -30,11 +30,11 @@ import redis
 from django.core import signing
 
 from audit.services import audit_record
-from broker.fields import secret_box
-from broker.logging import redact
+from broker.infra.fields import secret_box
+from broker.infra.redis import redis_client, redis_key
 from broker.models import Backend
-from broker.redis import redis_client, redis_key
 from broker.services.oidc import oidc_backend_assertion
+from keybroker.wire import redact
 
 logger = logging.getLogger(__name__)
 

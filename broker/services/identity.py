@@ -15,11 +15,11 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import IntegrityError, transaction
 
 from audit.services import audit_record
-from broker.errors import NotFound, ServiceError
-from broker.logging import SECRET_PATTERN
+from broker.infra.errors import NotFound, ServiceError
 from broker.models import Agent, IdentityGrant
 from broker.services.oidc import issuer
-from broker.services.tokens import format_duration, ttl_parse
+from broker.services.tokens import ttl_parse
+from keybroker.wire import SECRET_PATTERN, duration_format
 
 User = AbstractBaseUser | AnonymousUser | None
 
@@ -66,8 +66,8 @@ def identity_lifetime_parse(value: object) -> int:
     high = identity_max_lifetime()
     if not MIN_LIFETIME <= seconds <= high:
         raise ServiceError(
-            f"lifetime: must be between {format_duration(MIN_LIFETIME)} and "
-            f"{format_duration(high)} (got {format_duration(seconds)})"
+            f"lifetime: must be between {duration_format(MIN_LIFETIME)} and "
+            f"{duration_format(high)} (got {duration_format(seconds)})"
         )
     return seconds
 

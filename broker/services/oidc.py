@@ -18,10 +18,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from audit.services import audit_record
-from broker.errors import OAuthError
+from broker.infra.errors import OAuthError
+from broker.infra.ratelimit import auth_failure, auth_throttle_check
+from broker.infra.secrets import secret_digest, secret_issue
 from broker.models import Agent, AgentStatus, IdentityGrant, OidcClient, SigningKey
-from broker.ratelimit import auth_failure, auth_throttle_check
-from broker.secrets import secret_digest, secret_issue
 from broker.services.access import agent_require_approved
 
 logger = logging.getLogger(__name__)

@@ -22,11 +22,12 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
 
 from audit.services import audit_record
-from broker.errors import NotFound, ServiceError
+from broker.infra.errors import NotFound, ServiceError
 from broker.models import Agent, Backend, Grant
 from broker.services.access import access_changed
 from broker.services.agents import agent_grant
-from broker.services.tokens import format_duration, ttl_parse
+from broker.services.tokens import ttl_parse
+from keybroker.wire import duration_format
 
 User = AbstractBaseUser | AnonymousUser | None
 
@@ -298,13 +299,13 @@ def _clean_max_ttl(backend: Backend, value: object) -> int | None:
     low, high = backend.token_ttl_min, backend.token_ttl_max
     if seconds > high:
         raise ServiceError(
-            f"max_ttl: {format_duration(seconds)} is above backend {backend.name}'s bound "
-            f"of {format_duration(high)}"
+            f"max_ttl: {duration_format(seconds)} is above backend {backend.name}'s bound "
+            f"of {duration_format(high)}"
         )
     if seconds < low:
         raise ServiceError(
-            f"max_ttl: {format_duration(seconds)} is below backend {backend.name}'s shortest "
-            f"token of {format_duration(low)}"
+            f"max_ttl: {duration_format(seconds)} is below backend {backend.name}'s shortest "
+            f"token of {duration_format(low)}"
         )
     return seconds
 

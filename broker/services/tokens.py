@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -15,10 +14,12 @@ from django.db import transaction
 from django.utils import timezone
 
 from audit.services import audit_record
-from broker.errors import NotFound, NotPermitted, ServiceError
+from broker.infra.errors import NotFound, NotPermitted, ServiceError
+from broker.infra.secrets import secret_issue
 from broker.models import Backend, Token
-from broker.secrets import secret_issue
 from broker.services.access import access_changed, agent_require_approved
+from keybroker import wire
+from keybroker.wire import duration_format
 
 if TYPE_CHECKING:
     from broker.models import Agent
@@ -27,8 +28,6 @@ logger = logging.getLogger(__name__)
 
 User = AbstractBaseUser | AnonymousUser | None
 CRD_PREFIX = "crd"
-_TTL = re.compile(r"^(\d{1,7})([smh]?)$")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
 
 
 @dataclass(frozen=True)
@@ -43,26 +42,17 @@ class IssuedToken:
 
 def proxy_base_url(backend_name: str) -> str:
     """What an SDK's ``base_url`` must be to reach this backend through the proxy."""
-    return f"{settings.PUBLIC_URL}/v1/proxy/{backend_name}"
-
-
-def format_duration(seconds: int) -> str:
-    for unit, size in (("h", 3600), ("m", 60)):
-        if seconds % size == 0 and seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+    return wire.proxy_base_url(settings.PUBLIC_URL, backend_name)
 
 
 def ttl_parse(value: object) -> int:
     """Seconds from ``90``, ``"90"``, ``"90s"``, ``"30m"`` or ``"1h"``; ServiceError otherwise."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ServiceError("ttl: give seconds or a duration such as 90s, 30m or 1h")
-    match = _TTL.match(str(value).strip().lower())
-    if match is None:
-        raise ServiceError(
-            f"ttl: {str(value)[:20]!r} is not a duration; use seconds or 90s, 30m, 1h"
-        )
-    seconds = int(match[1]) * _UNIT_SECONDS[match[2]]
+    try:
+        seconds = int(wire.duration_parse(str(value)))
+    except ValueError as exc:
+        raise ServiceError(f"ttl: {exc}") from None
     if seconds <= 0:
         raise ServiceError("ttl: must be longer than zero")
     return seconds
@@ -87,8 +77,8 @@ def ttl_for(*, backend: Backend, requested: object | None, max_ttl: int | None =
         if high < backend.token_ttl_max:
             whose = f"this grant on {whose}"
         raise ServiceError(
-            f"ttl: {format_duration(seconds)} is outside the bounds of {whose}: "
-            f"{format_duration(low)} to {format_duration(high)}"
+            f"ttl: {duration_format(seconds)} is outside the bounds of {whose}: "
+            f"{duration_format(low)} to {duration_format(high)}"
         )
     return seconds
 

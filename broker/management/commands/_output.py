@@ -11,7 +11,7 @@ from typing import Any
 
 from django.core.management.base import CommandError
 
-from broker.errors import ServiceError
+from broker.infra.errors import ServiceError
 
 
 @contextmanager

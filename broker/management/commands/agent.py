@@ -32,7 +32,7 @@ from broker.services.policy import (
     grants_of,
     policy_parse_texts,
 )
-from broker.services.tokens import format_duration
+from keybroker.wire import duration_format
 
 # The policy flags of `agent grant` and `agent defaults`: blank or "default" unsets one.
 POLICY_FLAGS = {
@@ -68,7 +68,7 @@ def _shown(name: str, value: Any) -> str:
         return "-"
     if isinstance(value, list):
         return ",".join(value) or "-"
-    return format_duration(value) if name == "max_ttl" else str(value)
+    return duration_format(value) if name == "max_ttl" else str(value)
 
 
 def _policy_line(values: dict[str, Any]) -> str:
@@ -251,7 +251,7 @@ class Command(BaseCommand):
         )
         self.stdout.write(
             f"{agent.name} may now get identity tokens for {grant.audience}, each valid for "
-            f"{format_duration(grant.lifetime)} (sub {agent.pk}, iss {issuer()})"
+            f"{duration_format(grant.lifetime)} (sub {agent.pk}, iss {issuer()})"
         )
 
     def do_revoke_identity(self, **options: Any) -> None:
@@ -270,7 +270,7 @@ class Command(BaseCommand):
 
             self.stdout.write(as_json(IdentityGrantOutput(grants, many=True).data))
             return
-        rows = [(g.audience, format_duration(g.lifetime), _when(g.created_at)) for g in grants]
+        rows = [(g.audience, duration_format(g.lifetime), _when(g.created_at)) for g in grants]
         self.stdout.write(
             table(rows, ["AUDIENCE", "LIFETIME", "GRANTED"]) if rows else "no identity grants"
         )

@@ -4,7 +4,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from broker.env import env_secret, env_str
+from broker.project.env import env_secret, env_str
 from broker.services.admins import admin_ensure_first
 
 

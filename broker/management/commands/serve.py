@@ -13,9 +13,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.migrations.executor import MigrationExecutor
 
-from broker.embedded_redis import EmbeddedRedisError, start_embedded_redis
-from broker.env import env_int
-from broker.supervisor import Supervisor, child_popen_options
+from broker.project.env import env_int
+from broker.runtime.embedded_redis import EmbeddedRedisError, start_embedded_redis
+from broker.runtime.supervisor import Supervisor, child_popen_options
 
 
 def _port_free(host: str, port: int) -> None:
@@ -80,7 +80,7 @@ def uvicorn_command(python: str, *, host: str, port: int, workers: int) -> list[
         "--lifespan", "on", "--no-server-header",
         *proxy_header_options(),
         # Closes connections whose request headers never finish (issue 19, 14).
-        "--http", "broker.http_timeouts:HeaderTimeoutProtocol",
+        "--http", "broker.runtime.http_timeouts:HeaderTimeoutProtocol",
         "--timeout-graceful-shutdown", "10",
     ]  # fmt: skip
 
@@ -117,7 +117,7 @@ class Command(BaseCommand):
                 )
                 supervisor.adopt("redis", redis_process)
             else:
-                from broker.health import check_redis
+                from broker.runtime.health import check_redis
 
                 if not check_redis().ok:
                     raise CommandError("cannot reach Redis at REDIS_URL")

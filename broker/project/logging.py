@@ -3,18 +3,8 @@
 from __future__ import annotations
 
 import logging
-import re
 
-# keybroker's own secrets (crd_, ckr_, cks_, cka_), Anthropic keys and OAuth tokens, and
-# JWTs (keybroker's identity tokens and federation assertions are bearer credentials too).
-SECRET_PATTERN = re.compile(
-    r"\b(?:crd|ckr|cks|cka)_[A-Za-z0-9_-]{8,}|sk-ant-[A-Za-z0-9_-]{8,}"
-    r"|\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"
-)
-
-
-def redact(text: str) -> str:
-    return SECRET_PATTERN.sub("[redacted]", text)
+from keybroker.wire import redact
 
 
 class RedactSecretsFilter(logging.Filter):

@@ -9,7 +9,7 @@ import redis
 import redis.asyncio
 from django.conf import settings
 
-from broker.loops import LoopLocal
+from broker.infra.loops import LoopLocal
 
 
 @functools.cache

@@ -13,8 +13,9 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
-from broker.admin_history import HistoryAdmin
-from broker.errors import ServiceError
+from broker.admin.history import HistoryAdmin
+from broker.infra.errors import ServiceError
+from broker.kinds import PROVIDERS
 from broker.models import AdminToken, Backend, ValidationState
 from broker.services.admin_tokens import admintoken_revoke
 from broker.services.backends import (
@@ -33,7 +34,6 @@ from broker.services.backends import (
     backend_update,
     backend_validate,
 )
-from proxy.providers import PROVIDERS
 
 FEDERATION_FORM_FIELDS = (
     "federation_rule_id",
@@ -330,7 +330,3 @@ class AdminTokenAdmin(HistoryAdmin[AdminToken]):
         if skipped := len(queryset) - len(live):
             text += f"; {skipped} already revoked"
         self.message_user(request, text, messages.SUCCESS)
-
-
-# Agents, tokens and OIDC clients live in their own module; importing it registers them.
-from broker import admin_agents  # noqa: E402, F401

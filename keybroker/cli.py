@@ -14,7 +14,6 @@ import ipaddress
 import json
 import os
 import random
-import re
 import shlex
 import sys
 import tempfile
@@ -27,7 +26,8 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from broker import __version__
+from keybroker import __version__
+from keybroker.wire import duration_format, duration_parse, redact
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the server refused the request, or anything else went wrong
@@ -46,9 +46,6 @@ HTTP_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 
 # Server messages are redacted server-side already; this is the last line of defence so that
 # no vend token (ckr_), client secret (cks_) or access token (crd_) ever reaches stderr.
-_SECRET = re.compile(r"\b(ckr|cks|crd)_[A-Za-z0-9_\-]+|\b(eyJ)[A-Za-z0-9_\-]+\.[A-Za-z0-9_.\-]+")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh]?)")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
 
 
 class CliError(Exception):
@@ -69,33 +66,19 @@ class Config:
     client_secret: str | None = None
 
 
-def _cut(match: re.Match[str]) -> str:
-    return f"{match[1]}_…" if match[1] else f"{match[2]}…"
-
-
 def _note(message: str) -> None:
-    print("keybroker: " + _SECRET.sub(_cut, message), file=sys.stderr, flush=True)
+    print("keybroker: " + redact(message, keep_kind=True), file=sys.stderr, flush=True)
 
 
 # --- durations -------------------------------------------------------------------------------
 
 
 def parse_duration(text: str) -> float:
-    """`90s`, `5m`, `1h` or plain seconds, as seconds."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use 90s, 5m, 1h or seconds")
-    return float(match[1]) * _UNIT_SECONDS[match[2]]
-
-
-def format_duration(seconds: float) -> str:
-    whole = int(seconds)
-    if whole != seconds or whole == 0:
-        return f"{seconds:g}s"
-    for unit, size in (("h", 3600), ("m", 60)):
-        if whole % size == 0:
-            return f"{whole // size}{unit}"
-    return f"{whole}s"
+    """`90s`, `5m`, `1h` or plain seconds, as seconds (argparse's type for durations)."""
+    try:
+        return duration_parse(text, whole=False)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -297,7 +280,7 @@ def error_for(response: httpx.Response) -> CliError:
     if status == 403:
         return CliError(EXIT_NOT_APPROVED, message)
     if status == 429 and (wait := retry_after(response)) is not None:
-        return CliError(EXIT_ERROR, f"{message} (retry in {format_duration(round(wait))})")
+        return CliError(EXIT_ERROR, f"{message} (retry in {duration_format(round(wait))})")
     return CliError(EXIT_ERROR, message)
 
 
@@ -387,7 +370,7 @@ def cmd_enroll(args: argparse.Namespace, path: Path) -> int:
     if fresh and args.timeout == 0:
         _note(f"enrolled as {who}; an admin must approve it at {admin}; see keybroker status")
         return EXIT_OK
-    waiting = f"waiting up to {format_duration(args.timeout)}" if args.timeout else "checking"
+    waiting = f"waiting up to {duration_format(args.timeout)}" if args.timeout else "checking"
     _note(
         f"{'enrolled' if fresh else 'already enrolled'} as {who}; "
         f"{waiting} for an admin to approve it at {admin}"
@@ -407,7 +390,7 @@ def cmd_enroll(args: argparse.Namespace, path: Path) -> int:
         return EXIT_OK
     raise CliError(
         EXIT_TIMEOUT,
-        f"{config.name} is still {verdict} after {format_duration(args.timeout)}; the enrollment "
+        f"{config.name} is still {verdict} after {duration_format(args.timeout)}; the enrollment "
         f"is kept in {path}: run the same keybroker enroll again to keep waiting",
     )
 
@@ -442,7 +425,7 @@ def cmd_status(args: argparse.Namespace, path: Path) -> int:
             if not isinstance(bounds, dict):
                 bounds = {}
             ttl = "/".join(
-                format_duration(v) if isinstance(v, int | float) else "?"
+                duration_format(v) if isinstance(v, int | float) else "?"
                 for v in (bounds.get("min"), bounds.get("default"), bounds.get("max"))
             )
             print(f"  {grant.get('backend')}  {grant.get('base_url')}  ttl min/default/max {ttl}")
@@ -616,7 +599,7 @@ def cmd_identity_token(args: argparse.Namespace, path: Path) -> int:
         write_private(out, token + "\n", prefix=f".{out.name}-")
         _note(
             f"wrote an identity token for {args.audience} to {out}; "
-            f"it expires in {format_duration(lifetime)}"
+            f"it expires in {duration_format(lifetime)}"
         )
         if not args.refresh:
             return EXIT_OK
@@ -641,7 +624,7 @@ def _renewed(path: Path, audience: str, expires: float) -> tuple[str, int]:
             if exc.code in (EXIT_NOT_APPROVED, EXIT_NOT_ENROLLED) or left <= 1:
                 raise
             wait = min(RETRY_SECONDS, left / 2)
-            _note(f"{exc.message}; trying again in {format_duration(round(wait))}")
+            _note(f"{exc.message}; trying again in {duration_format(round(wait))}")
             time.sleep(wait)
 
 

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection
 
-from broker.redis import redis_client, redis_key
+from broker.infra.redis import redis_client, redis_key
 
 logger = logging.getLogger(__name__)
 

@@ -11,12 +11,13 @@ import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
 
 from broker import __version__
-from broker.env import env_bool, env_int, env_secret, env_str, generated_secret
+from broker.project.env import env_bool, env_int, env_secret, env_str, generated_secret
 
 # Lets admin and form classes be subscripted for the type checker (ModelAdmin[Backend]).
 django_stubs_ext.monkeypatch()
 
-BASE_DIR = Path(__file__).resolve().parent.parent
+# The checkout: broker/project/settings.py is two packages below it.
+BASE_DIR = Path(__file__).resolve().parents[2]
 VERSION = __version__
 
 DATA_DIR = Path(env_str("KEYBROKER_DATA_DIR") or BASE_DIR / "var").resolve()
@@ -214,7 +215,7 @@ CELERY_BEAT_SCHEDULE = {
 # Enrollment is open to anyone who can reach the server, so it is rate limited per address.
 ENROLL_RATE = env_str("KEYBROKER_ENROLL_RATE", "20/10m")
 try:
-    from broker.ratelimit import Rate
+    from broker.infra.ratelimit import Rate
 
     Rate.parse(ENROLL_RATE)
 except ValueError as exc:
@@ -271,7 +272,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
-ROOT_URLCONF = "broker.urls"
+ROOT_URLCONF = "broker.project.urls"
 ASGI_APPLICATION = "broker.asgi.application"
 
 TEMPLATES = [
@@ -335,8 +336,8 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {
-        "redact_secrets": {"()": "broker.logging.RedactSecretsFilter"},
-        "quiet_readiness": {"()": "broker.logging.QuietReadinessFilter"},
+        "redact_secrets": {"()": "broker.project.logging.RedactSecretsFilter"},
+        "quiet_readiness": {"()": "broker.project.logging.QuietReadinessFilter"},
     },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
@@ -363,7 +364,7 @@ PROXY_MAX_BODY_BYTES = env_int("KEYBROKER_PROXY_MAX_BODY", default=32 * 1024 * 1
 # a non-streamed answer); there is no limit on a stream's total length.
 PROXY_IDLE_TIMEOUT_SECONDS = env_int("KEYBROKER_PROXY_IDLE_TIMEOUT", default=600, minimum=1)
 PROXY_CONNECT_TIMEOUT_SECONDS = env_int("KEYBROKER_PROXY_CONNECT_TIMEOUT", default=10, minimum=1)
-# Slow clients (broker/http_timeouts.py): request headers must be complete this many seconds
+# Slow clients (broker/runtime/http_timeouts.py): request headers must be complete this many seconds
 # after a connection opens or a request begins; a request body may pause this long between
 # chunks (408 after).
 HEADER_TIMEOUT_SECONDS = env_int("KEYBROKER_HEADER_TIMEOUT", default=10, minimum=1)

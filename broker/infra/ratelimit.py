@@ -13,8 +13,8 @@ from typing import Any
 import redis
 from django.conf import settings
 
-from broker.errors import ServiceError
-from broker.redis import redis_client, redis_key
+from broker.infra.errors import ServiceError
+from broker.infra.redis import redis_client, redis_key
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from django.utils.safestring import SafeString
 from django.views.decorators.http import require_POST
 
 from audit.models import AuditEvent
-from broker.admin_history import HistoryAdmin
-from broker.errors import ServiceError
+from broker.admin.history import HistoryAdmin
+from broker.infra.errors import ServiceError
 from broker.models import Agent, AgentStatus, Grant, IdentityGrant, OidcClient, Token
 from broker.services.agents import agent_approve, agent_reject, agent_unenroll, agents_pending
 from broker.services.identity import (
@@ -45,7 +45,8 @@ from broker.services.policy import (
     grant_values,
     policy_parse_texts,
 )
-from broker.services.tokens import format_duration, token_revoke
+from broker.services.tokens import token_revoke
+from keybroker.wire import duration_format
 
 AGENT_STATUS_COLOURS = {
     AgentStatus.PENDING: "#bf8700",
@@ -178,7 +179,7 @@ def _policy_text(name: str, value: Any) -> str:
         return ""
     if isinstance(value, list):
         return ",".join(value)
-    return format_duration(value) if name == "max_ttl" else str(value)
+    return duration_format(value) if name == "max_ttl" else str(value)
 
 
 class WaitingFilter(admin.SimpleListFilter):
@@ -394,7 +395,7 @@ class AgentAdmin(HistoryAdmin[Agent]):
             self.message_user(
                 request,
                 f"{agent.name} may get identity tokens for {grant.audience} "
-                f"({format_duration(grant.lifetime)} each)",
+                f"({duration_format(grant.lifetime)} each)",
                 messages.SUCCESS,
             )
         return _back(request, self._change_url(agent))
@@ -501,7 +502,7 @@ class AgentAdmin(HistoryAdmin[Agent]):
             "kb_grants": grants,
             "kb_policy_forms": [GrantPolicyForm(grant) for grant in grants],
             "kb_can_edit_policy": self.has_policy_permission(request),
-            "kb_identities": [(g, format_duration(g.lifetime)) for g in identity_grants_of(agent)],
+            "kb_identities": [(g, duration_format(g.lifetime)) for g in identity_grants_of(agent)],
             "kb_can_add_identity": _may(request, "add", IdentityGrant),
             "kb_can_remove_identity": _may(request, "delete", IdentityGrant),
             "kb_approve_form": ApproveForm(agent) if waiting else None,

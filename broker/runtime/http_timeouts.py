@@ -7,7 +7,8 @@ a body, an application task) forever. Two guards:
 * :class:`HeaderTimeoutProtocol`, uvicorn's httptools protocol (what ``--http auto`` picks
   with httptools installed) that closes a connection whose request headers are not complete
   within ``KEYBROKER_HEADER_TIMEOUT`` seconds of the connection opening or the request's
-  first byte. ``serve`` selects it with ``--http broker.http_timeouts:HeaderTimeoutProtocol``.
+  first byte. ``serve`` selects it with
+  ``--http broker.runtime.http_timeouts:HeaderTimeoutProtocol``.
 * :func:`body_read_timeout`, an ASGI wrapper whose ``receive`` gives up when the next body
   chunk takes longer than ``KEYBROKER_BODY_READ_TIMEOUT`` seconds: it answers 408 with a JSON
   error if no response has started, and from then on tells the app the client is gone.
@@ -24,6 +25,8 @@ from typing import Any
 
 from django.conf import settings
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from keybroker.wire import is_proxy_path
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
 def _timeout_body(path: str, seconds: int) -> bytes:
     message = f"the request body stalled: no data for {seconds}s"
-    if path.startswith("/v1/proxy/"):
+    if is_proxy_path(path):
         # The shape the Anthropic SDKs parse, as every other proxy error.
         body: dict[str, Any] = {
             "type": "error",

@@ -57,4 +57,4 @@ class EncryptedTextField(EncryptedMixin, models.TextField):  # type: ignore[type
 
     def deconstruct(self) -> tuple[str, str, list[Any], dict[str, Any]]:
         name, _, args, kwargs = models.TextField.deconstruct(self)
-        return name, "broker.fields.EncryptedTextField", list(args), kwargs
+        return name, "broker.infra.fields.EncryptedTextField", list(args), kwargs

@@ -1,0 +1,9 @@
+"""The Django admin, one module per model family; importing them registers their pages.
+
+Every page changes state through ``broker.services`` only (issue 12): forms validate, and
+actions and views call the service that owns the rule.
+"""
+
+from broker.admin import agents, backends
+
+__all__ = ["agents", "backends"]

@@ -1,0 +1,65 @@
+"""ASGI entry point: the proxy on its own, other HTTP through Django, websockets through
+Channels, and a lifespan that drains the audit queue on shutdown."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "broker.project.settings")
+
+# Django must be set up before anything imports models (consumers, routing).
+django_application = get_asgi_application()
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+
+from audit.recorder import audit_flush  # noqa: E402
+from audit.routing import SameOriginOnly, websocket_urlpatterns  # noqa: E402
+from broker.runtime.http_timeouts import body_read_timeout  # noqa: E402
+from keybroker.wire import is_proxy_path  # noqa: E402
+from proxy.app import proxy_application  # noqa: E402
+from proxy.upstream import upstream_close  # noqa: E402
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+django_and_channels = ProtocolTypeRouter(
+    {
+        # The admin's CSS and JS are served by Django itself, so `make run` needs no web
+        # server in front; only paths under STATIC_URL take this branch.
+        "http": ASGIStaticFilesHandler(django_application),
+        # Origin must be the broker's own, scheme, host and port (issue 19, item 7).
+        "websocket": SameOriginOnly(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+    }
+)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await audit_flush()
+            await upstream_close()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def route(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "http" and is_proxy_path(scope["path"]):
+        await proxy_application(scope, receive, send)
+    elif scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+    else:
+        await django_and_channels(scope, receive, send)
+
+
+# Every HTTP request, the proxy's included: a body that stalls ends in 408 (issue 19, item 14).
+application = body_read_timeout(route)
