@@ -56,3 +56,16 @@ def enroll(name: str = "bob", scopes: tuple[str, ...] = ("anthropic",)) -> tuple
     assert response.status_code == 201, response.content
     body = response.json()
     return Agent.objects.get(pk=body["id"]), body["vend_token"]
+
+
+@pytest.fixture
+def client_credentials(anthropic: Backend, admin_api: Client) -> dict[str, Any]:
+    """Bob, approved, with an OAuth client of his own: ``client_id``, ``client_secret`` and
+    ``agent_id``."""
+    agent, vend = enroll()
+    send(admin_api, "post", f"/v1/admin/pending/{agent.pk}/approve", {})
+    created = send(as_agent(vend), "post", "/v1/clients")
+    assert created.status_code == 201
+    body: dict[str, Any] = created.json()
+    body["agent_id"] = str(agent.pk)
+    return body

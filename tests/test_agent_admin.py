@@ -17,7 +17,6 @@ from broker.services.agents import (
     agent_scopes,
 )
 from broker.services.tokens import token_issue
-from tests.agents import alice, anthropic, staging  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.django_db
 
@@ -25,14 +24,14 @@ AGENTS = "/admin/broker/agent/"
 
 
 @pytest.fixture
-def admin_client(alice: AbstractBaseUser) -> Client:  # noqa: F811
+def admin_client(alice: AbstractBaseUser) -> Client:
     client = Client()
     client.force_login(alice)
     return client
 
 
 @pytest.fixture
-def both(anthropic: Backend, staging: Backend) -> list[str]:  # noqa: F811
+def both(anthropic: Backend, staging: Backend) -> list[str]:
     return [anthropic.name, staging.name]
 
 
@@ -54,7 +53,7 @@ def html(response: object) -> str:
 
 def test_the_list_shows_who_waits_first(
     admin_client: Client,
-    alice: AbstractBaseUser,  # noqa: F811
+    alice: AbstractBaseUser,
     both: list[str],
 ) -> None:
     enroll("aaron", ["anthropic"], by=alice)  # approved, asks for nothing: last
@@ -71,7 +70,7 @@ def test_the_list_shows_who_waits_first(
 
 def test_the_index_counts_agents_waiting_and_links_to_them(
     admin_client: Client,
-    alice: AbstractBaseUser,  # noqa: F811
+    alice: AbstractBaseUser,
     both: list[str],
 ) -> None:
     assert "No agents waiting for approval" in html(admin_client.get("/admin/"))
@@ -154,7 +153,7 @@ def test_a_rejected_agent_cannot_mint(admin_client: Client, both: list[str]) -> 
 
 def test_rejecting_an_approved_agents_request_keeps_what_it_had(
     admin_client: Client,
-    alice: AbstractBaseUser,  # noqa: F811
+    alice: AbstractBaseUser,
     both: list[str],
 ) -> None:
     dave = enroll("dave", ["anthropic"], by=alice).agent
@@ -168,7 +167,7 @@ def test_rejecting_an_approved_agents_request_keeps_what_it_had(
 
 def test_bulk_actions_decide_for_each_agent(
     admin_client: Client,
-    alice: AbstractBaseUser,  # noqa: F811
+    alice: AbstractBaseUser,
     both: list[str],
 ) -> None:
     bob, carol = enroll("bob", ["anthropic"]).agent, enroll("carol", ["anthropic"]).agent
@@ -199,7 +198,7 @@ def test_bulk_actions_decide_for_each_agent(
 
 def test_bulk_unenroll_asks_first_then_kills_every_token(
     admin_client: Client,
-    alice: AbstractBaseUser,  # noqa: F811
+    alice: AbstractBaseUser,
     both: list[str],
 ) -> None:
     erin = enroll("erin", ["anthropic"], by=alice).agent
@@ -219,7 +218,7 @@ def test_bulk_unenroll_asks_first_then_kills_every_token(
 
 def test_the_revoke_button_revokes_a_token(
     admin_client: Client,
-    alice: AbstractBaseUser,  # noqa: F811
+    alice: AbstractBaseUser,
     both: list[str],
 ) -> None:
     erin = enroll("erin", ["anthropic"], by=alice).agent
@@ -242,7 +241,7 @@ def test_the_revoke_button_revokes_a_token(
 
 def test_revoke_selected_tokens_from_the_token_list(
     admin_client: Client,
-    alice: AbstractBaseUser,  # noqa: F811
+    alice: AbstractBaseUser,
     both: list[str],
 ) -> None:
     erin = enroll("erin", ["anthropic"], by=alice).agent
@@ -261,7 +260,7 @@ def test_revoke_selected_tokens_from_the_token_list(
 
 def test_no_page_shows_a_vend_token_or_a_crd_token(
     admin_client: Client,
-    alice: AbstractBaseUser,  # noqa: F811
+    alice: AbstractBaseUser,
     both: list[str],
 ) -> None:
     erin = enroll("erin", both, by=alice)
@@ -340,7 +339,7 @@ def test_staff_who_may_only_look_gets_no_buttons(both: list[str]) -> None:
 
 def test_the_agent_page_shows_its_recent_activity_and_links_to_all_of_it(
     admin_client: Client,
-    alice: AbstractBaseUser,  # noqa: F811
+    alice: AbstractBaseUser,
     both: list[str],
 ) -> None:
     erin = enroll("erin", ["anthropic"], by=alice).agent
@@ -362,7 +361,7 @@ def test_the_agent_page_shows_its_recent_activity_and_links_to_all_of_it(
 
 def test_a_live_token_can_be_revoked_from_its_own_page(
     admin_client: Client,
-    alice: AbstractBaseUser,  # noqa: F811
+    alice: AbstractBaseUser,
     both: list[str],
 ) -> None:
     erin = enroll("erin", ["anthropic"], by=alice).agent

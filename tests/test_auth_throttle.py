@@ -12,7 +12,7 @@ from django.test import Client, override_settings
 from audit.models import AuditEvent
 from broker.models import Backend
 from tests.agents import as_agent, enroll, send
-from tests.test_oidc import client_credentials, form_post  # noqa: F401  (fixture)
+from tests.test_oidc import form_post
 
 pytestmark = pytest.mark.django_db
 
@@ -25,7 +25,7 @@ def token_form(client_id: str, secret: str) -> dict[str, str]:
 
 @override_settings(AUTH_CLIENT_FAILURE_RATE="5/5m", AUTH_FAILURE_RATE="100/5m")
 def test_bad_client_secrets_are_throttled_per_client_id_even_the_right_one_after(
-    client_credentials: dict[str, Any],  # noqa: F811
+    client_credentials: dict[str, Any],
 ) -> None:
     client_id, secret = client_credentials["client_id"], client_credentials["client_secret"]
     for _ in range(5):
@@ -46,7 +46,7 @@ def test_bad_client_secrets_are_throttled_per_client_id_even_the_right_one_after
 
 @override_settings(AUTH_FAILURE_RATE="20/5m", AUTH_CLIENT_FAILURE_RATE="100/5m")
 def test_an_address_failing_with_many_client_ids_and_vend_tokens_is_throttled(
-    client_credentials: dict[str, Any],  # noqa: F811
+    client_credentials: dict[str, Any],
 ) -> None:
     for n in range(10):
         assert form_post(Client(), token_form(f"client{n}", "cks_wrong")).status_code == 401

@@ -33,7 +33,7 @@ from broker.services.oidc import signing_key_current
 from tests.conftest import REPO
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import Proxied, audit_drained
-from tests.test_oidc import client_credentials, token_request  # noqa: F401  (fixture)
+from tests.test_oidc import token_request
 from tests.test_policy_proxy import HAIKU, HELLO, post, set_policy
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -83,7 +83,7 @@ def _unsigned(claims: dict[str, Any], alg: str, kid: str) -> str:
 
 @pytest.mark.django_db
 def test_a_jwt_with_a_confused_algorithm_is_refused(
-    client_credentials: dict[str, Any],  # noqa: F811
+    client_credentials: dict[str, Any],
 ) -> None:
     access = token_request(client_credentials).json()["access_token"]
     claims = pyjwt.decode(access, options={"verify_signature": False})

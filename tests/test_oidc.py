@@ -16,24 +16,13 @@ from django.test import Client
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
-from broker.models import Backend, SigningKey, Token
+from broker.models import SigningKey, Token
 from broker.services.oidc import signing_key_current
-from tests.agents import as_agent, enroll, send
+from tests.agents import as_agent, send
 
 pytestmark = pytest.mark.django_db
 
 FORM = "application/x-www-form-urlencoded"
-
-
-@pytest.fixture
-def client_credentials(anthropic: Backend, admin_api: Client) -> dict[str, Any]:
-    agent, vend = enroll()
-    send(admin_api, "post", f"/v1/admin/pending/{agent.pk}/approve", {})
-    created = send(as_agent(vend), "post", "/v1/clients")
-    assert created.status_code == 201
-    body: dict[str, Any] = created.json()
-    body["agent_id"] = str(agent.pk)
-    return body
 
 
 def token_request(credentials: dict[str, Any], **extra: str) -> Any:
