@@ -115,7 +115,7 @@ def test_serve_runs_redis_worker_and_web_and_stops_cleanly_on_sigterm(broker: Br
     # Beat schedules the heartbeat task through the embedded Redis and the worker runs it:
     # remove the last heartbeat and watch a new one arrive.
     heartbeat_key = "keybroker:worker:heartbeat"
-    client = broker.infra.redis()
+    client = broker.redis()
     assert client.delete(heartbeat_key) == 1
     deadline = time.monotonic() + 30
     while client.get(heartbeat_key) is None:
@@ -167,7 +167,7 @@ def test_a_taken_port_stops_serve_with_one_clear_line(broker: Broker) -> None:
 def test_a_bad_database_url_stops_serve_with_one_clear_line(
     broker: Broker, database_url: str, expected: str
 ) -> None:
-    broker.project.env["DATABASE_URL"] = database_url
+    broker.env["DATABASE_URL"] = database_url
     process = broker.start()
     assert process.wait(timeout=60) == 1
     output = broker.output()

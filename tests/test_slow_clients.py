@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,6 +19,7 @@ from django.db import connection
 from django.test import override_settings
 
 from broker.runtime.http_timeouts import Message, Receive, Scope, Send, body_read_timeout
+from broker.runtime.serve import uvicorn_command
 from tests.conftest import REPO, clean_env, free_port
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import proxied_for
@@ -31,8 +31,8 @@ TIMEOUT = 1  # seconds, both timeouts, set through the environment
 
 
 def test_serve_selects_the_header_timeout_protocol() -> None:
-    serve = Path(REPO, "broker/management/commands/serve.py").read_text()
-    assert f'"--http", "{HTTP_PROTOCOL}"' in serve
+    command = uvicorn_command("python", host="127.0.0.1", port=8400, workers=1)
+    assert command[command.index("--http") + 1] == HTTP_PROTOCOL
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def server() -> Iterator[tuple[str, int]]:
         KEYBROKER_HEADER_TIMEOUT=str(TIMEOUT),
         KEYBROKER_BODY_READ_TIMEOUT=str(TIMEOUT),
     )
-    # The arguments `serve` gives uvicorn (see broker/management/commands/serve.py).
+    # The arguments `serve` gives uvicorn (see broker/runtime/serve.py).
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "broker.asgi:application",
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1",

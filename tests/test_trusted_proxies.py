@@ -21,7 +21,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 
 from audit.models import AuditEvent
-from broker.management.commands.serve import proxy_header_options, uvicorn_command
+from broker.runtime.serve import proxy_header_options, uvicorn_command
 from broker.models import Agent
 from broker.project.settings import _trusted_proxies
 from tests.conftest import REPO, clean_env, free_port
