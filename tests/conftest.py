@@ -14,9 +14,9 @@ from broker.runtime.embedded_redis import start_embedded_redis
 from tests.fake_anthropic import FakeAnthropic, serve_in_thread
 
 REPO = Path(__file__).resolve().parent.parent
-# The cast of the agent tests (alice, bob, the anthropic backend, a federated backend) as
-# shared fixtures.
-pytest_plugins = ["tests.agents", "tests.proxy_cast", "tests.wif"]
+# Fixtures shared across test modules live in these plugins, registered here once: a test
+# module asks for a fixture by name and never imports it.
+pytest_plugins = ["tests.agents", "tests.browser", "tests.proxy_cast", "tests.servers", "tests.wif"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -97,45 +97,3 @@ def fake_anthropic(_fake_anthropic_server: FakeAnthropic) -> Iterator[FakeAnthro
     _fake_anthropic_server.reset()
     yield _fake_anthropic_server
     _fake_anthropic_server.reset()
-
-
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = REPO / "tests" / "artifacts"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    """Debian's Chromium driven by Playwright; never downloads a browser.
-
-    Playwright's sync API keeps an event loop running in this thread, which trips Django's
-    async-safety check on every ORM call the test makes; the flag is lifted only while a
-    browser module runs.
-    """
-    if not CHROMIUM.exists():
-        reason = f"browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium)"
-        if os.environ.get("KEYBROKER_REQUIRE_BROWSER"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
-        try:
-            yield instance
-        finally:
-            instance.close()
-            del os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"]

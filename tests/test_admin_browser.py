@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from django.contrib.auth import get_user_model
 
 from broker.models import Backend
-from tests.conftest import ARTIFACTS
+from tests.browser import ARTIFACTS, log_in
 from tests.fake_anthropic import FakeAnthropic
 from tests.keys import api_key
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-ALICE_PASSWORD = "alice-pw-123"
-
-
-@pytest.fixture
-def page(browser: Any, live_url: str) -> Iterator[Any]:
-    get_user_model().objects.create_superuser("alice", password=ALICE_PASSWORD)
-    page = browser.new_page()
-    yield page
-    page.close()
-
-
-def log_in(
-    page: Any, live_url: str, *, password: str = ALICE_PASSWORD, next_path: str = "/admin/"
-) -> None:
-    page.goto(f"{live_url}/admin/login/?next={next_path}")
-    page.fill("#id_username", "alice")
-    page.fill("#id_password", password)
-    page.click("input[type=submit]")
 
 
 def test_alice_logs_in_to_the_admin_with_its_styles(page: Any, live_url: str) -> None:

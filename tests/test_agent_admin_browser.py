@@ -11,10 +11,9 @@ from broker.models import Agent, AgentStatus, Backend, Token
 from broker.services.agents import agent_enroll, agent_scopes
 from broker.services.backends import backend_add
 from broker.services.tokens import token_issue
-from tests.conftest import ARTIFACTS
+from tests.browser import ARTIFACTS, log_in
 from tests.fake_anthropic import FakeAnthropic
 from tests.keys import api_key
-from tests.test_admin_browser import log_in, page  # noqa: F401  (page is a fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -28,7 +27,7 @@ def backends(fake_anthropic: FakeAnthropic) -> list[Backend]:
 
 
 def test_alice_approves_bob_from_the_list(
-    page: Any,  # noqa: F811
+    page: Any,
     live_url: str,
     backends: list[Backend],
 ) -> None:
@@ -74,7 +73,7 @@ def test_alice_approves_bob_from_the_list(
 
 
 def test_alice_narrows_carols_scopes_then_revokes_her_token(
-    page: Any,  # noqa: F811
+    page: Any,
     live_url: str,
     backends: list[Backend],
 ) -> None:

@@ -8,10 +8,9 @@ import httpx
 import pytest
 from django.contrib.auth import get_user_model
 
-from tests.conftest import ARTIFACTS
+from tests.browser import ARTIFACTS, log_in
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import audit_drained, proxied_for
-from tests.test_admin_browser import log_in, page  # noqa: F401  (page is a fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -20,7 +19,7 @@ MESSAGE = {"model": "claude-haiku-4-5", "max_tokens": 8,
 
 
 def test_alice_watches_calls_arrive_pauses_filters_and_sees_her_approval(
-    page: Any,  # noqa: F811
+    page: Any,
     browser: Any,
     live_url: str,
     fake_anthropic: FakeAnthropic,

@@ -8,10 +8,9 @@ import anthropic
 import pytest
 from django.contrib.auth import get_user_model
 
-from tests.conftest import ARTIFACTS
+from tests.browser import ARTIFACTS, log_in
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import audit_drained, proxied_for
-from tests.test_admin_browser import log_in, page  # noqa: F401  (page is a fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -19,7 +18,7 @@ HELLO = [{"role": "user", "content": "Hello"}]
 
 
 def test_alice_sets_bobs_models_and_rpm_inline_and_the_proxy_enforces_them(
-    page: Any,  # noqa: F811
+    page: Any,
     live_url: str,
     fake_anthropic: FakeAnthropic,
     settings: Any,

@@ -18,7 +18,6 @@ from broker.services.policy import grant_policy, grant_update
 from tests.conftest import free_port
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import Proxied, audit_drained
-from tests.test_proxy_isolation import second_process  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -261,7 +260,7 @@ def test_tokens_per_minute_count_the_usage_of_each_answer(
 def test_two_processes_share_one_limit(
     proxied: Proxied,
     fake_anthropic: FakeAnthropic,
-    second_process: str,  # noqa: F811
+    second_process: str,
 ) -> None:
     set_policy(rpm=3)
     here = sdk(proxied)

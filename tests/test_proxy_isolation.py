@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from django.conf import settings
-from django.db import connection
 
 from audit.models import AuditEvent
 from broker.models import Token
 from broker.services.tokens import token_revoke
-from tests.conftest import REPO, clean_env, free_port
+from tests.conftest import free_port
 from tests.fake_anthropic import FakeAnthropic, serve_in_thread
 from tests.proxy_cast import Proxied, audit_drained
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -97,50 +93,13 @@ def test_a_client_that_hangs_up_closes_the_upstream_stream(
         chunks = response.iter_raw()
         next(chunks)
         next(chunks)
-    deadline = time.monotonic() + 5
-    while fake_anthropic.streams_abandoned == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert fake_anthropic.streams_abandoned == 1  # long before the 20 s the stream would take
+    # Long before the 20 s the stream would take.
+    wait_until(
+        lambda: fake_anthropic.streams_abandoned, timeout=5, what="the upstream stream to close"
+    )
+    assert fake_anthropic.streams_abandoned == 1
     audit_drained()
     assert AuditEvent.objects.get(action="proxy.request").outcome == "client_gone"
-
-
-@pytest.fixture
-def second_process(live_url: str) -> Iterator[str]:
-    """Another keybroker web process on the same database and Redis, as in production."""
-    db = connection.settings_dict
-    if db["ENGINE"].endswith("sqlite3"):
-        database_url = f"sqlite:///{db['NAME']}"
-    else:
-        database_url = (
-            f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-        )
-    port = free_port()
-    env = clean_env(
-        DATABASE_URL=database_url,
-        REDIS_URL=settings.REDIS_URL,
-        KEYBROKER_REDIS_PREFIX=settings.REDIS_KEY_PREFIX,
-        KEYBROKER_DATA_DIR=str(settings.DATA_DIR),
-        KEYBROKER_PUBLIC_URL=live_url,
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "broker.asgi:application", "--port", str(port),
-         "--log-level", "warning"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"{url}/health", timeout=1)
-            break
-        except httpx.TransportError:
-            if process.poll() is not None:
-                pytest.fail(f"second process died: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            time.sleep(0.2)
-    yield url
-    process.terminate()
-    process.wait(timeout=10)
 
 
 def test_a_revoked_token_is_refused_on_the_very_next_request_in_another_process(
@@ -157,8 +116,9 @@ def test_a_revoked_token_is_refused_on_the_very_next_request_in_another_process(
     assert (refused.status_code, refused.json()["error"]["message"]) == (401, "token revoked")
     assert len(fake_anthropic.requests) == 2
     # Both processes wrote their audit events to the same database.
-    deadline = time.monotonic() + 5
-    while AuditEvent.objects.filter(action="proxy.request").count() < 3:
-        assert time.monotonic() < deadline, "the second process never wrote its events"
-        time.sleep(0.1)
+    wait_until(
+        lambda: AuditEvent.objects.filter(action="proxy.request").count() >= 3,
+        timeout=5,
+        what="the second process to write its events",
+    )
     assert os.environ.get("DJANGO_SETTINGS_MODULE") == "tests.settings"

@@ -19,7 +19,6 @@ from broker.services.backends import backend_update
 from broker.services.tokens import token_revoke
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import Proxied, audit_drained
-from tests.test_proxy_isolation import second_process  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -138,7 +137,7 @@ def test_disabling_the_backend_closes_the_open_stream(
 def test_a_stream_through_another_process_is_closed_too(
     proxied: Proxied,
     fake_anthropic: FakeAnthropic,
-    second_process: str,  # noqa: F811
+    second_process: str,
 ) -> None:
     stream = withdraw_and_watch(
         fake_anthropic,

@@ -1,0 +1,49 @@
+"""Waiting on a condition, not for a while: a test that waits polls what it waits for, and
+fails at a deadline naming it instead of carrying on as if it had happened."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(
+    condition: Callable[[], T], *, timeout: float, what: str, interval: float = 0.02
+) -> T:
+    """Poll ``condition`` until it returns something truthy, and return that.
+
+    AssertionError naming ``what`` when it is still falsy after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"gave up after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+async def until(
+    condition: Callable[[], T | Awaitable[T]],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.01,
+) -> T:
+    """`wait_until` for a coroutine: polls without blocking the event loop; ``condition``
+    may be a plain function or a coroutine function."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"gave up after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
