@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import email.utils
-import ipaddress
 import json
 import os
 import random
@@ -27,7 +26,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from keybroker import __version__
-from keybroker.wire import duration_format, duration_parse, redact
+from keybroker.wire import duration_format, duration_parse, is_loopback_host, redact
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the server refused the request, or anything else went wrong
@@ -194,15 +193,6 @@ def server_url(text: str) -> str:
     return text.strip().rstrip("/")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class Server:
     def __init__(self, url: str, vend_token: str | None = None) -> None:
         headers = {"User-Agent": f"keybroker-cli/{__version__}", "Accept": "application/json"}
@@ -347,7 +337,7 @@ def cmd_enroll(args: argparse.Namespace, path: Path) -> int:
     fresh = config is None
     if config is None:
         parts = urlsplit(url)
-        if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
             _note(f"warning: {url} is plain http; every token will cross the network unencrypted")
         body: dict[str, Any] = {"name": args.name, "scopes": args.can}
         if args.description:

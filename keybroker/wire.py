@@ -7,6 +7,7 @@ the agent CLI: neither keeps a copy of its own.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 # --- the proxy's URLs ------------------------------------------------------------------------
@@ -20,6 +21,16 @@ def proxy_base_url(public_url: str, backend: str) -> str:
 
 def is_proxy_path(path: str) -> bool:
     return path.startswith(PROXY_PREFIX)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` is this machine: plain http is allowed there and nowhere else."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # --- credentials -----------------------------------------------------------------------------
