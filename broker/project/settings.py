@@ -40,6 +40,8 @@ CRYPTOGRAPHY_KEY = ENCRYPTION_KEY
 
 HOST = env_str("KEYBROKER_HOST", "127.0.0.1")
 PORT = env_int("KEYBROKER_PORT", default=8400, minimum=1, maximum=65535)
+# Celery worker processes `serve` starts beside uvicorn.
+WORKER_CONCURRENCY = env_int("KEYBROKER_WORKER_CONCURRENCY", default=2, minimum=1)
 
 
 def _public_url(raw: str) -> str:

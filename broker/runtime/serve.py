@@ -13,7 +13,6 @@ from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.migrations.executor import MigrationExecutor
 
-from broker.project.env import env_int
 from broker.runtime.embedded_redis import EmbeddedRedisError, start_embedded_redis
 from broker.runtime.health import check_redis
 from broker.runtime.supervisor import Supervisor, child_popen_options
@@ -124,8 +123,7 @@ def serve(*, workers: int, say: Callable[[str], None], log: Callable[[str], None
             raise ServeError("cannot reach Redis at REDIS_URL")
 
         python = sys.executable
-        concurrency = env_int("KEYBROKER_WORKER_CONCURRENCY", default=2, minimum=1)
-        supervisor.spawn("celery", celery_command(python, concurrency=concurrency))
+        supervisor.spawn("celery", celery_command(python, concurrency=settings.WORKER_CONCURRENCY))
         supervisor.spawn(
             "uvicorn",
             uvicorn_command(python, host=host, port=port, workers=workers),
