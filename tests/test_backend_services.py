@@ -75,8 +75,8 @@ BAD_INPUT: list[tuple[dict[str, Any], str]] = [
     ({"base_url": "ftp://api.example.com"}, "base_url: must be an https:// URL"),
     ({"base_url": "https://user:pw@api.example.com"}, "base_url: must not carry credentials"),
     ({"base_url": "https://api.example.com:99999"}, "base_url: not a valid URL"),
-    ({"ttl": TtlBounds(minimum=600, maximum=60, default=300)}, "token TTL bounds"),
-    ({"ttl": TtlBounds(minimum=0, maximum=60, default=30)}, "token TTL bounds"),
+    ({"ttl": TtlBounds(minimum=600, maximum=60, default=300)}, "ttl: token TTL bounds"),
+    ({"ttl": TtlBounds(minimum=0, maximum=60, default=30)}, "ttl: token TTL bounds"),
 ]
 
 

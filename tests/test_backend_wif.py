@@ -144,9 +144,9 @@ def test_the_admin_form_adds_a_federated_backend(alice: AbstractBaseUser) -> Non
         "service_account_id": "", "workspace_id": "default", "federation_audience": "",
     }  # fmt: skip
     missing = browser.post("/admin/broker/backend/add/", {**form, "organization_id": ""})
-    assert b"required for a workload identity backend" in missing.content
+    assert b"required for an anthropic-wif backend" in missing.content
     with_secret = browser.post("/admin/broker/backend/add/", {**form, "new_secret": api_key()})
-    assert b"a workload identity backend stores no secret" in with_secret.content
+    assert b"an anthropic-wif backend stores no secret" in with_secret.content
     assert not Backend.objects.exists()
 
     added = browser.post("/admin/broker/backend/add/", form)

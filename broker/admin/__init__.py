@@ -4,6 +4,7 @@ Every page changes state through ``broker.services`` only (issue 12): forms vali
 actions and views call the service that owns the rule.
 """
 
+from broker.admin import admin_tokens as admin_tokens
 from broker.admin import agents, backends
 
 __all__ = ["agents", "backends"]

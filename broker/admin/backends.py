@@ -1,37 +1,34 @@
+"""The admin for backends: forms run the services' checks, saves and deletes call them."""
+
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.actions import delete_selected as django_delete_selected
-from django.contrib.auth import get_permission_codename
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
-from broker.admin.history import HistoryAdmin
+from broker.admin.forms import service_checked
 from broker.infra.errors import ServiceError
 from broker.kinds import PROVIDERS
-from broker.models import AdminToken, Backend, ValidationState
-from broker.services.admin_tokens import admintoken_revoke
+from broker.models import Backend, ValidationState
 from broker.services.backends import (
     FederationSettings,
     TtlBounds,
     backend_add,
-    backend_check_kind,
-    backend_check_move,
-    backend_check_secret,
-    backend_clean_base_url,
-    backend_clean_federation,
-    backend_clean_name,
+    backend_add_check,
     backend_remove,
     backend_remove_refusal,
     backend_rotate,
+    backend_rotate_check,
     backend_update,
+    backend_update_check,
     backend_validate,
 )
 
@@ -50,6 +47,15 @@ FEDERATION_HELP = {
     "workspace_id": "Workload identity only, optional: wrkspc_… or default.",
     "federation_audience": "Workload identity only: aud of keybroker's JWT "
     "(blank: https://api.anthropic.com).",
+}
+
+# The services' names for the form's inputs, where they differ. The TTL bounds are one rule
+# (min <= default <= max); its message goes on the first of them.
+SERVICE_FIELDS = {
+    "secret": "new_secret",
+    "audience": "federation_audience",
+    "federation": "federation_rule_id",
+    "ttl": "token_ttl_min",
 }
 
 STATE_COLOURS = {
@@ -99,76 +105,68 @@ class BackendForm(forms.ModelForm[Backend]):
             if name in self.fields:  # read-only on a keyed backend's page
                 self.fields[name].help_text = text
 
-    def federation(self) -> FederationSettings:
-        """The workload identity fields as the service takes them (blank = not set)."""
+    def ttl(self) -> TtlBounds | None:
+        """The token TTL bounds as the service takes them; None while one is not a number
+        (the form already says so on that field)."""
         data = self.cleaned_data
-        return FederationSettings(
-            federation_rule_id=data.get("federation_rule_id") or None,
-            organization_id=data.get("organization_id") or None,
-            service_account_id=data.get("service_account_id", ""),
-            workspace_id=data.get("workspace_id", ""),
-            audience=data.get("federation_audience", ""),
+        minimum, maximum, default = (
+            data.get(name) for name in ("token_ttl_min", "token_ttl_max", "token_ttl_default")
         )
+        if minimum is None or maximum is None or default is None:
+            return None
+        return TtlBounds(minimum, maximum, default)
+
+    def federation(self) -> FederationSettings:
+        """The workload identity fields as the service takes them. On a workload identity
+        backend a blank field is given as blank (the service says which must be set); on any
+        other backend a blank one is not given at all."""
+        data = self.cleaned_data
+        kind = self.instance.kind if self.instance.pk else data.get("kind", "")
+        federated = kind in PROVIDERS and PROVIDERS[kind].federated
+        values = {
+            "federation_rule_id": data.get("federation_rule_id"),
+            "organization_id": data.get("organization_id"),
+            "service_account_id": data.get("service_account_id"),
+            "workspace_id": data.get("workspace_id"),
+            "audience": data.get("federation_audience"),
+        }
+        if federated:
+            return FederationSettings(**{name: value or "" for name, value in values.items()})
+        return FederationSettings(**{name: value or None for name, value in values.items()})
+
+    def validate_unique(self) -> None:
+        """A name that is taken is the service's refusal (backend_add_check), in its words."""
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
-        adding = not self.instance.pk
-        kind = data.get("kind", "") if adding else self.instance.kind
-        # The same checks the services run, so mistakes show on the form, not as a 500.
-        checks: dict[str, Callable[[], object]] = {
-            "base_url": lambda: data.get("base_url") and self._check_base_url(data),
-            "token_ttl_max": lambda: TtlBounds(
-                data.get("token_ttl_min") or 0,
-                data.get("token_ttl_max") or 0,
-                data.get("token_ttl_default") or 0,
-            ).check(),
-        }
-        if adding:
-            checks["name"] = lambda: backend_clean_name(data.get("name", ""))
-            checks["kind"] = lambda: backend_check_kind(kind)
-        federated = kind in PROVIDERS and PROVIDERS[kind].federated
-        if federated:
-            checks["federation_rule_id"] = lambda: self._check_federation(data)
-        elif any(data.get(name) for name in FEDERATION_FORM_FIELDS):
-            self.add_error("federation_rule_id", "only an anthropic-wif backend takes these")
-        if federated and (data.get("client_key") or data.get("new_secret")):
-            self.add_error("new_secret", "a workload identity backend stores no secret")
-        elif data.get("client_key") and data.get("new_secret"):
-            self.add_error("new_secret", "a client-key backend stores no secret; leave it blank")
-        elif (adding and not data.get("client_key") and not federated) or data.get("new_secret"):
-            checks["new_secret"] = lambda: backend_check_secret(
-                kind=kind, secret=data.get("new_secret", "")
-            )
-        for field, check in checks.items():
-            try:
-                check()
-            except ServiceError as exc:
-                self.add_error(
-                    field if field in self.fields else None, exc.message.split(": ", 1)[-1]
+        # The services' own checks, so a mistake shows on its field in the words the CLI and
+        # the REST API use, and nothing is saved.
+        secret = data.get("new_secret") or ""
+        if not self.instance.pk:
+            with service_checked(self, SERVICE_FIELDS):
+                backend_add_check(
+                    name=data.get("name") or "",
+                    kind=data.get("kind") or "",
+                    secret=secret,
+                    client_key=bool(data.get("client_key")),
+                    base_url=data.get("base_url") or None,
+                    ttl=self.ttl(),
+                    federation=self.federation(),
                 )
-        return data
-
-    def _check_base_url(self, data: dict[str, Any]) -> str:
-        base_url = backend_clean_base_url(data["base_url"])
-        if self.instance.pk:
-            # A key typed into Secret goes with the move (it replaces the stored one).
-            backend_check_move(
-                backend=self.instance, base_url=base_url, key_entered=bool(data.get("new_secret"))
+            return data
+        backend = self.instance
+        if secret:  # a new key rotates the backend to it first
+            with service_checked(self, SERVICE_FIELDS):
+                backend_rotate_check(backend=backend, secret=secret)
+        with service_checked(self, SERVICE_FIELDS):
+            backend_update_check(
+                backend=backend,
+                base_url=data.get("base_url") or None,
+                ttl=self.ttl(),
+                federation=self.federation() if backend.federated else None,
+                key_entered=bool(secret),
             )
-        return base_url
-
-    def _check_federation(self, data: dict[str, Any]) -> None:
-        for name in ("federation_rule_id", "organization_id"):
-            if not data.get(name):
-                self.add_error(name, "required for a workload identity backend")
-        try:
-            backend_clean_federation(self.federation())
-        except ServiceError as exc:
-            # One message per field, on that field.
-            for problem in exc.message.split("; "):
-                name, _, text = problem.partition(": ")
-                field = "federation_audience" if name == "audience" else name
-                self.add_error(field if field in self.fields else None, text)
+        return data
 
 
 @admin.register(Backend)
@@ -305,28 +303,3 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
         except ServiceError as exc:
             self.message_user(request, f"{exc.message}. Nothing was removed.", messages.ERROR)
             return None
-
-
-@admin.register(AdminToken)
-class AdminTokenAdmin(HistoryAdmin[AdminToken]):
-    """Read-only: tokens are created with `manage.py admintoken create` (shown once) and
-    revoked, never deleted, so the trail of who held API access stays."""
-
-    list_display = ["name", "display_prefix", "user", "created_at", "last_used_at", "revoked_at"]
-    list_select_related = ["user"]
-    readonly_fields = ["name", "display_prefix", "user", "created_at", "last_used_at", "revoked_at"]
-    actions = ["revoke_selected"]
-
-    def has_revoke_permission(self, request: HttpRequest) -> bool:
-        codename = get_permission_codename("change", self.opts)
-        return request.user.has_perm(f"{self.opts.app_label}.{codename}")
-
-    @admin.action(description="Revoke selected admin tokens", permissions=["revoke"])
-    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[AdminToken]) -> None:
-        live = [token for token in queryset if token.revoked_at is None]
-        for token in live:
-            admintoken_revoke(token_id=token.pk, by=request.user)
-        text = f"revoked {len(live)} admin token{'s' if len(live) != 1 else ''}"
-        if skipped := len(queryset) - len(live):
-            text += f"; {skipped} already revoked"
-        self.message_user(request, text, messages.SUCCESS)

@@ -1,7 +1,10 @@
-"""The JSON error shape of every API outside the proxy: {"error": {"type", "message"}}."""
+"""The JSON error shape of every API outside the proxy: {"error": {"type", "message"}}, with
+``"fields": {"rpm": ["must be at least 1"], "ttl.min": [...]}`` added when the problems are
+with named inputs (DRF's field-error shape), so a client can show each one by its input."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from django.http import HttpRequest, JsonResponse
@@ -27,14 +30,44 @@ _TYPES = {
 }
 
 
-def error_body(status_code: int, message: str, *, error_type: str | None = None) -> dict[str, Any]:
+def error_body(
+    status_code: int,
+    message: str,
+    *,
+    error_type: str | None = None,
+    fields: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, Any]:
     # Messages may echo input; a credential pasted into the wrong field is never sent back.
-    return {
-        "error": {
-            "type": error_type or _TYPES.get(status_code, "error"),
-            "message": redact(message),
-        }
+    error: dict[str, Any] = {
+        "type": error_type or _TYPES.get(status_code, "error"),
+        "message": redact(message),
     }
+    if fields:
+        error["fields"] = {name: [redact(text) for text in texts] for name, texts in fields.items()}
+    return {"error": error}
+
+
+def _service_fields(exc: ServiceError) -> dict[str, list[str]]:
+    return {field: texts for field, texts in exc.errors.items() if field is not None}
+
+
+def _drf_fields(detail: Any, prefix: str = "") -> dict[str, list[str]]:
+    """DRF's nested validation details by dotted input path (``ttl.min``, ``paths.0``)."""
+    if isinstance(detail, dict):
+        found: dict[str, list[str]] = {}
+        for key, value in detail.items():
+            path = prefix if key == "non_field_errors" else f"{prefix}{key}"
+            for name, texts in _drf_fields(value, f"{path}." if path else "").items():
+                found.setdefault(name, []).extend(texts)
+        return found
+    if isinstance(detail, list):
+        merged: dict[str, list[str]] = {}
+        for item in detail:
+            for name, texts in _drf_fields(item, prefix).items():
+                merged.setdefault(name, []).extend(texts)
+        return merged
+    name = prefix.rstrip(".")
+    return {name: [str(detail)]} if name else {}
 
 
 def _flatten(detail: Any, prefix: str = "") -> list[str]:
@@ -58,7 +91,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         oauth_refusal["Cache-Control"] = "no-store"
         return oauth_refusal
     if isinstance(exc, ServiceError):
-        body = error_body(exc.status_code, exc.message, error_type=exc.error_type)
+        body = error_body(
+            exc.status_code, exc.message, error_type=exc.error_type, fields=_service_fields(exc)
+        )
         refusal = Response(body, status=exc.status_code)
         if isinstance(exc, RateLimited):
             refusal["Retry-After"] = str(exc.retry_after)
@@ -74,11 +109,14 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         else:
             message = "; ".join(_flatten(exc.detail))
         error_type = getattr(exc, "error_type", None)
+        fields = _drf_fields(exc.detail) if isinstance(exc, exceptions.ValidationError) else {}
         if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
             # 401 needs a challenge; DRF only adds one when an authenticator declares it.
             response.status_code = status.HTTP_401_UNAUTHORIZED
             response["WWW-Authenticate"] = 'Bearer realm="keybroker"'
-        response.data = error_body(response.status_code, message, error_type=error_type)
+        response.data = error_body(
+            response.status_code, message, error_type=error_type, fields=fields
+        )
     return response
 
 

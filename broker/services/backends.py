@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import copy
 import hmac
-import ipaddress
 import logging
 import re
 import uuid
@@ -20,7 +20,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from audit.services import audit_record
-from broker.infra.errors import Conflict, NotFound, NotPermitted, ServiceError
+from broker.infra.errors import Conflict, NotFound, NotPermitted, Problems, ServiceError
 from broker.kinds import Provider, ProviderError, provider_for
 from broker.models import Backend, ValidationState, name_validator
 from broker.services.access import access_changed
@@ -30,21 +30,12 @@ from broker.services.federation import (
     federation_of,
     federation_token,
 )
-from keybroker.wire import SECRET_PATTERN, redact
+from keybroker.wire import SECRET_PATTERN, is_loopback_host, redact
 
 logger = logging.getLogger(__name__)
 
 User = AbstractBaseUser | AnonymousUser | None
 MAX_TTL_SECONDS = 24 * 3600
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def backend_clean_base_url(raw: str) -> str:
@@ -54,13 +45,13 @@ def backend_clean_base_url(raw: str) -> str:
         host = parts.hostname or ""
         parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError:
-        raise ServiceError("base_url: not a valid URL") from None
+        raise ServiceError("not a valid URL", "base_url") from None
     if parts.scheme not in {"http", "https"} or not host:
-        raise ServiceError("base_url: must be an https:// URL such as https://api.anthropic.com")
-    if parts.scheme == "http" and not _is_loopback(host):
-        raise ServiceError("base_url: must use https:// (plain http is allowed only on loopback)")
+        raise ServiceError("must be an https:// URL such as https://api.anthropic.com", "base_url")
+    if parts.scheme == "http" and not is_loopback_host(host):
+        raise ServiceError("must use https:// (plain http is allowed only on loopback)", "base_url")
     if parts.username or parts.password or parts.query or parts.fragment:
-        raise ServiceError("base_url: must not carry credentials, a query or a fragment")
+        raise ServiceError("must not carry credentials, a query or a fragment", "base_url")
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
@@ -109,16 +100,18 @@ def backend_check_move(*, backend: Backend, base_url: str, key_entered: bool) ->
     if backend.client_key or backend.federated:
         sends = "the agents' own keys" if backend.client_key else "keybroker's identity tokens"
         raise NotPermitted(
-            f"base_url: {host} is a new host for backend {backend.name}, which would send "
-            f"{sends} there; it stores no key to enter again, so add the host to "
-            f"{ALLOWED_HOSTS_SETTING} first"
+            f"{host} is a new host for backend {backend.name}, which would send {sends} "
+            f"there; it stores no key to enter again, so add the host to "
+            f"{ALLOWED_HOSTS_SETTING} first",
+            "base_url",
         )
     if key_entered:
         return "key"
     raise NotPermitted(
-        f"base_url: {host} is a new host for backend {backend.name}, and its key would be sent "
-        "there: enter the key again with this change (only who has the key may send it "
-        f"elsewhere), or add the host to {ALLOWED_HOSTS_SETTING}"
+        f"{host} is a new host for backend {backend.name}, and its key would be sent there: "
+        "enter the key again with this change (only who has the key may send it elsewhere), "
+        f"or add the host to {ALLOWED_HOSTS_SETTING}",
+        "base_url",
     )
 
 
@@ -126,13 +119,15 @@ def _check_entered_secret(backend: Backend, secret: str) -> None:
     """The stored key, entered again; a different one changes nothing (rotate to replace)."""
     if backend.client_key or backend.federated:
         raise ServiceError(
-            f"secret: backend {backend.name} stores no key; leave it out (a new host for it "
-            f"must be in {ALLOWED_HOSTS_SETTING})"
+            f"backend {backend.name} stores no key; leave it out (a new host for it must be "
+            f"in {ALLOWED_HOSTS_SETTING})",
+            "secret",
         )
     if not hmac.compare_digest(secret.strip().encode(), backend.secret.encode()):
         raise NotPermitted(
-            f"secret: does not match the key of backend {backend.name}; nothing was changed "
-            "(to replace the key, rotate it)"
+            f"does not match the key of backend {backend.name}; nothing was changed (to "
+            "replace the key, rotate it)",
+            "secret",
         )
 
 
@@ -140,7 +135,7 @@ def backend_clean_name(name: str) -> str:
     try:
         name_validator(name)
     except ValidationError as exc:
-        raise ServiceError(f"name: {exc.messages[0]}") from None
+        raise ServiceError(exc.messages[0], "name") from None
     return name
 
 
@@ -154,7 +149,8 @@ class TtlBounds:
         if not 1 <= self.minimum <= self.default <= self.maximum <= MAX_TTL_SECONDS:
             raise ServiceError(
                 "token TTL bounds must satisfy 1s <= min <= default <= max <= 24h "
-                f"(got min {self.minimum}s, default {self.default}s, max {self.maximum}s)"
+                f"(got min {self.minimum}s, default {self.default}s, max {self.maximum}s)",
+                "ttl",
             )
 
 
@@ -162,7 +158,7 @@ def backend_check_kind(kind: str) -> Provider:
     try:
         return provider_for(kind)
     except ProviderError as exc:
-        raise ServiceError(f"kind: {exc}") from None
+        raise ServiceError(str(exc), "kind") from None
 
 
 def backend_check_secret(*, kind: str, secret: str) -> tuple[str, str]:
@@ -170,11 +166,11 @@ def backend_check_secret(*, kind: str, secret: str) -> tuple[str, str]:
     provider = backend_check_kind(kind)
     secret = secret.strip()
     if not secret:
-        raise ServiceError("secret: must not be empty")
+        raise ServiceError("must not be empty", "secret")
     try:
         return provider.auth_scheme(secret).name, provider.fingerprint(secret)
     except ProviderError as exc:
-        raise ServiceError(f"secret: {exc}") from None
+        raise ServiceError(str(exc), "secret") from None
 
 
 def _apply_secret(backend: Backend, secret: str) -> None:
@@ -235,8 +231,9 @@ FEDERATION_FIELDS = tuple(f.name for f in fields(FederationSettings))
 
 
 def backend_clean_federation(settings_: FederationSettings) -> FederationSettings:
-    """The settings with each given value checked and trimmed; every problem named at once."""
-    problems: list[str] = []
+    """The settings with each given value checked and trimmed; every problem named at once,
+    each on its field."""
+    problems = Problems()
     cleaned: dict[str, str] = {}
     for name, raw in settings_.given().items():
         value = raw.strip()
@@ -244,22 +241,21 @@ def backend_clean_federation(settings_: FederationSettings) -> FederationSetting
         if not value:
             continue
         if SECRET_PATTERN.search(value):
-            problems.append(f"{name}: must not look like a credential")
+            problems.add("must not look like a credential", name)
         elif name == "organization_id":
             try:
                 cleaned[name] = str(uuid.UUID(value))
             except ValueError:
-                problems.append(
-                    f"{name}: must be your organization's UUID (Claude Console, Settings > "
-                    "Organization)"
+                problems.add(
+                    "must be your organization's UUID (Claude Console, Settings > Organization)",
+                    name,
                 )
         elif name == "audience":
             if len(value) > 255 or any(c.isspace() or not c.isprintable() for c in value):
-                problems.append(f"{name}: at most 255 characters, no spaces")
+                problems.add("at most 255 characters, no spaces", name)
         elif not _FEDERATION_ID_PATTERNS[name].match(value):
-            problems.append(f"{name}: expected {_FEDERATION_ID_EXAMPLES[name]}")
-    if problems:
-        raise ServiceError("; ".join(problems))
+            problems.add(f"expected {_FEDERATION_ID_EXAMPLES[name]}", name)
+    problems.raise_if_any()
     return replace(settings_, **cleaned)
 
 
@@ -273,20 +269,21 @@ def _apply_federation(backend: Backend, settings_: FederationSettings) -> dict[s
         "workspace_id": "workspace_id",
         "audience": "federation_audience",
     }
+    problems = Problems()
+    given: dict[str, str] = {}
+    with problems.check():
+        given = backend_clean_federation(settings_).given()
     changed = {}
-    for name, value in backend_clean_federation(settings_).given().items():
+    for name, value in given.items():
         if name == "audience" and not value:
             value = provider_for(backend.kind).default_audience
         if getattr(backend, columns[name]) != value:
             setattr(backend, columns[name], value)
             changed[name] = value
-    missing = [
-        name for name in ("federation_rule_id", "organization_id") if not getattr(backend, name)
-    ]
-    if missing:
-        raise ServiceError(
-            "; ".join(f"{name}: required for an {backend.kind} backend" for name in missing)
-        )
+    for name in ("federation_rule_id", "organization_id"):
+        if not getattr(backend, name) and name not in problems.fields():
+            problems.add(f"required for an {backend.kind} backend", name)
+    problems.raise_if_any()
     if not backend.federation_audience:
         backend.federation_audience = provider_for(backend.kind).default_audience
     backend.secret_fingerprint = f"{backend.federation_rule_id} {FEDERATION_FINGERPRINT}"[:64]
@@ -297,6 +294,66 @@ def _apply_federation(backend: Backend, settings_: FederationSettings) -> dict[s
 def backend_stores_secret(*, kind: str, client_key: bool = False) -> bool:
     """Whether adding a backend of this kind asks for a secret (the CLI prompts for it)."""
     return not client_key and not backend_check_kind(kind).federated
+
+
+def backend_add_check(
+    *,
+    name: str,
+    secret: str = "",
+    client_key: bool = False,
+    kind: str = "anthropic",
+    base_url: str | None = None,
+    ttl: TtlBounds | None = None,
+    federation: FederationSettings | None = None,
+) -> Backend:
+    """Every rule of backend_add, every problem named at once, each on its field; the
+    backend it would save (unsaved). The admin form runs it too: one rule, one message."""
+    problems = Problems()
+    provider: Provider | None = None
+    with problems.check():
+        provider = backend_check_kind(kind)
+    ttl = ttl or TtlBounds()
+    with problems.check():
+        ttl.check()
+    clean_name = None
+    with problems.check():
+        clean_name = backend_clean_name(name)
+    backend = Backend(
+        name=clean_name or name,
+        kind=kind,
+        token_ttl_min=ttl.minimum,
+        token_ttl_max=ttl.maximum,
+        token_ttl_default=ttl.default,
+        client_key=client_key,
+    )
+    if provider is not None or base_url:
+        with problems.check():
+            default_url = provider.default_base_url if provider else ""
+            backend.base_url = backend_clean_base_url(base_url or default_url)
+    if provider is not None and provider.federated:
+        # No secret exists to store: the access token comes from exchanging our own JWT.
+        if secret.strip():
+            problems.add(f"an {kind} backend stores no secret; leave it out", "secret")
+        if client_key:
+            problems.add(f"an {kind} backend uses workload identity instead", "client_key")
+        with problems.check():
+            _apply_federation(backend, federation or FederationSettings())
+    elif provider is not None:
+        if federation is not None and federation.given():
+            problems.add(
+                f"only an anthropic-wif backend takes them (this one is {kind})", "federation"
+            )
+        if client_key:
+            if secret.strip():
+                problems.add("a client-key backend stores no secret; leave it out", "secret")
+            backend.secret_fingerprint = CLIENT_KEY_FINGERPRINT
+        else:
+            with problems.check():
+                _apply_secret(backend, secret)
+    if clean_name and Backend.objects.filter(name=clean_name).exists():
+        problems.found.append(Conflict(f"a backend named {clean_name!r} exists", "name"))
+    problems.raise_if_any()
+    return backend
 
 
 @transaction.atomic
@@ -311,42 +368,20 @@ def backend_add(
     federation: FederationSettings | None = None,
     by: User = None,
 ) -> Backend:
-    provider = backend_check_kind(kind)
-    if federation is not None and federation.given() and not provider.federated:
-        raise ServiceError(
-            f"federation settings: only an anthropic-wif backend takes them (this one is {kind})"
-        )
-    ttl = ttl or TtlBounds()
-    ttl.check()
-    backend = Backend(
-        name=backend_clean_name(name),
-        kind=kind,
-        base_url=backend_clean_base_url(base_url or provider.default_base_url),
-        token_ttl_min=ttl.minimum,
-        token_ttl_max=ttl.maximum,
-        token_ttl_default=ttl.default,
+    backend = backend_add_check(
+        name=name,
+        secret=secret,
         client_key=client_key,
+        kind=kind,
+        base_url=base_url,
+        ttl=ttl,
+        federation=federation,
     )
-    if provider.federated:
-        # No secret exists to store: the access token comes from exchanging our own JWT.
-        if secret.strip():
-            raise ServiceError(f"secret: an {kind} backend stores no secret; leave it out")
-        if client_key:
-            raise ServiceError(f"client_key: an {kind} backend uses workload identity instead")
-        _apply_federation(backend, federation or FederationSettings())
-    elif client_key:
-        if secret.strip():
-            raise ServiceError("secret: a --client-key backend stores no secret; leave it out")
-        backend.secret_fingerprint = CLIENT_KEY_FINGERPRINT
-    else:
-        _apply_secret(backend, secret)
-    if Backend.objects.filter(name=backend.name).exists():
-        raise Conflict(f"a backend named {backend.name!r} exists")
     try:
         with transaction.atomic():
             backend.save()
     except IntegrityError:
-        raise Conflict(f"a backend named {backend.name!r} exists") from None
+        raise Conflict(f"a backend named {backend.name!r} exists", "name") from None
     access_changed()
     audit_record(
         action="backend.added",
@@ -375,6 +410,64 @@ def _federation_detail(backend: Backend) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class BackendMove:
+    """Where backend_update_check found a backend going: its clean new base URL (None: it
+    stays) and how a new host was allowed (None: the host stays)."""
+
+    base_url: str | None = None
+    allowed_by: str | None = None
+
+
+def backend_update_check(
+    *,
+    backend: Backend,
+    base_url: str | None = None,
+    ttl: TtlBounds | None = None,
+    federation: FederationSettings | None = None,
+    secret: str | None = None,
+    key_entered: bool = False,
+) -> BackendMove:
+    """Every rule of backend_update, every problem named at once, each on its field.
+
+    ``secret`` is the stored key entered again (checked against it); ``key_entered`` says a
+    key comes with this change some other way (the admin rotates to it first), which, like
+    ``secret``, allows a move to a new host. Changes nothing.
+    """
+    problems = Problems()
+    if secret is not None:
+        with problems.check():
+            _check_entered_secret(backend, secret)
+    move = BackendMove()
+    if base_url is not None:
+        with problems.check():
+            clean_url = backend_clean_base_url(base_url)
+            if clean_url != backend.base_url:
+                move = BackendMove(
+                    clean_url,
+                    backend_check_move(
+                        backend=backend,
+                        base_url=clean_url,
+                        key_entered=key_entered or secret is not None,
+                    ),
+                )
+    if federation is not None and federation.given():
+        if not backend.federated:
+            problems.add(
+                f"backend {backend.name} is {backend.kind}; only an anthropic-wif backend "
+                "takes them",
+                "federation",
+            )
+        else:
+            with problems.check():
+                _apply_federation(copy.copy(backend), federation)
+    if ttl is not None:
+        with problems.check():
+            ttl.check()
+    problems.raise_if_any()
+    return move
+
+
 @transaction.atomic
 def backend_update(
     *,
@@ -391,30 +484,19 @@ def backend_update(
     ``secret`` is the stored key entered again, which allows a move to a new host (see
     backend_check_move); a key that does not match changes nothing.
     """
+    move = backend_update_check(
+        backend=backend, base_url=base_url, ttl=ttl, federation=federation, secret=secret
+    )
     changed: dict[str, Any] = {}
-    if secret is not None:
-        _check_entered_secret(backend, secret)
-    new_base_url = None if base_url is None else backend_clean_base_url(base_url)
-    moved_by = None  # how a move to a new host was allowed
-    if new_base_url is not None and new_base_url != backend.base_url:
-        moved_by = backend_check_move(
-            backend=backend, base_url=new_base_url, key_entered=secret is not None
-        )
     if federation is not None and federation.given():
-        if not backend.federated:
-            raise ServiceError(
-                f"federation settings: backend {backend.name} is {backend.kind}; only an "
-                "anthropic-wif backend takes them"
-            )
         changed.update(_apply_federation(backend, federation))
         if changed:
             # Like a rotation: a validation still running for the old settings is dropped.
             backend.rotated_at = timezone.now()
-    if new_base_url is not None and new_base_url != backend.base_url:
-        backend.base_url = changed["base_url"] = new_base_url
+    if move.base_url is not None:
+        backend.base_url = changed["base_url"] = move.base_url
     current_ttl = TtlBounds(backend.token_ttl_min, backend.token_ttl_max, backend.token_ttl_default)
     if ttl is not None and ttl != current_ttl:
-        ttl.check()
         backend.token_ttl_min, backend.token_ttl_max, backend.token_ttl_default = (
             ttl.minimum,
             ttl.maximum,
@@ -426,25 +508,32 @@ def backend_update(
     if changed:
         backend.save()
         access_changed()
-        moved: dict[str, Any] = {"new_host_allowed_by": moved_by} if moved_by else {}
+        moved: dict[str, Any] = {"new_host_allowed_by": move.allowed_by} if move.allowed_by else {}
         audit_record(action="backend.updated", by=by, backend=backend.name, **changed, **moved)
         if not backend.client_key and ({"base_url", *FEDERATION_FIELDS} & set(changed)):
             _queue_validation(backend)
     return backend
 
 
-@transaction.atomic
-def backend_rotate(*, backend: Backend, secret: str, by: User = None) -> Backend:
-    """Replace the secret in place: agents and their tokens refer to the backend, not the key."""
+def backend_rotate_check(*, backend: Backend, secret: str) -> None:
+    """The rules of backend_rotate: the backend stores a key, and the new one is well formed."""
     if backend.client_key:
         raise ServiceError(
-            f"backend {backend.name} uses the agents' own keys; it has none to rotate"
+            f"backend {backend.name} uses the agents' own keys; it has none to rotate", "secret"
         )
     if backend.federated:
         raise ServiceError(
             f"backend {backend.name} uses workload identity and has no key to rotate; "
-            "change its federation settings instead"
+            "change its federation settings instead",
+            "secret",
         )
+    backend_check_secret(kind=backend.kind, secret=secret)
+
+
+@transaction.atomic
+def backend_rotate(*, backend: Backend, secret: str, by: User = None) -> Backend:
+    """Replace the secret in place: agents and their tokens refer to the backend, not the key."""
+    backend_rotate_check(backend=backend, secret=secret)
     old_fingerprint = backend.secret_fingerprint
     _apply_secret(backend, secret)
     backend.rotated_at = timezone.now()

@@ -15,7 +15,7 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import IntegrityError, transaction
 
 from audit.services import audit_record
-from broker.infra.errors import NotFound, ServiceError
+from broker.infra.errors import FieldErrors, NotFound, ServiceError
 from broker.models import Agent, IdentityGrant
 from broker.services.oidc import issuer
 from broker.services.tokens import ttl_parse
@@ -32,7 +32,7 @@ def identity_clean_audience(raw: object) -> str:
     """An audience as a relying party will match it: exact, so only trimmed, never rewritten."""
     if not isinstance(raw, str) or not raw.strip():
         raise ServiceError(
-            "audience: give the relying party's audience, e.g. https://api.anthropic.com"
+            "give the relying party's audience, e.g. https://api.anthropic.com", "audience"
         )
     audience = raw.strip()
     problems = []
@@ -46,7 +46,7 @@ def identity_clean_audience(raw: object) -> str:
     if audience == issuer():
         problems.append("keybroker's own audience needs no grant; every agent's JWT has it")
     if problems:
-        raise ServiceError(f"audience: {'; '.join(problems)}")
+        raise FieldErrors.on("audience", problems)
     return audience
 
 
@@ -62,12 +62,13 @@ def identity_lifetime_parse(value: object) -> int:
     try:
         seconds = ttl_parse(value)
     except ServiceError as exc:
-        raise ServiceError("lifetime: " + exc.message.removeprefix("ttl: ")) from None
+        raise ServiceError(exc.text, "lifetime") from None
     high = identity_max_lifetime()
     if not MIN_LIFETIME <= seconds <= high:
         raise ServiceError(
-            f"lifetime: must be between {duration_format(MIN_LIFETIME)} and "
-            f"{duration_format(high)} (got {duration_format(seconds)})"
+            f"must be between {duration_format(MIN_LIFETIME)} and "
+            f"{duration_format(high)} (got {duration_format(seconds)})",
+            "lifetime",
         )
     return seconds
 

@@ -22,7 +22,7 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
 
 from audit.services import audit_record
-from broker.infra.errors import NotFound, ServiceError
+from broker.infra.errors import NotFound, Problems, ServiceError
 from broker.models import Agent, Backend, Grant
 from broker.services.access import access_changed
 from broker.services.agents import agent_grant
@@ -156,20 +156,21 @@ def backend_defaults(backend: Backend) -> dict[str, Any]:
 def glob_check(field: str, pattern: object) -> str:
     """One glob pattern, or ServiceError naming what is wrong with it."""
     if not isinstance(pattern, str):
-        raise ServiceError(f"{field}: each pattern must be a string")
+        raise ServiceError("each pattern must be a string", field)
     text = pattern.strip()
     if not text:
-        raise ServiceError(f"{field}: a pattern must not be empty")
+        raise ServiceError("a pattern must not be empty", field)
     if len(text) > MAX_PATTERN_LENGTH:
-        raise ServiceError(f"{field}: a pattern is at most {MAX_PATTERN_LENGTH} characters")
+        raise ServiceError(f"a pattern is at most {MAX_PATTERN_LENGTH} characters", field)
     if not _GLOB_CHARS.match(text):
         raise ServiceError(
-            f"{field}: {text[:40]!r} holds characters no model or path has "
-            "(use letters, digits, . _ - : @ / and the globs * ? [...])"
+            f"{text[:40]!r} holds characters no model or path has "
+            "(use letters, digits, . _ - : @ / and the globs * ? [...])",
+            field,
         )
     _brackets_check(field, text)
     if field == "paths" and not text.startswith("/"):
-        raise ServiceError(f"{field}: {text!r} must start with / (a path on the upstream)")
+        raise ServiceError(f"{text!r} must start with / (a path on the upstream)", field)
     if field == "paths":
         _path_glob_check(field, text)
     return text
@@ -178,18 +179,19 @@ def glob_check(field: str, pattern: object) -> str:
 def _path_glob_check(field: str, text: str) -> None:
     if "***" in text:
         raise ServiceError(
-            f"{field}: {text!r} has ***: use * within one segment, ** across segments"
+            f"{text!r} has ***: use * within one segment, ** across segments",
+            field,
         )
     if re.search(r"\[!?[^\]]*/", text):
         raise ServiceError(
-            f"{field}: {text!r} has / in a [...] class, which never matches /: "
-            "write the / outside it"
+            f"{text!r} has / in a [...] class, which never matches /: write the / outside it",
+            field,
         )
     try:
         _path_regex(text)
     except re.error:
         # A reversed range such as [z-a]; fnmatch dropped it quietly.
-        raise ServiceError(f"{field}: {text!r} has a [...] class with a bad range") from None
+        raise ServiceError(f"{text!r} has a [...] class with a bad range", field) from None
 
 
 def path_allowed(path: str, patterns: Iterable[str]) -> bool:
@@ -249,16 +251,16 @@ def _brackets_check(field: str, text: str) -> None:
     while index < len(text):
         char = text[index]
         if char == "]":
-            raise ServiceError(f"{field}: {text!r} has a ] without its [")
+            raise ServiceError(f"{text!r} has a ] without its [", field)
         if char == "[":
             start = index + 1
             if text[start : start + 1] == "!":
                 start += 1
             end = text.find("]", start)
             if end == -1:
-                raise ServiceError(f"{field}: {text!r} has a [ that is never closed")
+                raise ServiceError(f"{text!r} has a [ that is never closed", field)
             if end == start:
-                raise ServiceError(f"{field}: {text!r} has an empty [] class")
+                raise ServiceError(f"{text!r} has an empty [] class", field)
             index = end
         index += 1
 
@@ -267,9 +269,9 @@ def _clean_patterns(field: str, value: object) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str) or not isinstance(value, list | tuple):
-        raise ServiceError(f"{field}: give a list of glob patterns")
+        raise ServiceError("give a list of glob patterns", field)
     if len(value) > MAX_PATTERNS:
-        raise ServiceError(f"{field}: at most {MAX_PATTERNS} patterns")
+        raise ServiceError(f"at most {MAX_PATTERNS} patterns", field)
     patterns = list(dict.fromkeys(glob_check(field, item) for item in value))
     # An empty list would read as "nothing allowed"; it means "no list of its own".
     return patterns or None
@@ -279,13 +281,14 @@ def _clean_int(field: str, value: object) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ServiceError(f"{field}: must be a whole number")
+        raise ServiceError("must be a whole number", field)
     if value < 1:
         raise ServiceError(
-            f"{field}: must be at least 1, not {value} (leave it unset for no limit)"
+            f"must be at least 1, not {value} (leave it unset for no limit)",
+            field,
         )
     if value > INT_BOUNDS[field]:
-        raise ServiceError(f"{field}: must be at most {INT_BOUNDS[field]:,}")
+        raise ServiceError(f"must be at most {INT_BOUNDS[field]:,}", field)
     return value
 
 
@@ -295,17 +298,19 @@ def _clean_max_ttl(backend: Backend, value: object) -> int | None:
     try:
         seconds = ttl_parse(value)
     except ServiceError as exc:
-        raise ServiceError(exc.message.replace("ttl:", "max_ttl:", 1)) from None
+        raise ServiceError(exc.text, "max_ttl") from None
     low, high = backend.token_ttl_min, backend.token_ttl_max
     if seconds > high:
         raise ServiceError(
-            f"max_ttl: {duration_format(seconds)} is above backend {backend.name}'s bound "
-            f"of {duration_format(high)}"
+            f"{duration_format(seconds)} is above backend {backend.name}'s bound "
+            f"of {duration_format(high)}",
+            "max_ttl",
         )
     if seconds < low:
         raise ServiceError(
-            f"max_ttl: {duration_format(seconds)} is below backend {backend.name}'s shortest "
-            f"token of {duration_format(low)}"
+            f"{duration_format(seconds)} is below backend {backend.name}'s shortest "
+            f"token of {duration_format(low)}",
+            "max_ttl",
         )
     return seconds
 
@@ -324,19 +329,16 @@ def policy_clean(
         hint = " (a backend's bound is its token TTL max)" if "max_ttl" in unknown else ""
         raise ServiceError(f"unknown policy field: {', '.join(unknown)}{hint}")
     clean: dict[str, Any] = {}
-    problems: list[str] = []
+    problems = Problems()
     for name, value in changes.items():
-        try:
+        with problems.check():
             if name in LIST_FIELDS:
                 clean[name] = _clean_patterns(name, value)
             elif name == "max_ttl":
                 clean[name] = _clean_max_ttl(backend, value)
             else:
                 clean[name] = _clean_int(name, value)
-        except ServiceError as exc:
-            problems.append(exc.message)
-    if problems:
-        raise ServiceError("; ".join(problems))
+    problems.raise_if_any()
     return clean
 
 
@@ -352,23 +354,20 @@ def policy_parse_text(name: str, text: str) -> object:
     if name == "max_ttl":
         return value  # ttl_parse takes seconds or 90s, 30m, 1h
     if not re.fullmatch(r"-?\d{1,20}", value):
-        raise ServiceError(f"{name}: {value[:20]!r} is not a whole number")
+        raise ServiceError(f"{value[:20]!r} is not a whole number", name)
     return int(value)
 
 
 def policy_parse_texts(texts: Mapping[str, str | None]) -> dict[str, object]:
     """Several fields at once; fields given as None are left out (unchanged)."""
     parsed: dict[str, object] = {}
-    problems: list[str] = []
+    problems = Problems()
     for name, text in texts.items():
         if text is None:
             continue
-        try:
+        with problems.check():
             parsed[name] = policy_parse_text(name, text)
-        except ServiceError as exc:
-            problems.append(exc.message)
-    if problems:
-        raise ServiceError("; ".join(problems))
+    problems.raise_if_any()
     return parsed
 
 

@@ -48,13 +48,13 @@ def proxy_base_url(backend_name: str) -> str:
 def ttl_parse(value: object) -> int:
     """Seconds from ``90``, ``"90"``, ``"90s"``, ``"30m"`` or ``"1h"``; ServiceError otherwise."""
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ServiceError("ttl: give seconds or a duration such as 90s, 30m or 1h")
+        raise ServiceError("give seconds or a duration such as 90s, 30m or 1h", "ttl")
     try:
         seconds = int(wire.duration_parse(str(value)))
     except ValueError as exc:
-        raise ServiceError(f"ttl: {exc}") from None
+        raise ServiceError(str(exc), "ttl") from None
     if seconds <= 0:
-        raise ServiceError("ttl: must be longer than zero")
+        raise ServiceError("must be longer than zero", "ttl")
     return seconds
 
 
@@ -77,8 +77,9 @@ def ttl_for(*, backend: Backend, requested: object | None, max_ttl: int | None =
         if high < backend.token_ttl_max:
             whose = f"this grant on {whose}"
         raise ServiceError(
-            f"ttl: {duration_format(seconds)} is outside the bounds of {whose}: "
-            f"{duration_format(low)} to {duration_format(high)}"
+            f"{duration_format(seconds)} is outside the bounds of {whose}: "
+            f"{duration_format(low)} to {duration_format(high)}",
+            "ttl",
         )
     return seconds
 
