@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
+from django.utils import timezone
 
 from broker.infra.fields import EncryptedTextField
 
@@ -115,6 +117,30 @@ class AgentStatus(models.TextChoices):
     UNENROLLED = "unenrolled"
 
 
+# Waiting for a decision: a new agent, or an approved one that asked for more backends.
+# The rule in SQL; Agent.is_waiting is the same rule in Python, next to it on purpose.
+_WAITING = models.Q(status=AgentStatus.PENDING) | (
+    models.Q(status=AgentStatus.APPROVED) & ~models.Q(requested_scopes=[])
+)
+
+
+class AgentQuerySet(models.QuerySet["Agent"]):
+    def waiting(self) -> AgentQuerySet:
+        """Agents an admin must decide on: pending, or approved and asking for more scopes."""
+        return self.filter(_WAITING)
+
+    def with_decision_rank(self) -> AgentQuerySet:
+        """Annotates ``decision_rank``: 0 pending, 1 approved but asking for more, 2 the rest."""
+        return self.annotate(
+            decision_rank=models.Case(
+                models.When(status=AgentStatus.PENDING, then=models.Value(0)),
+                models.When(_WAITING, then=models.Value(1)),
+                default=models.Value(2),
+                output_field=models.IntegerField(),
+            )
+        )
+
+
 class Agent(models.Model):
     """A program that asked for credentials. Its scopes are backend names.
 
@@ -140,6 +166,8 @@ class Agent(models.Model):
     last_seen_at = models.DateTimeField(null=True, blank=True)
     unenrolled_at = models.DateTimeField(null=True, blank=True)
 
+    objects = AgentQuerySet.as_manager()
+
     class Meta:
         ordering = ["name"]
         constraints = [
@@ -157,6 +185,13 @@ class Agent(models.Model):
     @property
     def is_approved(self) -> bool:
         return self.status == AgentStatus.APPROVED
+
+    @property
+    def is_waiting(self) -> bool:
+        """The same rule as ``Agent.objects.waiting()``."""
+        return self.status == AgentStatus.PENDING or (
+            self.status == AgentStatus.APPROVED and bool(self.requested_scopes)
+        )
 
 
 class Grant(models.Model):
@@ -227,6 +262,47 @@ class IdentityGrant(models.Model):
         return f"{self.agent} → {self.audience}"
 
 
+class TokenState(models.TextChoices):
+    """Derived, never stored: from ``revoked_at`` and ``expires_at`` against the clock."""
+
+    LIVE = "live"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+def token_state_at(*, revoked: bool, expires_at: datetime, now: datetime) -> TokenState:
+    """The one liveness rule. Revoked wins over expired; a token dies at ``expires_at``.
+
+    Kept apart from Token so the proxy, which holds a cached snapshot rather than a row,
+    applies exactly the rule that ``TokenQuerySet`` applies in SQL.
+    """
+    if revoked:
+        return TokenState.REVOKED
+    return TokenState.LIVE if expires_at > now else TokenState.EXPIRED
+
+
+class TokenQuerySet(models.QuerySet["Token"]):
+    def live(self, now: datetime | None = None) -> TokenQuerySet:
+        return self.filter(revoked_at__isnull=True, expires_at__gt=now or timezone.now())
+
+    def expired(self, now: datetime | None = None) -> TokenQuerySet:
+        """Past their expiry and never revoked (a revoked token counts as revoked)."""
+        return self.filter(revoked_at__isnull=True, expires_at__lte=now or timezone.now())
+
+    def revoked(self) -> TokenQuerySet:
+        return self.filter(revoked_at__isnull=False)
+
+    def in_state(self, state: str, now: datetime | None = None) -> TokenQuerySet:
+        """``live``, ``expired`` or ``revoked``; ValueError for anything else."""
+        if state == TokenState.LIVE:
+            return self.live(now)
+        if state == TokenState.EXPIRED:
+            return self.expired(now)
+        if state == TokenState.REVOKED:
+            return self.revoked()
+        raise ValueError(f"no token state {state!r}")
+
+
 class Token(models.Model):
     """A ``crd_…`` access token for one agent and one backend; stored as a digest."""
 
@@ -243,6 +319,8 @@ class Token(models.Model):
     expired_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
 
+    objects = TokenQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["agent", "revoked_at", "expires_at"])]
@@ -250,8 +328,15 @@ class Token(models.Model):
     def __str__(self) -> str:
         return f"{self.display_prefix}…"
 
-    def is_live(self, now: datetime) -> bool:
-        return self.revoked_at is None and self.expires_at > now
+    def state(self, now: datetime | None = None) -> TokenState:
+        return token_state_at(
+            revoked=self.revoked_at is not None,
+            expires_at=self.expires_at,
+            now=now or timezone.now(),
+        )
+
+    def is_live(self, now: datetime | None = None) -> bool:
+        return self.state(now) == TokenState.LIVE
 
 
 class OidcClient(models.Model):
@@ -294,3 +379,40 @@ class SigningKey(models.Model):
 
     def __repr__(self) -> str:
         return f"<SigningKey {self.kid}>"
+
+
+# How often a "last used" or "last seen" time is written at most: often enough to answer
+# "is this still in use?", rare enough that a busy credential does not write on every call.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+def last_used_stale(last: datetime | None, now: datetime) -> bool:
+    """Whether a "last used" time read as ``last`` is due to be written again at ``now``."""
+    return last is None or last <= now - LAST_USED_RESOLUTION
+
+
+def touch_last_used(
+    model: type[models.Model], pk: Any, *, now: datetime | None = None, field: str = "last_used_at"
+) -> datetime | None:
+    """Set ``field`` of one row to now, unless it was set within ``LAST_USED_RESOLUTION``.
+
+    One conditional UPDATE (``last_used_stale`` in SQL), so processes racing on the same
+    row write once between them. Returns the time written, or None when it was fresh.
+    """
+    now = now or timezone.now()
+    stale = models.Q(**{f"{field}__isnull": True}) | models.Q(
+        **{f"{field}__lte": now - LAST_USED_RESOLUTION}
+    )
+    written = model._default_manager.filter(stale, pk=pk).update(**{field: now})
+    return now if written else None
+
+
+def touch_last_used_row(
+    row: models.Model, *, now: datetime | None = None, field: str = "last_used_at"
+) -> None:
+    """``touch_last_used`` for a row just read: no query at all while the row is fresh."""
+    now = now or timezone.now()
+    if last_used_stale(getattr(row, field), now) and touch_last_used(
+        type(row), row.pk, now=now, field=field
+    ):
+        setattr(row, field, now)

@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -24,15 +25,23 @@ from django.utils import timezone
 from broker.infra.db import db_call
 from broker.infra.redis import async_redis_client, redis_key
 from broker.kinds import SCHEMES, AuthScheme
-from broker.models import AgentStatus, Backend, Grant, Token
-from broker.services.access import ACCESS_GENERATION
+from broker.models import LAST_USED_RESOLUTION, Backend, Grant, Token, TokenState, touch_last_used
+from broker.services.access import (
+    ACCESS_GENERATION,
+    Refusal,
+    agent_refusal,
+    refusal,
+    token_refusal,
+    token_unknown,
+)
 from broker.services.federation import Federation, federation_of
 from broker.services.policy import Policy, grant_policy
 
 logger = logging.getLogger(__name__)
 
 CACHE_SIZE = 10_000
-LAST_USED_RESOLUTION_SECONDS = 60
+# A first gate in memory, so a busy token costs no query; touch_last_used is the rule.
+LAST_USED_RESOLUTION_SECONDS = LAST_USED_RESOLUTION.total_seconds()
 # While calls are open, how often each process looks for a change that withdraws them.
 WATCH_INTERVAL_SECONDS = 0.25
 
@@ -133,9 +142,10 @@ def _withdrawn(digest: str, backend: str) -> str:
     if grant is None:
         return "token deleted"
     if grant.revoked:
-        return "token revoked"
-    if grant.agent_status != AgentStatus.APPROVED:
-        return f"agent {grant.agent_name} is {grant.agent_status}"
+        return refusal(TokenState.REVOKED).message
+    refused = agent_refusal(name=grant.agent_name, status=grant.agent_status)
+    if refused is not None:
+        return refused.message
     if not grant.has_grant:
         return f"agent {grant.agent_name} has no grant for {backend}"
     if not Backend.objects.filter(name=backend, enabled=True).exists():
@@ -144,7 +154,7 @@ def _withdrawn(digest: str, backend: str) -> str:
 
 
 def _touch(token_id: str) -> None:
-    Token.objects.filter(pk=token_id).update(last_used_at=timezone.now())
+    touch_last_used(Token, token_id)
 
 
 # Database reads run in worker threads, in parallel; the event loop never waits on them.
@@ -152,6 +162,11 @@ _read_token_async = db_call(_read_token)
 _read_route_async = db_call(_read_route)
 _touch_async = db_call(_touch)
 _withdrawn_async = db_call(_withdrawn)
+
+
+def _denied(refused: Refusal) -> AccessDenied:
+    # The status and wording are the domain's (broker/services/access.py), as the API's are.
+    return AccessDenied(refused.status, refused.anthropic_type, refused.message)
 
 
 class AccessCache:
@@ -273,7 +288,7 @@ class AccessCache:
         trusted = await self._fresh()
         grant = await self.token(digest, trusted=trusted)
         if grant is None:
-            raise AccessDenied(401, "authentication_error", "invalid token")
+            raise _denied(token_unknown())
         try:
             route = await self._check(grant, backend, trusted=trusted)
         except AccessDenied as denied:
@@ -283,14 +298,12 @@ class AccessCache:
         return grant, route
 
     async def _check(self, grant: TokenGrant, backend: str, *, trusted: bool) -> Route:
-        if grant.expires_at <= time.time():
-            raise AccessDenied(401, "authentication_error", "token expired")
-        if grant.revoked:
-            raise AccessDenied(401, "authentication_error", "token revoked")
-        if grant.agent_status != AgentStatus.APPROVED:
-            raise AccessDenied(
-                401, "authentication_error", f"agent {grant.agent_name} is {grant.agent_status}"
-            )
+        expires_at = datetime.fromtimestamp(grant.expires_at, UTC)
+        refused = token_refusal(
+            revoked=grant.revoked, expires_at=expires_at, now=timezone.now()
+        ) or agent_refusal(name=grant.agent_name, status=grant.agent_status)
+        if refused is not None:
+            raise _denied(refused)
         if grant.backend != backend:
             raise AccessDenied(
                 403,

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
+from django.contrib.auth import get_user_model
 
-from broker.models import Backend
+from audit.models import AuditEvent
+from broker.models import Backend, Token
+from broker.services.tokens import token_revoke
 from tests.browser import ARTIFACTS, log_in
 from tests.fake_anthropic import FakeAnthropic
 from tests.keys import api_key
+from tests.proxy_cast import audit_drained, proxied_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+HELLO = [{"role": "user", "content": "Hello"}]
 
 
 def test_alice_logs_in_to_the_admin_with_its_styles(page: Any, live_url: str) -> None:
@@ -54,3 +61,44 @@ def test_alice_adds_a_backend_and_validates_it_from_the_list(
     assert key not in page.content()
     page.screenshot(path=str(ARTIFACTS / "admin-backends.png"), full_page=True)
     assert Backend.objects.get().validation_state == "valid"
+
+
+def test_a_backend_alice_deletes_in_the_admin_is_refused_by_the_proxy_at_once(
+    page: Any, live_url: str, fake_anthropic: FakeAnthropic, settings: Any
+) -> None:
+    settings.PUBLIC_URL = live_url
+    alice = get_user_model().objects.get(username="alice")
+    proxied = proxied_for(live_url=live_url, fake=fake_anthropic, alice=alice)
+    body = {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": HELLO}
+
+    def call(backend: str = "anthropic") -> httpx.Response:
+        return httpx.post(
+            f"{live_url}/v1/proxy/{backend}/v1/messages",
+            json=body,
+            headers={"x-api-key": proxied.token, "anthropic-version": "2023-06-01"},
+            timeout=30,
+        )
+
+    # The proxy has seen the token and the backend's route, and keeps both for the next call.
+    assert call().status_code == 200
+    # backend_remove refuses while the backend has live tokens: the agent's token dies first.
+    token_revoke(token=Token.objects.get(pk=proxied.token_id))
+    revoked = call()
+    assert revoked.status_code == 401
+
+    log_in(page, live_url, next_path=f"/admin/broker/backend/{proxied.backend.pk}/delete/")
+    page.wait_for_selector("text=Are you sure")
+    page.click("input[type=submit]")
+    page.wait_for_selector(".messagelist .success")
+    assert not Backend.objects.filter(name="anthropic").exists()
+    assert AuditEvent.objects.filter(action="backend.removed", backend="anthropic").exists()
+
+    # The very next call is refused as for a backend that never was: the proxy kept neither
+    # the token (it went with its backend) nor the route.
+    after = call()
+    never_was = call("never-was")
+    assert after.status_code == never_was.status_code == 401
+    assert after.json() == never_was.json()
+    assert after.json()["error"]["message"] != revoked.json()["error"]["message"]
+    assert len(fake_anthropic.requests) == 1  # nothing reached the upstream after the first
+    audit_drained()

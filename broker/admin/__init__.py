@@ -5,6 +5,6 @@ actions and views call the service that owns the rule.
 """
 
 from broker.admin import admin_tokens as admin_tokens
-from broker.admin import agents, backends
+from broker.admin import agents, backends, oidc, site, tokens
 
-__all__ = ["agents", "backends"]
+__all__ = ["agents", "backends", "oidc", "site", "tokens"]

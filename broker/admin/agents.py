@@ -1,4 +1,5 @@
-"""Admin pages for agents, their tokens and OIDC clients: where an admin approves agents.
+"""Admin pages for agents: where an admin approves them, shapes their grants and sees what
+they did.
 
 Every button and action here calls the same service as the REST API and the CLI; this
 module only reads, renders and redirects. Nothing here renders a secret: vend tokens,
@@ -15,23 +16,21 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.utils import unquote
-from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
-from django.db.models import Case, IntegerField, Model, Prefetch, Q, QuerySet, Value, When
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.db.models import Prefetch, QuerySet
+from django.http import Http404, HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.safestring import SafeString
-from django.views.decorators.http import require_POST
 
-from audit.models import AuditEvent
 from broker.admin.history import HistoryAdmin
+from broker.admin.widgets import back, badge, may, post_only, token_badge
 from broker.infra.errors import ServiceError
-from broker.models import Agent, AgentStatus, Grant, IdentityGrant, OidcClient, Token
-from broker.services.agents import agent_approve, agent_reject, agent_unenroll, agents_pending
+from broker.models import Agent, AgentQuerySet, AgentStatus, Grant, IdentityGrant, Token
+from broker.selectors.agents import agent_recent_events, agent_recent_tokens
+from broker.services.agents import agent_approve, agent_reject, agent_unenroll
 from broker.services.identity import (
     identity_grant,
     identity_grant_get,
@@ -45,7 +44,6 @@ from broker.services.policy import (
     grant_values,
     policy_parse_texts,
 )
-from broker.services.tokens import token_revoke
 from keybroker.wire import duration_format
 
 AGENT_STATUS_COLOURS = {
@@ -54,82 +52,11 @@ AGENT_STATUS_COLOURS = {
     AgentStatus.REJECTED: "#cf222e",
     AgentStatus.UNENROLLED: "#6e7781",
 }
-TOKEN_STATE_COLOURS = {"live": "#1a7f37", "expired": "#6e7781", "revoked": "#cf222e"}
 # Every field shown is read-only, and none holds a digest: those never reach a page.
 AGENT_FIELDS = (
     "id", "name", "description", "status_badge", "vend_token", "enrolled_from", "created_at",
     "decided_at", "decided_by", "last_seen_at", "unenrolled_at",
 )  # fmt: skip
-TOKEN_FIELDS = (
-    "id", "agent", "backend", "display_prefix", "state", "ttl_seconds", "created_at",
-    "expires_at", "expired_at", "revoked_at", "last_used_at",
-)  # fmt: skip
-OIDC_CLIENT_FIELDS = ("client_id", "agent", "created_at", "last_used_at", "revoked_at")
-RECENT_EVENTS = 20
-RECENT_TOKENS = 50
-
-# Needs a decision: a new agent, or an approved one that asked for more backends. The same
-# rule as agents_pending(), in SQL, so the list can filter and sort by it.
-WAITING = Q(status=AgentStatus.PENDING) | (Q(status=AgentStatus.APPROVED) & ~Q(requested_scopes=[]))
-
-View = Callable[..., HttpResponse]
-
-
-def _badge(kind: str, value: str, colour: str, title: str = "") -> SafeString:
-    # Same pill as BackendAdmin's kb-status, so states look alike across the admin.
-    return format_html(
-        '<span class="kb-{0}-status kb-{0}-status-{1}" style="color:#fff;background:{2};'
-        'padding:2px 8px;border-radius:10px" title="{3}">{1}</span>',
-        kind,
-        value,
-        colour,
-        title,
-    )
-
-
-def _may(request: HttpRequest, action: str, model: type[Model]) -> bool:
-    opts = model._meta
-    return request.user.has_perm(f"{opts.app_label}.{get_permission_codename(action, opts)}")
-
-
-def _back(request: HttpRequest, default: str) -> HttpResponseRedirect:
-    """Back to the page the button was on (kept in ``next``), if it is one of ours."""
-    target = request.POST.get("next", "")
-    if not url_has_allowed_host_and_scheme(
-        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
-    ):
-        target = default
-    return HttpResponseRedirect(target)
-
-
-def _post_only(site: admin.AdminSite, view: View) -> View:
-    # A decision changes state, so a GET (a prefetching browser, a pasted link) must not.
-    return site.admin_view(require_POST(view))
-
-
-def is_waiting(agent: Agent) -> bool:
-    return agent.status == AgentStatus.PENDING or (
-        agent.status == AgentStatus.APPROVED and bool(agent.requested_scopes)
-    )
-
-
-def token_state(token: Token, now: datetime) -> str:
-    if token.revoked_at is not None:
-        return "revoked"
-    return "live" if token.expires_at > now else "expired"
-
-
-def _token_badge(token: Token, now: datetime) -> SafeString:
-    state = token_state(token, now)
-    return _badge("token", state, TOKEN_STATE_COLOURS[state])
-
-
-def agent_recent_events(agent: Agent, limit: int = RECENT_EVENTS) -> list[AuditEvent]:
-    # Events name the agent, not its id, and an unenrolled agent's name may be taken again:
-    # nothing from before this agent existed belongs to it.
-    return list(
-        AuditEvent.objects.filter(agent=agent.name, created_at__gte=agent.created_at)[:limit]
-    )
 
 
 class ApproveForm(forms.Form):
@@ -190,7 +117,8 @@ class WaitingFilter(admin.SimpleListFilter):
         return [("yes", "waiting for approval")]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        return queryset.filter(WAITING) if self.value() == "yes" else queryset
+        # The changelist's queryset comes from Agent's manager, so it knows who waits.
+        return cast(AgentQuerySet, queryset).waiting() if self.value() == "yes" else queryset
 
 
 @admin.register(Agent)
@@ -217,16 +145,7 @@ class AgentAdmin(HistoryAdmin[Agent]):
         )
         # Built here rather than by super(), which orders before the annotation exists.
         agents = (
-            Agent.objects.annotate(
-                decision_rank=Case(
-                    When(status=AgentStatus.PENDING, then=Value(0)),
-                    When(WAITING, then=Value(1)),
-                    default=Value(2),
-                    output_field=IntegerField(),
-                )
-            )
-            .select_related("decided_by")
-            .prefetch_related(grants)
+            Agent.objects.with_decision_rank().select_related("decided_by").prefetch_related(grants)
         )
         return agents.order_by(*self.get_ordering(request))
 
@@ -245,13 +164,13 @@ class AgentAdmin(HistoryAdmin[Agent]):
     # erase history that unenrolling keeps. The change page is a view with decision buttons.
 
     def has_decide_permission(self, request: HttpRequest) -> bool:
-        return _may(request, "change", Agent)
+        return may(request, "change", Agent)
 
     @admin.display(description="status", ordering="decision_rank")
     def status_badge(self, agent: Agent) -> SafeString:
-        title = "asks for more scopes" if is_waiting(agent) and agent.is_approved else ""
+        title = "asks for more scopes" if agent.is_waiting and agent.is_approved else ""
         colour = AGENT_STATUS_COLOURS.get(AgentStatus(agent.status), "#6e7781")
-        return _badge("agent", agent.status, colour, title)
+        return badge("agent", agent.status, colour, title)
 
     @admin.display(description="granted")
     def granted_scopes(self, agent: Agent) -> str | None:
@@ -275,7 +194,7 @@ class AgentAdmin(HistoryAdmin[Agent]):
 
     @admin.display(description="decision")
     def decide(self, agent: Agent) -> SafeString | None:
-        if not is_waiting(agent):
+        if not agent.is_waiting:
             return None
         # The changelist is itself a form (for the bulk actions) and forms cannot nest, so
         # the buttons submit that form, CSRF token included, to their own URL.
@@ -291,27 +210,27 @@ class AgentAdmin(HistoryAdmin[Agent]):
         return [
             path(
                 "<path:object_id>/approve/",
-                _post_only(site, self.approve_view),
+                post_only(site, self.approve_view),
                 name="broker_agent_approve",
             ),
             path(
                 "<path:object_id>/reject/",
-                _post_only(site, self.reject_view),
+                post_only(site, self.reject_view),
                 name="broker_agent_reject",
             ),
             path(
                 "<path:object_id>/grants/<int:grant_id>/policy/",
-                _post_only(site, self.policy_view),
+                post_only(site, self.policy_view),
                 name="broker_agent_grant_policy",
             ),
             path(
                 "<path:object_id>/identities/",
-                _post_only(site, self.identity_add_view),
+                post_only(site, self.identity_add_view),
                 name="broker_agent_identity_add",
             ),
             path(
                 "<path:object_id>/identities/<int:grant_id>/remove/",
-                _post_only(site, self.identity_remove_view),
+                post_only(site, self.identity_remove_view),
                 name="broker_agent_identity_remove",
             ),
             *super().get_urls(),
@@ -337,18 +256,18 @@ class AgentAdmin(HistoryAdmin[Agent]):
                     f"agent {agent.name}: its request changed meanwhile; check the scopes again",
                     messages.ERROR,
                 )
-                return _back(request, self._change_url(agent))
+                return back(request, self._change_url(agent))
             scopes = form.cleaned_data["scopes"]
         self._approve(request, agent, scopes)
-        return _back(request, self._changelist_url())
+        return back(request, self._changelist_url())
 
     def reject_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         agent = self._decidable(request, object_id)
         self._reject(request, agent, reason=request.POST.get("reason", "")[:500])
-        return _back(request, self._changelist_url())
+        return back(request, self._changelist_url())
 
     def has_policy_permission(self, request: HttpRequest) -> bool:
-        return _may(request, "change", Grant)
+        return may(request, "change", Grant)
 
     def policy_view(self, request: HttpRequest, object_id: str, grant_id: int) -> HttpResponse:
         if not self.has_policy_permission(request):
@@ -369,10 +288,10 @@ class AgentAdmin(HistoryAdmin[Agent]):
             )
         else:
             self.message_user(request, f"policy of {grant} saved", messages.SUCCESS)
-        return _back(request, self._change_url(grant.agent))
+        return back(request, self._change_url(grant.agent))
 
     def _identity_agent(self, request: HttpRequest, object_id: str, action: str) -> Agent:
-        if not _may(request, action, IdentityGrant):
+        if not may(request, action, IdentityGrant):
             raise PermissionDenied
         agent = self.get_object(request, unquote(object_id))
         if agent is None:
@@ -398,7 +317,7 @@ class AgentAdmin(HistoryAdmin[Agent]):
                 f"({duration_format(grant.lifetime)} each)",
                 messages.SUCCESS,
             )
-        return _back(request, self._change_url(agent))
+        return back(request, self._change_url(agent))
 
     def identity_remove_view(
         self, request: HttpRequest, object_id: str, grant_id: int
@@ -412,7 +331,7 @@ class AgentAdmin(HistoryAdmin[Agent]):
         self.message_user(
             request, f"{agent.name} gets no more identity tokens for {grant.audience}"
         )
-        return _back(request, self._change_url(agent))
+        return back(request, self._change_url(agent))
 
     def _approve(self, request: HttpRequest, agent: Agent, scopes: list[str] | None) -> None:
         requested = list(agent.requested_scopes)
@@ -494,8 +413,8 @@ class AgentAdmin(HistoryAdmin[Agent]):
 
     def _change_context(self, request: HttpRequest, agent: Agent) -> dict[str, Any]:
         now = timezone.now()
-        tokens = Token.objects.filter(agent=agent).select_related("backend")
-        waiting = is_waiting(agent) and self.has_decide_permission(request)
+        recent = agent_recent_tokens(agent)
+        waiting = agent.is_waiting and self.has_decide_permission(request)
         grants = list(agent.grants.select_related("backend"))
         return {
             "kb_agent": agent,
@@ -503,16 +422,14 @@ class AgentAdmin(HistoryAdmin[Agent]):
             "kb_policy_forms": [GrantPolicyForm(grant) for grant in grants],
             "kb_can_edit_policy": self.has_policy_permission(request),
             "kb_identities": [(g, duration_format(g.lifetime)) for g in identity_grants_of(agent)],
-            "kb_can_add_identity": _may(request, "add", IdentityGrant),
-            "kb_can_remove_identity": _may(request, "delete", IdentityGrant),
+            "kb_can_add_identity": may(request, "add", IdentityGrant),
+            "kb_can_remove_identity": may(request, "delete", IdentityGrant),
             "kb_approve_form": ApproveForm(agent) if waiting else None,
             "kb_requested": agent.requested_scopes,
-            "kb_tokens": [
-                (t, token_state(t, now), _token_badge(t, now)) for t in tokens[:RECENT_TOKENS]
-            ],
-            "kb_token_count": tokens.count(),
+            "kb_tokens": [(t, t.state(now), token_badge(t, now)) for t in recent.tokens],
+            "kb_token_count": recent.total,
             "kb_tokens_url": f"{reverse('admin:broker_token_changelist')}?agent={agent.pk}",
-            "kb_can_revoke": _may(request, "change", Token),
+            "kb_can_revoke": may(request, "change", Token),
             "kb_events": agent_recent_events(agent),
             "kb_events_url": f"{reverse('admin:audit_auditevent_changelist')}?agent={agent.name}",
         }
@@ -522,138 +439,3 @@ class AgentAdmin(HistoryAdmin[Agent]):
 
     def _changelist_url(self) -> str:
         return reverse("admin:broker_agent_changelist")
-
-
-class TokenStateFilter(admin.SimpleListFilter):
-    title = "state"
-    parameter_name = "state"
-
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [("live", "live"), ("expired", "expired"), ("revoked", "revoked")]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        now = timezone.now()
-        wanted = {
-            "live": Q(revoked_at__isnull=True, expires_at__gt=now),
-            "expired": Q(revoked_at__isnull=True, expires_at__lte=now),
-            "revoked": Q(revoked_at__isnull=False),
-        }.get(self.value() or "")
-        return queryset if wanted is None else queryset.filter(wanted)
-
-
-@admin.register(Token)
-class TokenAdmin(HistoryAdmin[Token]):
-    """Read-only history of ``crd_`` tokens; revoking is the one thing done here."""
-
-    list_display = [
-        "display_prefix", "agent_link", "backend", "state", "created_at", "expires_at",
-        "last_used_at",
-    ]  # fmt: skip
-    list_select_related = ["agent", "backend"]
-    list_filter = ["backend", TokenStateFilter]
-    search_fields = ["display_prefix", "agent__name", "backend__name"]
-    actions = ["revoke_selected"]
-    fields = readonly_fields = TOKEN_FIELDS
-
-    # Tokens are minted by agents only, and rows stay so the history does (HistoryAdmin).
-
-    def has_revoke_permission(self, request: HttpRequest) -> bool:
-        return _may(request, "change", Token)
-
-    @admin.display(description="agent", ordering="agent__name")
-    def agent_link(self, token: Token) -> SafeString:
-        url = reverse("admin:broker_agent_change", args=[token.agent_id])
-        return format_html('<a href="{}">{}</a>', url, token.agent.name)
-
-    @admin.display(description="state")
-    def state(self, token: Token) -> SafeString:
-        return _token_badge(token, timezone.now())
-
-    @admin.action(description="Revoke selected tokens", permissions=["revoke"])
-    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[Token]) -> None:
-        live = [token for token in queryset if token.revoked_at is None]
-        for token in live:
-            token_revoke(token=token, by=request.user)
-        skipped = queryset.count() - len(live)
-        text = f"revoked {len(live)} token{'s' if len(live) != 1 else ''}"
-        if skipped:
-            text += f"; {skipped} already revoked"
-        self.message_user(request, text, messages.SUCCESS)
-
-    def get_urls(self) -> list[URLPattern]:
-        return [
-            path(
-                "<path:object_id>/revoke/",
-                _post_only(self.admin_site, self.revoke_view),
-                name="broker_token_revoke",
-            ),
-            *super().get_urls(),
-        ]
-
-    def revoke_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        if not self.has_revoke_permission(request):
-            raise PermissionDenied
-        token = self.get_object(request, unquote(object_id))
-        if token is None:
-            raise Http404("no such token")
-        already = token.revoked_at is not None
-        token_revoke(token=token, by=request.user)
-        text = f"token {token.display_prefix}… " + ("was already revoked" if already else "revoked")
-        self.message_user(request, text, messages.INFO if already else messages.SUCCESS)
-        return _back(request, reverse("admin:broker_token_changelist"))
-
-    def change_view(
-        self,
-        request: HttpRequest,
-        object_id: str,
-        form_url: str = "",
-        extra_context: dict[str, Any] | None = None,
-    ) -> HttpResponse:
-        token = self.get_object(request, unquote(object_id))
-        if token is not None:
-            live = token_state(token, timezone.now()) == "live"
-            extra_context = {
-                "kb_revocable": live and self.has_revoke_permission(request),
-                **(extra_context or {}),
-            }
-        return super().change_view(request, object_id, form_url, extra_context)
-
-
-@admin.register(OidcClient)
-class OidcClientAdmin(HistoryAdmin[OidcClient]):
-    """Read-only: agents create their client credentials with POST /v1/clients."""
-
-    list_display = ["client_id", "agent", "created_at", "last_used_at", "revoked_at"]
-    list_select_related = ["agent"]
-    list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
-    search_fields = ["client_id", "agent__name"]
-    fields = readonly_fields = OIDC_CLIENT_FIELDS
-
-
-def _waiting_context(request: HttpRequest) -> dict[str, Any]:
-    if not (_may(request, "view", Agent) or _may(request, "change", Agent)):
-        return {}
-    waiting = agents_pending()
-    return {
-        "kb_waiting": waiting[:5],
-        "kb_waiting_count": len(waiting),
-        "kb_waiting_url": f"{reverse('admin:broker_agent_changelist')}?waiting=yes",
-    }
-
-
-IndexView = Callable[[HttpRequest, dict[str, Any] | None], TemplateResponse]
-
-
-def _index_with_waiting_agents(stock: IndexView) -> IndexView:
-    def index(
-        request: HttpRequest, extra_context: dict[str, Any] | None = None
-    ) -> TemplateResponse:
-        return stock(request, {**_waiting_context(request), **(extra_context or {})})
-
-    return index
-
-
-# The index shows how many agents wait for a decision. keybroker uses Django's default
-# site (a custom AdminSite would mean new settings), so its index view gets the count
-# through a wrapper; the site builds its URLs lazily, after this module is imported.
-admin.site.index = _index_with_waiting_agents(admin.site.index)  # type: ignore[method-assign,assignment]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from django.db.models import QuerySet
-from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
@@ -15,14 +14,15 @@ from broker.api.auth import admin_permissions
 from broker.api.policy import GrantPolicyInput
 from broker.api.serializers import StrictCharField, StrictInputSerializer
 from broker.infra.errors import ServiceError
-from broker.models import Agent, AgentStatus, Grant, IdentityGrant, Token
+from broker.models import Agent, AgentStatus, Grant, IdentityGrant, Token, TokenState
+from broker.selectors.agents import agents_waiting
+from broker.selectors.tokens import tokens_list
 from broker.services.agents import (
     agent_approve,
     agent_enroll,
     agent_get_by_id,
     agent_reject,
     agent_unenroll,
-    agents_pending,
 )
 from broker.services.backends import backend_get
 from broker.services.identity import (
@@ -69,9 +69,7 @@ class TokenRecordOutput(serializers.ModelSerializer[Token]):
         ]  # fmt: skip
 
     def get_state(self, token: Token) -> str:
-        if token.revoked_at is not None:
-            return "revoked"
-        return "live" if token.expires_at > timezone.now() else "expired"
+        return token.state()
 
 
 class ApproveInput(StrictInputSerializer):
@@ -202,7 +200,7 @@ class PendingListView(APIView):
         description="New agents awaiting approval, and approved ones that asked for more scopes.",
     )
     def get(self, request: Request) -> Response:
-        return Response(AgentOutput(agents_pending(), many=True).data)
+        return Response(AgentOutput(agents_waiting(), many=True).data)
 
 
 class PendingApproveView(APIView):
@@ -248,18 +246,16 @@ class TokenListView(APIView):
         responses=TokenRecordOutput(many=True),
     )
     def get(self, request: Request) -> Response:
-        tokens = Token.objects.select_related("agent", "backend")
         params = request.query_params
         state = params.get("state", "live")
         if state not in {"live", "all"}:
             raise ServiceError("state: live or all")
-        if state == "live":
-            tokens = tokens.filter(revoked_at__isnull=True, expires_at__gt=timezone.now())
-        if params.get("agent"):
-            tokens = tokens.filter(agent__name=params["agent"])
-        if params.get("backend"):
-            tokens = tokens.filter(backend__name=params["backend"])
-        return Response(TokenRecordOutput(tokens[:1000], many=True).data)
+        tokens = tokens_list(
+            agent_name=params.get("agent"),
+            backend_name=params.get("backend"),
+            state=TokenState.LIVE if state == "live" else None,
+        )
+        return Response(TokenRecordOutput(tokens, many=True).data)
 
 
 class TokenDetailView(APIView):

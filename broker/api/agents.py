@@ -13,13 +13,14 @@ from rest_framework.views import APIView
 
 from broker.api.auth import AgentAuthentication, IsAgent, client_address
 from broker.api.serializers import StrictCharField, StrictInputSerializer
-from broker.infra.ratelimit import enrollment_rate, rate_limit_hit
+from broker.infra.ratelimit import rate_limit_hit
 from broker.models import Agent, Grant, Token
 from broker.selectors.policy import policy_left
 from broker.services.access import agent_require_approved
 from broker.services.agents import agent_enroll, agent_request_scopes, agent_scopes, agent_unenroll
 from broker.services.oidc import oidc_client_create, oidc_discovery
 from broker.services.policy import grant_policy, grants_of
+from broker.services.throttles import enrollment_rate
 from broker.services.tokens import (
     proxy_base_url,
     token_get,

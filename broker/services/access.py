@@ -1,16 +1,24 @@
-"""Who may do what: the checks every agent-facing entry point shares."""
+"""Who may do what: the checks every agent-facing entry point shares.
+
+``REFUSALS`` is the one table of why an agent or a token is turned away: the agent API,
+the OAuth endpoint and the proxy all read it, so each condition has one HTTP status and
+one wording everywhere (docs/errors.md shows it). Each surface only renders it in its own
+shape: ``{"error": {...}}`` for the API, Anthropic's error shape for the proxy.
+"""
 
 from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import dataclass
+from datetime import datetime
 
 import redis
 from django.db import transaction
 
-from broker.infra.errors import NotPermitted
+from broker.infra.errors import NotPermitted, ServiceError, Unauthenticated
 from broker.infra.redis import redis_client, redis_key
-from broker.models import Agent, AgentStatus
+from broker.models import Agent, AgentStatus, TokenState, token_state_at
 
 logger = logging.getLogger(__name__)
 
@@ -20,11 +28,80 @@ logger = logging.getLogger(__name__)
 ACCESS_GENERATION = "access:generation"
 
 
+# Anthropic's names for the statuses the proxy refuses with, so SDKs raise the right class.
+ANTHROPIC_ERROR_TYPES = {401: "authentication_error", 403: "permission_error"}
+TOKEN_UNKNOWN = "unknown"  # noqa: S105  (a key of REFUSALS, not a secret)
+CREDENTIAL_UNKNOWN = "credential_unknown"
+
+# Condition -> (status, message). 401: the credential itself is no good (unknown, expired,
+# revoked, or its agent unenrolled for good); asking again with it never helps.
+# 403: the credential is fine but its agent may not act (yet): an admin's decision changes it.
+REFUSALS: dict[str, tuple[int, str]] = {
+    AgentStatus.PENDING: (403, "agent {name} is pending approval by an admin"),
+    AgentStatus.REJECTED: (403, "agent {name} was rejected by an admin"),
+    AgentStatus.UNENROLLED: (401, "agent {name} was unenrolled; enroll again"),
+    CREDENTIAL_UNKNOWN: (401, "invalid, expired or unknown agent credential"),
+    TOKEN_UNKNOWN: (401, "invalid token"),
+    TokenState.EXPIRED: (401, "token expired"),
+    TokenState.REVOKED: (401, "token revoked"),
+}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a caller is turned away, as every surface says it."""
+
+    status: int
+    message: str
+
+    @property
+    def anthropic_type(self) -> str:
+        return ANTHROPIC_ERROR_TYPES[self.status]
+
+    def error(self) -> ServiceError:
+        return Unauthenticated(self.message) if self.status == 401 else NotPermitted(self.message)
+
+
+def refusal(condition: str, **names: str) -> Refusal:
+    """The table's row for ``condition`` (a key of ``REFUSALS``), its names filled in."""
+    status, message = REFUSALS[condition]
+    return Refusal(status, message.format(**names))
+
+
+def agent_refusal(*, name: str, status: str) -> Refusal | None:
+    """Why an agent in ``status`` may not act; None when it is approved."""
+    if status == AgentStatus.APPROVED:
+        return None
+    return refusal(status, name=name)
+
+
+def token_refusal(*, revoked: bool, expires_at: datetime, now: datetime) -> Refusal | None:
+    """Why a known token may not be used; None while it is live."""
+    state = token_state_at(revoked=revoked, expires_at=expires_at, now=now)
+    return None if state == TokenState.LIVE else refusal(state)
+
+
+def token_unknown() -> Refusal:
+    # Says nothing about what was wrong with it: a guess learns nothing.
+    return refusal(TOKEN_UNKNOWN)
+
+
+def agent_credential_unknown() -> Refusal:
+    """A vend token or JWT that names no agent; as silent as ``token_unknown``."""
+    return refusal(CREDENTIAL_UNKNOWN)
+
+
+def agent_require_enrolled(agent: Agent) -> None:
+    """An unenrolled agent's credential is dead for good (401); pending ones may still ask."""
+    if agent.status == AgentStatus.UNENROLLED:
+        raise refusal(AgentStatus.UNENROLLED, name=agent.name).error()
+
+
 def agent_require_approved(agent: Agent) -> None:
-    if agent.status == AgentStatus.PENDING:
-        raise NotPermitted(f"agent {agent.name} is pending approval by an admin")
-    if agent.status != AgentStatus.APPROVED:
-        raise NotPermitted(f"agent {agent.name} was {agent.status}")
+    """Raise the agent's refusal (403 pending or rejected, 401 unenrolled) unless approved."""
+    refused = agent_refusal(name=agent.name, status=agent.status)
+    if refused is not None:
+        raise refused.error()
 
 
 def access_changed() -> None:

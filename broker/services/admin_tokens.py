@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
@@ -13,10 +12,9 @@ from django.utils import timezone
 from audit.services import audit_record
 from broker.infra.errors import NotFound, ServiceError
 from broker.infra.secrets import secret_digest, secret_issue
-from broker.models import AdminToken
+from broker.models import AdminToken, touch_last_used_row
 
 PREFIX = "cka"
-LAST_USED_RESOLUTION_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -50,10 +48,7 @@ def admintoken_authenticate(plaintext: str) -> AbstractBaseUser | None:
     )
     if token is None:
         return None
-    now = timezone.now()
-    stale = now - timedelta(seconds=LAST_USED_RESOLUTION_SECONDS)
-    if token.last_used_at is None or token.last_used_at < stale:
-        AdminToken.objects.filter(pk=token.pk).update(last_used_at=now)
+    touch_last_used_row(token)
     return token.user
 
 

@@ -11,18 +11,28 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from audit.services import audit_record
-from broker.infra.errors import Conflict, NotFound, ServiceError, Unauthenticated
-from broker.infra.ratelimit import auth_failure, auth_throttle_check
+from broker.infra.errors import Conflict, NotFound, ServiceError
 from broker.infra.secrets import secret_digest, secret_issue
-from broker.models import Agent, AgentStatus, Backend, Grant, agent_name_validator
-from broker.services.access import access_changed
+from broker.models import (
+    Agent,
+    AgentStatus,
+    Backend,
+    Grant,
+    agent_name_validator,
+    touch_last_used_row,
+)
+from broker.services.access import (
+    access_changed,
+    agent_credential_unknown,
+    agent_require_enrolled,
+)
+from broker.services.throttles import auth_failure, auth_throttle_check
 from broker.services.tokens import tokens_revoke_all
 from keybroker.wire import SECRET_PATTERN
 
 User = AbstractBaseUser | AnonymousUser | None
 VEND_PREFIX = "ckr"
 MAX_SCOPES = 32
-LAST_SEEN_RESOLUTION_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -115,23 +125,15 @@ def agent_authenticate(credential: str, *, address: str | None = None) -> Agent:
         method = "vend_token"
     if agent is None:
         auth_failure(address=address, method=method)
-        raise Unauthenticated("invalid, expired or unknown agent credential")
-    if agent.status == AgentStatus.UNENROLLED:
-        raise Unauthenticated(f"agent {agent.name} was unenrolled; enroll again")
+        raise agent_credential_unknown().error()
+    agent_require_enrolled(agent)
     agent_seen(agent)
     return agent
 
 
 def agent_seen(agent: Agent) -> None:
     """Note that the agent showed up; written at most once a minute."""
-    now = timezone.now()
-    if (
-        agent.last_seen_at
-        and (now - agent.last_seen_at).total_seconds() < LAST_SEEN_RESOLUTION_SECONDS
-    ):
-        return
-    Agent.objects.filter(pk=agent.pk).update(last_seen_at=now)
-    agent.last_seen_at = now
+    touch_last_used_row(agent, field="last_seen_at")
 
 
 def agent_get(*, name: str) -> Agent:
@@ -274,14 +276,3 @@ def agent_unenroll(*, agent: Agent, by: User = None) -> Agent:
 def _refresh(agent: Agent, locked: Agent) -> None:
     if agent is not locked:
         agent.refresh_from_db()
-
-
-def agents_pending() -> list[Agent]:
-    """Agents waiting for a decision: new ones, and approved ones that asked for more."""
-    return [
-        agent
-        for agent in Agent.objects.filter(
-            status__in=[AgentStatus.PENDING, AgentStatus.APPROVED]
-        ).order_by("created_at")
-        if agent.status == AgentStatus.PENDING or agent.requested_scopes
-    ]

@@ -19,10 +19,17 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from broker.infra.errors import OAuthError
-from broker.infra.ratelimit import auth_failure, auth_throttle_check
 from broker.infra.secrets import secret_digest, secret_issue
-from broker.models import Agent, AgentStatus, IdentityGrant, OidcClient, SigningKey
-from broker.services.access import agent_require_approved
+from broker.models import (
+    Agent,
+    AgentStatus,
+    IdentityGrant,
+    OidcClient,
+    SigningKey,
+    touch_last_used_row,
+)
+from broker.services.access import agent_refusal, agent_require_approved
+from broker.services.throttles import auth_failure, auth_throttle_check
 
 logger = logging.getLogger(__name__)
 
@@ -197,10 +204,11 @@ def oidc_token_issue(
         auth_failure(address=address, method="client_credentials", client_id=client_id)
         raise _invalid_client()
     agent = client.agent
-    if agent.status != AgentStatus.APPROVED:
-        raise OAuthError(
-            "unauthorized_client", f"agent {agent.name} is {agent.status}", status_code=400
-        )
+    refusal = agent_refusal(name=agent.name, status=agent.status)
+    if refusal is not None:
+        # RFC 6749 fixes this endpoint's shape (400 unauthorized_client), so only the
+        # wording comes from the shared table.
+        raise OAuthError("unauthorized_client", refusal.message, status_code=400)
     audience = audience or issuer()
     lifetime = settings.OIDC_TOKEN_LIFETIME_SECONDS
     identity: IdentityGrant | None = None
@@ -213,14 +221,13 @@ def oidc_token_issue(
                 "invalid_target", f"agent {agent.name} may not get tokens for audience {audience}"
             )
         lifetime = min(identity.lifetime, settings.OIDC_TOKEN_LIFETIME_SECONDS)
-    now = timezone.now()
     token, claims, kid = _sign(
         subject=str(agent.pk),
         audience=audience,
         lifetime=lifetime,
         extra={"client_id": client.client_id, "name": agent.name},
     )
-    OidcClient.objects.filter(pk=client.pk).update(last_used_at=now)
+    touch_last_used_row(client)
     audit_record(
         action="oidc.identity_token_issued" if identity else "oidc.token_issued",
         agent=agent,

@@ -124,9 +124,7 @@ def token_issue(
 
 
 def tokens_live(*, agent: Agent | None = None, backend: Backend | None = None) -> list[Token]:
-    tokens = Token.objects.select_related("agent", "backend").filter(
-        revoked_at__isnull=True, expires_at__gt=timezone.now()
-    )
+    tokens = Token.objects.live().select_related("agent", "backend")
     if agent is not None:
         tokens = tokens.filter(agent=agent)
     if backend is not None:
@@ -194,8 +192,10 @@ def tokens_sweep(*, now: datetime | None = None) -> SweepResult:
     """
     now = now or timezone.now()
     expired = 0
-    candidates = Token.objects.select_related("agent", "backend").filter(
-        expires_at__lte=now, expired_at__isnull=True, revoked_at__isnull=True
+    candidates = (
+        Token.objects.expired(now)
+        .filter(expired_at__isnull=True)
+        .select_related("agent", "backend")
     )
     for token in candidates[:1000]:
         with transaction.atomic():

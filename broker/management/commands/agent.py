@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from broker.management.commands._output import as_json, service_errors, table
 from broker.models import Agent, AgentStatus, Grant
+from broker.selectors.agents import agents_waiting
 from broker.services.agents import (
     agent_approve,
     agent_enroll,
@@ -17,7 +18,6 @@ from broker.services.agents import (
     agent_scopes,
     agent_unenroll,
     agent_ungrant,
-    agents_pending,
 )
 from broker.services.backends import backend_get
 from broker.services.identity import identity_grant, identity_grants_of, identity_revoke
@@ -160,8 +160,8 @@ class Command(BaseCommand):
         self.stdout.write(self._rows(list(agents)) if agents else "no agents yet")
 
     def do_pending(self, **options: Any) -> None:
-        pending = agents_pending()
-        self.stdout.write(self._rows(pending) if pending else "nothing waits for approval")
+        waiting = agents_waiting()
+        self.stdout.write(self._rows(waiting) if waiting else "nothing waits for approval")
 
     def do_approve(self, **options: Any) -> None:
         agent = agent_approve(
@@ -179,7 +179,7 @@ class Command(BaseCommand):
 
     def do_unenroll(self, **options: Any) -> None:
         agent = agent_get(name=options["name"])
-        live = agent.tokens.filter(revoked_at__isnull=True).count()
+        live = agent.tokens.live().count()
         agent_unenroll(agent=agent)
         self.stdout.write(f"unenrolled {agent.name}; its tokens are revoked ({live} were open)")
 

@@ -8,7 +8,8 @@ from django.core.management.base import BaseCommand, CommandParser
 from django.utils import timezone
 
 from broker.management.commands._output import service_errors, table
-from broker.models import Token
+from broker.models import TokenState
+from broker.selectors.tokens import tokens_list
 from broker.services.tokens import token_get, token_revoke
 
 
@@ -30,18 +31,15 @@ class Command(BaseCommand):
 
     def do_ls(self, **options: Any) -> None:
         now = timezone.now()
-        tokens = Token.objects.select_related("agent", "backend")
-        if not options["all"]:
-            tokens = tokens.filter(revoked_at__isnull=True, expires_at__gt=now)
-        if options["agent"]:
-            tokens = tokens.filter(agent__name=options["agent"])
-        if options["backend"]:
-            tokens = tokens.filter(backend__name=options["backend"])
+        tokens = tokens_list(
+            agent_name=options["agent"],
+            backend_name=options["backend"],
+            state=None if options["all"] else TokenState.LIVE,
+        )
         rows = [
-            (str(t.pk), t.agent.name, t.backend.name, f"{t.display_prefix}…",
-             "revoked" if t.revoked_at else ("live" if t.expires_at > now else "expired"),
+            (str(t.pk), t.agent.name, t.backend.name, f"{t.display_prefix}…", t.state(now),
              f"{t.expires_at:%Y-%m-%d %H:%M:%S}")
-            for t in tokens[:1000]
+            for t in tokens
         ]  # fmt: skip
         headers = ["ID", "AGENT", "BACKEND", "PREFIX", "STATE", "EXPIRES"]
         self.stdout.write(table(rows, headers) if rows else "no tokens")

@@ -1,0 +1,64 @@
+"""What the admin pages share: status pills, permission checks and POST-only buttons."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from django.contrib import admin
+from django.contrib.auth import get_permission_codename
+from django.db.models import Model
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.utils.html import format_html
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.safestring import SafeString
+from django.views.decorators.http import require_POST
+
+from broker.models import Token, TokenState
+
+TOKEN_STATE_COLOURS = {
+    TokenState.LIVE: "#1a7f37",
+    TokenState.EXPIRED: "#6e7781",
+    TokenState.REVOKED: "#cf222e",
+}
+
+View = Callable[..., HttpResponse]
+
+
+def badge(kind: str, value: str, colour: str, title: str = "") -> SafeString:
+    """A coloured pill; the same as BackendAdmin's kb-status, so states look alike."""
+    return format_html(
+        '<span class="kb-{0}-status kb-{0}-status-{1}" style="color:#fff;background:{2};'
+        'padding:2px 8px;border-radius:10px" title="{3}">{1}</span>',
+        kind,
+        value,
+        colour,
+        title,
+    )
+
+
+def token_badge(token: Token, now: datetime | None = None) -> SafeString:
+    state = token.state(now)
+    return badge("token", state, TOKEN_STATE_COLOURS[state])
+
+
+def may(request: HttpRequest, action: str, model: type[Model]) -> bool:
+    """Whether the user holds Django's ``action`` permission on ``model``."""
+    opts = model._meta
+    return request.user.has_perm(f"{opts.app_label}.{get_permission_codename(action, opts)}")
+
+
+def back(request: HttpRequest, default: str) -> HttpResponseRedirect:
+    """Back to the page the button was on (kept in ``next``), if it is one of ours."""
+    target = request.POST.get("next", "")
+    if not url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        target = default
+    return HttpResponseRedirect(target)
+
+
+def post_only(site: admin.AdminSite, view: View) -> View:
+    """An admin view that only answers POST."""
+    # A decision changes state, so a GET (a prefetching browser, a pasted link) must not.
+    return site.admin_view(require_POST(view))
