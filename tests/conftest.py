@@ -15,8 +15,9 @@ from tests.fake_anthropic import FakeAnthropic, serve_in_thread
 
 REPO = Path(__file__).resolve().parent.parent
 # Fixtures shared across test modules live in these plugins, registered here once: a test
-# module asks for a fixture by name and never imports it.
-pytest_plugins = ["tests.agents", "tests.browser", "tests.proxy_cast", "tests.servers", "tests.wif"]
+# module asks for a fixture by name and never imports it. A plugin another one imports comes
+# first, so pytest's assertion rewriting sees it before the import does.
+pytest_plugins = ["tests.servers", "tests.agents", "tests.browser", "tests.proxy_cast", "tests.wif"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -62,23 +63,6 @@ def clean_env(**overrides: str) -> dict[str, str]:
     }
     env.update(overrides)
     return env
-
-
-@pytest.fixture(scope="session")
-def live_url() -> Iterator[str]:
-    """broker.asgi:application behind a real uvicorn on a real socket, in this process.
-
-    Tests that use it need ``transactional_db`` so the server thread sees their rows.
-    """
-    from broker.asgi import application
-
-    port = free_port()
-    # With its lifespan, as in production: shutdown drains the audit queue and closes the
-    # upstream connection pool.
-    server = serve_in_thread(application, port, lifespan="on")
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    server.thread.join(timeout=15)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")

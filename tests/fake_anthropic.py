@@ -21,17 +21,18 @@ import gzip
 import json
 import secrets
 import threading
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import uvicorn
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
+
+from tests.waiting import wait_until
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -495,7 +496,9 @@ def error(error_type: str, message: str) -> dict[str, Any]:
     }
 
 
-def serve_in_thread(app: Any, port: int, *, lifespan: str = "off") -> uvicorn.Server:
+def serve_in_thread(
+    app: Any, port: int, *, lifespan: Literal["auto", "on", "off"] = "off"
+) -> uvicorn.Server:
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -510,9 +513,5 @@ def serve_in_thread(app: Any, port: int, *, lifespan: str = "off") -> uvicorn.Se
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     server.thread = thread  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
+    wait_until(lambda: server.started, timeout=15, what=f"uvicorn to start on port {port}")
     return server

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -10,13 +9,14 @@ from typing import Any
 import pytest
 from django.contrib.auth.models import AbstractBaseUser
 
-from audit.recorder import FLUSH_INTERVAL_SECONDS, audit_backlog
 from broker.models import Backend
 from broker.services.agents import agent_enroll
 from broker.services.backends import backend_add
 from broker.services.tokens import token_issue
 from tests.fake_anthropic import FakeAnthropic
 from tests.keys import api_key
+from tests.servers import live_server_settled
+from tests.waiting import wait_until
 
 
 @dataclass(frozen=True)
@@ -48,15 +48,15 @@ def proxied_for(
 
 
 def audit_drained(timeout: float = 10.0) -> None:
-    """Wait until the live server has written every queued audit event.
+    """Wait until the live server has finished every call and written every audit event.
 
     Otherwise a write could land after the test, in the next test's database.
     """
-    deadline = time.monotonic() + timeout
-    while audit_backlog() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(FLUSH_INTERVAL_SECONDS * 2)  # a batch that was being written as we looked
-    assert audit_backlog() == 0, "the audit recorder did not drain"
+    wait_until(
+        live_server_settled,
+        timeout=timeout,
+        what="the live server to finish its calls and write their audit events",
+    )
 
 
 @pytest.fixture

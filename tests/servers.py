@@ -1,22 +1,91 @@
-"""Other keybroker web processes beside the test: the uvicorn that `serve` starts, on a free
-port, on the test's database and Redis, waited on until it answers."""
+"""keybroker's web servers beside the test: the live server in this process, and other
+processes running the uvicorn that `serve` starts, on the test's database and Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import pytest
 from django.conf import settings
 from django.db import connection
 
+from audit.recorder import audit_backlog
 from broker.runtime.serve import uvicorn_command
 from tests.conftest import REPO, clean_env, free_port
+from tests.fake_anthropic import Receive, Scope, Send, serve_in_thread
 from tests.waiting import wait_until
+
+
+class LiveServer:
+    """An ASGI app as the live server runs it, counting the HTTP calls it is inside."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.calls = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.loop = asyncio.get_running_loop()
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.calls += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.calls -= 1
+
+    def settled(self) -> bool:
+        """No call in progress, and no audit event queued or being written.
+
+        Read on the server's own event loop: from another thread the recorder could be seen
+        between taking a batch off its queue and counting it as being written.
+        """
+
+        async def look() -> bool:
+            return self.calls == 0 and audit_backlog() == 0
+
+        if self.loop is None:
+            return audit_backlog() == 0
+        return asyncio.run_coroutine_threadsafe(look(), self.loop).result(timeout=5)
+
+
+_live: list[LiveServer] = []  # the session's live server, once a test asked for it
+
+
+def live_server_settled() -> bool:
+    """The live server (if one runs) has finished every call and written every audit event
+    they queued; without one, nothing is queued in this process."""
+    if not _live:
+        return audit_backlog() == 0
+    return _live[0].settled()
+
+
+@pytest.fixture(scope="session")
+def live_url() -> Iterator[str]:
+    """broker.asgi:application behind a real uvicorn on a real socket, in this process.
+
+    Tests that use it need ``transactional_db`` so the server thread sees their rows.
+    """
+    from broker.asgi import application
+
+    live = LiveServer(application)
+    port = free_port()
+    # With its lifespan, as in production: shutdown drains the audit queue and closes the
+    # upstream connection pool.
+    server = serve_in_thread(live, port, lifespan="on")
+    _live.append(live)
+    yield f"http://127.0.0.1:{port}"
+    _live.clear()
+    server.should_exit = True
+    server.thread.join(timeout=15)  # type: ignore[attr-defined]
 
 
 def database_url() -> str:

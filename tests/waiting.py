@@ -4,15 +4,25 @@ fails at a deadline naming it instead of carrying on as if it had happened."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
 
+# What is awaited, for the message at the deadline; a callable is asked then, so it can say
+# what it saw last.
+What = str | Callable[[], str]
+
+
+def _gave_up(what: What, timeout: float) -> AssertionError:
+    described = what() if callable(what) else what
+    return AssertionError(f"gave up after {timeout}s waiting for {described}")
+
 
 def wait_until(
-    condition: Callable[[], T], *, timeout: float, what: str, interval: float = 0.02
+    condition: Callable[[], T], *, timeout: float, what: What, interval: float = 0.02
 ) -> T:
     """Poll ``condition`` until it returns something truthy, and return that.
 
@@ -24,7 +34,7 @@ def wait_until(
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"gave up after {timeout}s waiting for {what}")
+            raise _gave_up(what, timeout)
         time.sleep(interval)
 
 
@@ -32,18 +42,18 @@ async def until(
     condition: Callable[[], T | Awaitable[T]],
     *,
     timeout: float,
-    what: str,
+    what: What,
     interval: float = 0.01,
 ) -> T:
-    """`wait_until` for a coroutine: polls without blocking the event loop; ``condition``
+    """`wait_until` inside a coroutine: polls without blocking the event loop; ``condition``
     may be a plain function or a coroutine function."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
-        if isinstance(value, Awaitable):
+        if inspect.isawaitable(value):
             value = await value
         if value:
-            return value  # type: ignore[return-value]
+            return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"gave up after {timeout}s waiting for {what}")
+            raise _gave_up(what, timeout)
         await asyncio.sleep(interval)
