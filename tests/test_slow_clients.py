@@ -6,23 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
-from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import connection
 from django.test import override_settings
 
 from broker.runtime.http_timeouts import Message, Receive, Scope, Send, body_read_timeout
 from broker.runtime.serve import uvicorn_command
-from tests.conftest import REPO, clean_env, free_port
+from tests.conftest import free_port
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import proxied_for
+from tests.servers import process_env, uvicorn_serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -38,43 +34,14 @@ def test_serve_selects_the_header_timeout_protocol() -> None:
 @pytest.fixture
 def server() -> Iterator[tuple[str, int]]:
     """A keybroker web process on the test database and Redis, with 1 s read timeouts."""
-    db = connection.settings_dict
-    if db["ENGINE"].endswith("sqlite3"):
-        database_url = f"sqlite:///{db['NAME']}"
-    else:
-        database_url = (
-            f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-        )
     port = free_port()
-    env = clean_env(
-        DATABASE_URL=database_url,
-        REDIS_URL=settings.REDIS_URL,
-        KEYBROKER_REDIS_PREFIX=settings.REDIS_KEY_PREFIX,
-        KEYBROKER_DATA_DIR=str(settings.DATA_DIR),
+    env = process_env(
         KEYBROKER_PUBLIC_URL=f"http://127.0.0.1:{port}",
         KEYBROKER_HEADER_TIMEOUT=str(TIMEOUT),
         KEYBROKER_BODY_READ_TIMEOUT=str(TIMEOUT),
     )
-    # The arguments `serve` gives uvicorn (see broker/runtime/serve.py).
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "broker.asgi:application",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--lifespan", "on", "--no-server-header", "--http", HTTP_PROTOCOL,
-         "--timeout-graceful-shutdown", "10", "--log-level", "warning"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-            break
-        except httpx.TransportError:
-            if process.poll() is not None:
-                pytest.fail(f"server died: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            time.sleep(0.2)
-    yield "127.0.0.1", port
-    process.terminate()
-    process.wait(timeout=10)
+    with uvicorn_serving(port=port, env=env):
+        yield "127.0.0.1", port
 
 
 def read_until_closed(sock: socket.socket, *, limit: float = 6.0) -> tuple[bytes, float]:
