@@ -8,78 +8,44 @@ loopback, so every local client could forge the address that the enrollment floo
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import httpx
 import pytest
-from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
-from django.db import connection
 
 from audit.models import AuditEvent
-from broker.runtime.serve import proxy_header_options, uvicorn_command
 from broker.models import Agent
 from broker.project.settings import _trusted_proxies
-from tests.conftest import REPO, clean_env, free_port
+from broker.runtime.serve import proxy_header_options, uvicorn_command
+from tests.conftest import free_port
+from tests.servers import process_env, uvicorn_serving
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 FORGED = "203.0.113.7"
 
 
-def database_url() -> str:
-    db = connection.settings_dict
-    if db["ENGINE"].endswith("sqlite3"):
-        return f"sqlite:///{db['NAME']}"
-    return f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-
-
 @pytest.fixture
 def serve_uvicorn(settings: Any, anthropic: Any) -> Iterator[Any]:
     """Starts the web process `serve` would start with the given trusted proxies (and a
     backend named anthropic for the agents to ask for)."""
-    started: list[subprocess.Popen[bytes]] = []
+    with ExitStack() as started:
 
-    def start(trusted: list[str], **extra_env: str) -> str:
-        settings.TRUSTED_PROXIES = trusted
-        port = free_port()
-        command = uvicorn_command(sys.executable, host="127.0.0.1", port=port, workers=1)
-        env = clean_env(
-            DATABASE_URL=database_url(),
-            REDIS_URL=django_settings.REDIS_URL,
-            KEYBROKER_REDIS_PREFIX=django_settings.REDIS_KEY_PREFIX,
-            KEYBROKER_DATA_DIR=str(django_settings.DATA_DIR),
-            KEYBROKER_TRUSTED_PROXIES=",".join(trusted),
-            # uvicorn's own fallback for --forwarded-allow-ips: serve's options must win.
-            FORWARDED_ALLOW_IPS="*",
-            **extra_env,
-        )
-        process = subprocess.Popen(
-            [*command, "--log-level", "warning"],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        started.append(process)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{url}/health", timeout=1)
-                return url
-            except httpx.TransportError:
-                if process.poll() is not None:
-                    stderr = process.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
-                    pytest.fail(f"uvicorn died: {stderr}")
-                assert time.monotonic() < deadline, "uvicorn did not start"
-                time.sleep(0.2)
+        def start(trusted: list[str], **extra_env: str) -> str:
+            settings.TRUSTED_PROXIES = trusted  # what serve's uvicorn options are built from
+            env = process_env(
+                KEYBROKER_TRUSTED_PROXIES=",".join(trusted),
+                # uvicorn's own fallback for --forwarded-allow-ips: serve's options must win.
+                FORWARDED_ALLOW_IPS="*",
+                **extra_env,
+            )
+            return started.enter_context(uvicorn_serving(port=free_port(), env=env))
 
-    yield start
-    for process in started:
-        process.terminate()
-        process.wait(timeout=10)
+        yield start
 
 
 def enrolled_from(url: str, name: str) -> tuple[str | None, str | None]:
@@ -91,10 +57,11 @@ def enrolled_from(url: str, name: str) -> tuple[str | None, str | None]:
     )
     assert response.status_code == 201, response.text
     agent = Agent.objects.get(name=name)
-    deadline = time.monotonic() + 10
-    while not (event := AuditEvent.objects.filter(action="agent.enrolled", agent=agent).first()):
-        assert time.monotonic() < deadline, "the server never wrote agent.enrolled"
-        time.sleep(0.1)
+    event = wait_until(
+        AuditEvent.objects.filter(action="agent.enrolled", agent=agent).first,
+        timeout=10,
+        what="the server to write agent.enrolled",
+    )
     return agent.enrolled_from, event.client_address
 
 
