@@ -15,7 +15,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -25,28 +24,25 @@ from django.utils import timezone
 from broker.infra.db import db_call
 from broker.infra.redis import async_redis_client, redis_key
 from broker.kinds import SCHEMES, AuthScheme
-from broker.models import LAST_USED_RESOLUTION, Backend, Grant, Token, TokenState, touch_last_used
-from broker.services.access import (
-    ACCESS_GENERATION,
-    Refusal,
-    agent_refusal,
-    refusal,
-    token_refusal,
-    token_unknown,
-)
+from broker.models import AgentStatus, Backend, Grant, Token
+from broker.services.access import ACCESS_GENERATION
 from broker.services.federation import Federation, federation_of
 from broker.services.policy import Policy, grant_policy
+from proxy.errors import ProxyError
 
 logger = logging.getLogger(__name__)
 
 CACHE_SIZE = 10_000
-# A first gate in memory, so a busy token costs no query; touch_last_used is the rule.
-LAST_USED_RESOLUTION_SECONDS = LAST_USED_RESOLUTION.total_seconds()
+LAST_USED_RESOLUTION_SECONDS = 60
 # While calls are open, how often each process looks for a change that withdraws them.
 WATCH_INTERVAL_SECONDS = 0.25
 
 
-class AccessDenied(Exception):
+class AccessDenied(ProxyError):
+    """keybroker will not take this call: a missing or dead credential (401), a call the
+    token may not make (403) or whose backend is gone (404), or one over a limit (429, or
+    503 while the process holds too many request bodies)."""
+
     def __init__(
         self,
         status: int,
@@ -55,18 +51,28 @@ class AccessDenied(Exception):
         *,
         headers: Iterable[tuple[bytes, bytes]] = (),
     ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error_type = error_type
-        self.message = message
-        # Set once the token is known, so a refusal's audit event names the agent.
-        self.grant: TokenGrant | None = None
-        self.headers = tuple(headers)  # sent with the error: retry-after on a 429
+        super().__init__(status, error_type, message, headers=headers)
+        # Set once the token is known, so the refusal's audit event names the agent.
+        self.access: TokenAccess | None = None
+
+    @property
+    def outcome(self) -> str:
+        return "denied"
+
+    @property
+    def denied(self) -> bool:
+        return True
+
+    @property
+    def action(self) -> str:
+        # Not allowed or over a limit: policy said no. A bad credential is a refused call.
+        return "policy.denied" if self.status in (403, 429) else "proxy.request"
 
 
 @dataclass(frozen=True)
-class TokenGrant:
-    """What a crd_ token stands for, as of the moment it was read."""
+class TokenAccess:
+    """What a crd_ token gives access to (its agent, backend and policy), as of the moment
+    it was read."""
 
     token_id: str
     token_prefix: str
@@ -96,7 +102,7 @@ class Route:
     federation: Federation | None = None
 
 
-def _read_token(digest: str) -> TokenGrant | None:
+def _read_token(digest: str) -> TokenAccess | None:
     token = Token.objects.select_related("agent").filter(digest=digest).first()
     if token is None:
         return None
@@ -106,7 +112,7 @@ def _read_token(digest: str) -> TokenGrant | None:
         .filter(agent_id=token.agent_id, backend_id=token.backend_id)
         .first()
     )
-    return TokenGrant(
+    return TokenAccess(
         token_id=str(token.pk),
         token_prefix=token.display_prefix,
         agent_id=str(token.agent_id),
@@ -138,23 +144,22 @@ def _read_route(name: str) -> Route | None:
 
 def _withdrawn(digest: str, backend: str) -> str:
     """Why an open call of this token may no longer go on; empty when it may."""
-    grant = _read_token(digest)
-    if grant is None:
+    access = _read_token(digest)
+    if access is None:
         return "token deleted"
-    if grant.revoked:
-        return refusal(TokenState.REVOKED).message
-    refused = agent_refusal(name=grant.agent_name, status=grant.agent_status)
-    if refused is not None:
-        return refused.message
-    if not grant.has_grant:
-        return f"agent {grant.agent_name} has no grant for {backend}"
+    if access.revoked:
+        return "token revoked"
+    if access.agent_status != AgentStatus.APPROVED:
+        return f"agent {access.agent_name} is {access.agent_status}"
+    if not access.has_grant:
+        return f"agent {access.agent_name} has no grant for {backend}"
     if not Backend.objects.filter(name=backend, enabled=True).exists():
         return f"backend {backend} is disabled"
     return ""
 
 
 def _touch(token_id: str) -> None:
-    touch_last_used(Token, token_id)
+    Token.objects.filter(pk=token_id).update(last_used_at=timezone.now())
 
 
 # Database reads run in worker threads, in parallel; the event loop never waits on them.
@@ -164,16 +169,11 @@ _touch_async = db_call(_touch)
 _withdrawn_async = db_call(_withdrawn)
 
 
-def _denied(refused: Refusal) -> AccessDenied:
-    # The status and wording are the domain's (broker/services/access.py), as the API's are.
-    return AccessDenied(refused.status, refused.anthropic_type, refused.message)
-
-
 class AccessCache:
     """Per process: tokens and routes read from the database, valid for one generation."""
 
     def __init__(self) -> None:
-        self._tokens: OrderedDict[str, tuple[TokenGrant | None, float]] = OrderedDict()
+        self._tokens: OrderedDict[str, tuple[TokenAccess | None, float]] = OrderedDict()
         self._routes: dict[str, tuple[Route | None, float]] = {}
         self._generation: bytes | str | None = None
         self._last_used: dict[str, float] = {}
@@ -200,19 +200,19 @@ class AccessCache:
         self._tokens.clear()
         self._routes.clear()
 
-    async def token(self, digest: str, *, trusted: bool) -> TokenGrant | None:
+    async def token(self, digest: str, *, trusted: bool) -> TokenAccess | None:
         now = time.monotonic()
         max_age = settings.PROXY_CACHE_SECONDS
         if trusted and digest in self._tokens:
-            grant, read_at = self._tokens[digest]
+            access, read_at = self._tokens[digest]
             if now - read_at < max_age:
                 self._tokens.move_to_end(digest)
-                return grant
-        grant = await _read_token_async(digest)
-        self._tokens[digest] = (grant, now)
+                return access
+        access = await _read_token_async(digest)
+        self._tokens[digest] = (access, now)
         if len(self._tokens) > CACHE_SIZE:
             self._tokens.popitem(last=False)
-        return grant
+        return access
 
     async def route(self, name: str, *, trusted: bool) -> Route | None:
         now = time.monotonic()
@@ -281,38 +281,40 @@ class AccessCache:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def authorize(self, digest: str, backend: str) -> tuple[TokenGrant, Route]:
+    async def authorize(self, digest: str, backend: str) -> tuple[TokenAccess, Route]:
         """The checks on a crd_ token (by its ``secret_digest``), in order: known, not
         expired, not revoked, agent approved, grant for this backend, backend enabled.
         Each refusal says which."""
         trusted = await self._fresh()
-        grant = await self.token(digest, trusted=trusted)
-        if grant is None:
-            raise _denied(token_unknown())
+        access = await self.token(digest, trusted=trusted)
+        if access is None:
+            raise AccessDenied(401, "authentication_error", "invalid token")
         try:
-            route = await self._check(grant, backend, trusted=trusted)
+            route = await self._check(access, backend, trusted=trusted)
         except AccessDenied as denied:
-            denied.grant = grant
+            denied.access = access
             raise
-        self.touch(grant.token_id)
-        return grant, route
+        self.touch(access.token_id)
+        return access, route
 
-    async def _check(self, grant: TokenGrant, backend: str, *, trusted: bool) -> Route:
-        expires_at = datetime.fromtimestamp(grant.expires_at, UTC)
-        refused = token_refusal(
-            revoked=grant.revoked, expires_at=expires_at, now=timezone.now()
-        ) or agent_refusal(name=grant.agent_name, status=grant.agent_status)
-        if refused is not None:
-            raise _denied(refused)
-        if grant.backend != backend:
+    async def _check(self, access: TokenAccess, backend: str, *, trusted: bool) -> Route:
+        if access.expires_at <= time.time():
+            raise AccessDenied(401, "authentication_error", "token expired")
+        if access.revoked:
+            raise AccessDenied(401, "authentication_error", "token revoked")
+        if access.agent_status != AgentStatus.APPROVED:
+            raise AccessDenied(
+                401, "authentication_error", f"agent {access.agent_name} is {access.agent_status}"
+            )
+        if access.backend != backend:
             raise AccessDenied(
                 403,
                 "permission_error",
-                f"this token is for backend {grant.backend}, not {backend}",
+                f"this token is for backend {access.backend}, not {backend}",
             )
-        if not grant.has_grant:
+        if not access.has_grant:
             raise AccessDenied(
-                403, "permission_error", f"agent {grant.agent_name} has no grant for {backend}"
+                403, "permission_error", f"agent {access.agent_name} has no grant for {backend}"
             )
         route = await self.route(backend, trusted=trusted)
         if route is None:

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,8 @@ from broker.infra.loops import LoopLocal
 from broker.infra.secrets import secret_digest
 from broker.kinds import ANTHROPIC_VERSION, AuthScheme, ProviderError, provider_for
 from broker.services.tokens import proxy_base_url
-from proxy.access import AccessCache, AccessDenied, Route, TokenGrant
+from proxy.access import AccessCache, AccessDenied, Route, TokenAccess
+from proxy.errors import BadRequest, ProxyError, UpstreamFailed
 from proxy.federation import federated_secret, federation_cache
 from proxy.metering import UsageMeter, meterable_accept_encoding
 from proxy.paths import PathRefused, proxy_path_parse, upstream_url
@@ -83,28 +84,17 @@ class AccessWithdrawn(UpstreamBroke):
     outcome = "revoked"
 
 
-def anthropic_error(status: int, error_type: str, message: str) -> bytes:
-    return json.dumps({"type": "error", "error": {"type": error_type, "message": message}}).encode()
-
-
-async def respond_error(
-    send: Send,
-    status: int,
-    error_type: str,
-    message: str,
-    *,
-    headers: Iterable[tuple[bytes, bytes]] = (),
-) -> None:
-    body = anthropic_error(status, error_type, message)
+async def respond_error(send: Send, error: ProxyError) -> None:
+    body = error.body
     await send(
         {
             "type": "http.response.start",
-            "status": status,
+            "status": error.status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"x-keybroker-error", b"1"),
-                *headers,
+                *error.headers,
             ],
         }
     )
@@ -176,8 +166,8 @@ async def _body_stream(
             return
 
 
-def _body_too_large(limit: int) -> AccessDenied:
-    return AccessDenied(413, "request_too_large", f"request body is over {limit} bytes")
+def _body_too_large(limit: int) -> BadRequest:
+    return BadRequest(413, "request_too_large", f"request body is over {limit} bytes")
 
 
 def _whole_number(value: Any) -> bool:
@@ -192,7 +182,7 @@ class Exchange:
     path: str
     address: str | None
     started: float
-    grant: TokenGrant | None = None
+    access: TokenAccess | None = None
     backend: str = ""
     status: int = 0
     ttfb_ms: float | None = None
@@ -201,27 +191,23 @@ class Exchange:
     body_complete: bool = False
     facts: dict[str, Any] | None = None
     meter: UsageMeter | None = None
-    policy_rule: str = ""  # the policy field that refused the call
+    error: ProxyError | None = None  # what keybroker answered in the upstream's place
     ticket: Ticket | None = None  # where a metered grant's usage is counted
     token_digest: str = ""  # of the crd_ token, to close the call if it is revoked
     note: str = ""  # why the call ended as it did, when it was cut short
     at_frame_end: bool = True  # whether what was sent so far ends between SSE events
     body_held: int = 0  # request-body bytes held in memory, against the process' budget
-    body_refused: AccessDenied | None = None  # why a streamed request body was cut off
+    body_refused: BadRequest | None = None  # why a streamed request body was cut off
     batch_created: str = ""  # the id of the message batch this call created
     batch_results: str = ""  # the id of the message batch whose results this call read
 
     def record(self, message: str = "") -> None:
         usage = self.meter.finish() if self.meter is not None else None
         facts = self.facts or {}
-        outcome, action = self.outcome, "proxy.request"
-        refused = outcome == "denied"
-        if refused and self.status >= 500 and not self.policy_rule:
-            # Raised by keybroker for an upstream it could not reach: the call was allowed.
-            outcome = "upstream_timeout" if self.status == 504 else "upstream_unreachable"
-            refused = False
-        if refused and (self.status in (403, 429) or self.policy_rule):
-            action = "policy.denied"  # no grant, a disabled backend, a limit: policy said no
+        error = self.error
+        outcome = error.outcome if error is not None else self.outcome
+        action = error.action if error is not None else "proxy.request"
+        denied = error is not None and error.denied
         fields: dict[str, Any] = {
             "method": self.method,
             "path": self.path,
@@ -233,8 +219,8 @@ class Exchange:
             "model": (usage.model if usage and usage.model else facts.get("model", "")),
             "system_prompt": facts.get("system"),
             "streamed": facts.get("stream"),
-            "policy_result": "denied" if refused else ("allowed" if self.grant else ""),
-            "policy_reason": message if refused else "",
+            "policy_result": "denied" if denied else ("allowed" if self.access else ""),
+            "policy_reason": message if denied else "",
         }
         if usage is not None:
             fields["input_tokens"] = usage.tokens.get("input_tokens")
@@ -253,14 +239,14 @@ class Exchange:
             fields["batch_id"] = self.batch_created
         if "batch_requests" in facts:
             fields["batch_requests"] = facts["batch_requests"]
-        if self.policy_rule:
-            fields["policy_rule"] = self.policy_rule
-        if self.grant is not None:
-            fields["token_id"] = self.grant.token_id
-            fields["token"] = self.grant.token_prefix
+        if isinstance(error, PolicyDenied):
+            fields["policy_rule"] = error.rule
+        if self.access is not None:
+            fields["token_id"] = self.access.token_id
+            fields["token"] = self.access.token_prefix
         audit_enqueue(
             action=action,
-            agent=self.grant.agent_name if self.grant else "",
+            agent=self.access.agent_name if self.access else "",
             backend=self.backend,
             message=message,
             address=self.address,
@@ -272,7 +258,7 @@ class ProxyApp:
     def __init__(self) -> None:
         self._caches = LoopLocal(AccessCache)
 
-    def access(self) -> AccessCache:
+    def access_cache(self) -> AccessCache:
         return self._caches.get()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -285,15 +271,12 @@ class ProxyApp:
         )
         try:
             await self._handle(scope, receive, send, exchange)
-        except AccessDenied as denied:
-            exchange.status, exchange.outcome = denied.status, "denied"
-            exchange.grant = exchange.grant or denied.grant
-            if isinstance(denied, PolicyDenied):
-                exchange.policy_rule = denied.rule
-            await respond_error(
-                send, denied.status, denied.error_type, denied.message, headers=denied.headers
-            )
-            exchange.record(denied.message)
+        except ProxyError as error:
+            exchange.status, exchange.error = error.status, error
+            if isinstance(error, AccessDenied) and exchange.access is None:
+                exchange.access = error.access
+            await respond_error(send, error)
+            exchange.record(error.message)
         except UpstreamBroke as broke:
             exchange.outcome = broke.outcome
             exchange.record(str(broke))
@@ -306,9 +289,9 @@ class ProxyApp:
         try:
             target = proxy_path_parse(scope.get("raw_path") or scope["path"].encode())
         except PathRefused as refused:
-            raise AccessDenied(400, "invalid_request_error", str(refused)) from None
+            raise BadRequest(400, "invalid_request_error", str(refused)) from None
         if target is None:
-            raise AccessDenied(404, "not_found_error", "no such proxy path")
+            raise BadRequest(404, "not_found_error", "no such proxy path")
         exchange.backend, exchange.path = target.backend, target.path
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         token = credential_of(headers)
@@ -319,15 +302,15 @@ class ProxyApp:
                 "send a crd_ token as x-api-key or Authorization: Bearer",
             )
         exchange.token_digest = secret_digest(token)
-        grant, route = await self.access().authorize(exchange.token_digest, target.backend)
-        exchange.grant = grant
+        access, route = await self.access_cache().authorize(exchange.token_digest, target.backend)
+        exchange.access = access
         try:
             url = upstream_url(route.base_url, target.path, scope.get("query_string", b""))
         except PathRefused as refused:
-            raise AccessDenied(400, "invalid_request_error", str(refused)) from None
-        with process_load.call(grant.policy, agent=grant.agent_name, backend=target.backend):
+            raise BadRequest(400, "invalid_request_error", str(refused)) from None
+        with process_load.call(access.policy, agent=access.agent_name, backend=target.backend):
             try:
-                await self._call(scope, receive, send, exchange, target.path, grant, route, url)
+                await self._call(scope, receive, send, exchange, target.path, access, route, url)
             finally:
                 process_load.release_body(exchange.body_held)
 
@@ -338,7 +321,7 @@ class ProxyApp:
         send: Send,
         exchange: Exchange,
         path: str,
-        grant: TokenGrant,
+        access: TokenAccess,
         route: Route,
         url: str,
     ) -> None:
@@ -346,7 +329,7 @@ class ProxyApp:
         # Held whole only when something must read it: policy, or the audit's facts and
         # the reservation of a messages call. Anything else (file uploads) streams through.
         must_read = path.startswith(METERED_REQUEST_PATHS) or (
-            grant.policy is not None and grant.policy.reads_body
+            access.policy is not None and access.policy.reads_body
         )
         body = await self._read_body(headers, receive, exchange, whole=must_read)
         if body is None:
@@ -357,19 +340,19 @@ class ProxyApp:
         results = BATCH_RESULTS_PATH.match(path)
         if results and scope["method"] == "GET":
             exchange.batch_results = results[1]
-        if grant.policy is not None:
+        if access.policy is not None:
             # Before anything goes upstream; rates and budgets cost Redis only when set.
             policy_check_request(
-                grant.policy,
+                access.policy,
                 path=path,
                 headers=headers,
                 body=whole,
-                agent=grant.agent_name,
+                agent=access.agent_name,
                 backend=route.name,
             )
             exchange.ticket = await policy_gate().admit(
-                grant.policy,
-                agent=grant.agent_name,
+                access.policy,
+                agent=access.agent_name,
                 backend=route.name,
                 demand=policy_demand(scope["method"], path, exchange.facts, len(whole)),
             )
@@ -484,10 +467,10 @@ class ProxyApp:
             if exchange.body_refused is not None:
                 raise exchange.body_refused from None
             if isinstance(exc, TimeoutError):
-                raise AccessDenied(504, "api_error", f"upstream {route.name} timed out") from None
+                raise UpstreamFailed(f"upstream {route.name} timed out", timed_out=True) from None
             if isinstance(exc, aiohttp.ClientError):
-                raise AccessDenied(
-                    502, "api_error", f"upstream {route.name} unreachable ({type(exc).__name__})"
+                raise UpstreamFailed(
+                    f"upstream {route.name} unreachable ({type(exc).__name__})"
                 ) from None
             raise
         exchange.status = upstream.status
@@ -533,7 +516,7 @@ class ProxyApp:
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         pump = asyncio.ensure_future(self._pump(send, upstream, exchange))
         hangup = asyncio.ensure_future(_wait_for_disconnect(receive))
-        access = self.access()
+        access = self.access_cache()
         withdrawn = access.watch(exchange.token_digest, exchange.backend)
         waiting: set[asyncio.Future[Any]] = {pump, hangup, withdrawn}
         try:
@@ -563,7 +546,7 @@ class ProxyApp:
         message = f"{reason}: this call was closed"
         if not (content_type.startswith("text/event-stream") and exchange.at_frame_end):
             raise AccessWithdrawn(message)
-        error = anthropic_error(401, "authentication_error", message).decode()
+        error = AccessDenied(401, "authentication_error", message).body.decode()
         frame = f"event: error\ndata: {error}\n\n".encode()
         await send({"type": "http.response.body", "body": frame, "more_body": False})
         exchange.note = message
@@ -592,9 +575,8 @@ class ProxyApp:
         try:
             raw = await upstream.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            exchange.outcome = "upstream_broke"
-            raise AccessDenied(
-                502, "api_error", f"upstream {route.name} broke off ({type(exc).__name__})"
+            raise UpstreamFailed(
+                f"upstream {route.name} broke off ({type(exc).__name__})"
             ) from None
         exchange.body_complete = True
         exchange.meter = None
@@ -656,7 +638,7 @@ def _upstream_secret(headers: list[tuple[bytes, bytes]], route: Route) -> tuple[
     """The backend's stored key, or for a client-key backend the agent's own."""
     if not route.client_key:
         if route.scheme is None:
-            raise AccessDenied(502, "api_error", f"backend {route.name} has no usable key")
+            raise UpstreamFailed(f"backend {route.name} has no usable key")
         return route.scheme, route.secret
     key = _header(headers, CLIENT_KEY_HEADER).strip()
     if not key:

@@ -21,7 +21,7 @@ from broker.infra.loops import LoopLocal
 from broker.kinds import OAUTH_BEARER, AuthScheme
 from broker.services import federation as service
 from broker.services.federation import FederatedToken, Federation, FederationError
-from proxy.access import AccessDenied
+from proxy.errors import UpstreamFailed
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,7 @@ async def federated_secret(federation: Federation) -> tuple[AuthScheme, str]:
     try:
         token = await federation_cache().token(federation)
     except FederationError as exc:
-        status = 504 if exc.timed_out else 502
-        raise AccessDenied(
-            status, "api_error", f"backend {federation.backend}: {exc.message}"
+        raise UpstreamFailed(
+            f"backend {federation.backend}: {exc.message}", timed_out=exc.timed_out
         ) from None
     return OAUTH_BEARER, token

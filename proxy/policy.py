@@ -173,8 +173,6 @@ return 1
 BATCH_HOLD_SECONDS = 30 * DAY_SECONDS
 
 
-# ARGV: key base, window seconds. Returns {requests in the sliding window, tokens in this
-# window, tokens today, ms until the oldest request leaves, ms left in window, ms left today}.
 class PolicyDenied(AccessDenied):
     """A request the grant's policy refuses; ``rule`` names the field that refused it."""
 
@@ -196,6 +194,10 @@ class PolicyDenied(AccessDenied):
             headers.append((b"x-should-retry", b"false"))
         super().__init__(status, error_type, f"policy {rule}: {message}", headers=headers)
         self.rule = rule
+
+    @property
+    def action(self) -> str:
+        return "policy.denied"  # whatever its status: a body it cannot check, Redis down
 
 
 @dataclass(frozen=True)

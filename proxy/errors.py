@@ -1,0 +1,83 @@
+"""What keybroker answers in the upstream's place, and what that answer says happened.
+
+Each answer has a status, an Anthropic error type, a message and perhaps headers, and goes
+out in Anthropic's error shape so SDKs raise it as they would the upstream's own. The class
+says what happened, and so how the call is audited: keybroker refused the caller
+(``AccessDenied`` in proxy/access.py, ``PolicyDenied`` in proxy/policy.py), the request was
+wrong as sent (``BadRequest``), or the upstream could not be reached (``UpstreamFailed``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+
+class ProxyError(Exception):
+    """An answer of keybroker's own, in Anthropic's error shape; raised before the
+    response starts."""
+
+    def __init__(
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        *,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.headers = tuple(headers)  # sent with the error: retry-after on a 429
+
+    @property
+    def body(self) -> bytes:
+        error = {"type": self.error_type, "message": self.message}
+        return json.dumps({"type": "error", "error": error}).encode()
+
+    @property
+    def outcome(self) -> str:
+        """The audit outcome of a call that ends with this answer."""
+        raise NotImplementedError
+
+    @property
+    def denied(self) -> bool:
+        """Whether keybroker said no: the audit's policy result is then "denied", with the
+        message as its reason."""
+        raise NotImplementedError
+
+    @property
+    def action(self) -> str:
+        """The audit action of a call that ends with this answer."""
+        return "proxy.request"
+
+
+class BadRequest(ProxyError):
+    """The request is wrong as sent: malformed (400), too large (413), or for a path the
+    proxy does not serve (404). Audited as a denial: nothing went upstream."""
+
+    @property
+    def outcome(self) -> str:
+        return "denied"
+
+    @property
+    def denied(self) -> bool:
+        return True
+
+
+class UpstreamFailed(ProxyError):
+    """The call was allowed but the upstream could not be reached (502) or did not answer
+    in time (504)."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(504 if timed_out else 502, "api_error", message)
+        self.timed_out = timed_out
+
+    @property
+    def outcome(self) -> str:
+        return "upstream_timeout" if self.timed_out else "upstream_unreachable"
+
+    @property
+    def denied(self) -> bool:
+        return False
