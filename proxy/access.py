@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -24,8 +25,15 @@ from django.utils import timezone
 from broker.infra.db import db_call
 from broker.infra.redis import async_redis_client, redis_key
 from broker.kinds import SCHEMES, AuthScheme
-from broker.models import AgentStatus, Backend, Grant, Token
-from broker.services.access import ACCESS_GENERATION
+from broker.models import LAST_USED_RESOLUTION, Backend, Grant, Token, TokenState, touch_last_used
+from broker.services.access import (
+    ACCESS_GENERATION,
+    Refusal,
+    agent_refusal,
+    refusal,
+    token_refusal,
+    token_unknown,
+)
 from broker.services.federation import Federation, federation_of
 from broker.services.policy import Policy, grant_policy
 from proxy.errors import ProxyError
@@ -33,7 +41,8 @@ from proxy.errors import ProxyError
 logger = logging.getLogger(__name__)
 
 CACHE_SIZE = 10_000
-LAST_USED_RESOLUTION_SECONDS = 60
+# A first gate in memory, so a busy token costs no query; touch_last_used is the rule.
+LAST_USED_RESOLUTION_SECONDS = LAST_USED_RESOLUTION.total_seconds()
 # While calls are open, how often each process looks for a change that withdraws them.
 WATCH_INTERVAL_SECONDS = 0.25
 
@@ -148,9 +157,10 @@ def _withdrawn(digest: str, backend: str) -> str:
     if access is None:
         return "token deleted"
     if access.revoked:
-        return "token revoked"
-    if access.agent_status != AgentStatus.APPROVED:
-        return f"agent {access.agent_name} is {access.agent_status}"
+        return refusal(TokenState.REVOKED).message
+    refused = agent_refusal(name=access.agent_name, status=access.agent_status)
+    if refused is not None:
+        return refused.message
     if not access.has_grant:
         return f"agent {access.agent_name} has no grant for {backend}"
     if not Backend.objects.filter(name=backend, enabled=True).exists():
@@ -159,7 +169,7 @@ def _withdrawn(digest: str, backend: str) -> str:
 
 
 def _touch(token_id: str) -> None:
-    Token.objects.filter(pk=token_id).update(last_used_at=timezone.now())
+    touch_last_used(Token, token_id)
 
 
 # Database reads run in worker threads, in parallel; the event loop never waits on them.
@@ -167,6 +177,11 @@ _read_token_async = db_call(_read_token)
 _read_route_async = db_call(_read_route)
 _touch_async = db_call(_touch)
 _withdrawn_async = db_call(_withdrawn)
+
+
+def _denied(refused: Refusal) -> AccessDenied:
+    # The status and wording are the domain's (broker/services/access.py), as the API's are.
+    return AccessDenied(refused.status, refused.anthropic_type, refused.message)
 
 
 class AccessCache:
@@ -288,7 +303,7 @@ class AccessCache:
         trusted = await self._fresh()
         access = await self.token(digest, trusted=trusted)
         if access is None:
-            raise AccessDenied(401, "authentication_error", "invalid token")
+            raise _denied(token_unknown())
         try:
             route = await self._check(access, backend, trusted=trusted)
         except AccessDenied as denied:
@@ -298,14 +313,12 @@ class AccessCache:
         return access, route
 
     async def _check(self, access: TokenAccess, backend: str, *, trusted: bool) -> Route:
-        if access.expires_at <= time.time():
-            raise AccessDenied(401, "authentication_error", "token expired")
-        if access.revoked:
-            raise AccessDenied(401, "authentication_error", "token revoked")
-        if access.agent_status != AgentStatus.APPROVED:
-            raise AccessDenied(
-                401, "authentication_error", f"agent {access.agent_name} is {access.agent_status}"
-            )
+        expires_at = datetime.fromtimestamp(access.expires_at, UTC)
+        refused = token_refusal(
+            revoked=access.revoked, expires_at=expires_at, now=timezone.now()
+        ) or agent_refusal(name=access.agent_name, status=access.agent_status)
+        if refused is not None:
+            raise _denied(refused)
         if access.backend != backend:
             raise AccessDenied(
                 403,
