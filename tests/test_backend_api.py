@@ -100,7 +100,7 @@ def test_it_rotates_validates_updates_and_removes(
         (
             {"name": "anthropic", "secret": "KEY", "ttl": {"min": -5, "default": 1, "max": 2}},
             400,
-            "ttl.min",
+            "ttl: token TTL bounds must satisfy 1s <= min",
         ),
     ],
 )

@@ -79,9 +79,12 @@ class BackendOutput(serializers.ModelSerializer[Backend]):
 
 
 class TtlInput(StrictInputSerializer):
-    min = serializers.IntegerField(min_value=1)
-    default = serializers.IntegerField(min_value=1)
-    max = serializers.IntegerField(min_value=1)
+    """Seconds; the bounds' rule (1s <= min <= default <= max <= 24h) is TtlBounds', so the
+    API and the admin refuse the same bounds in the same words."""
+
+    min = serializers.IntegerField()
+    default = serializers.IntegerField()
+    max = serializers.IntegerField()
 
 
 class FederationInput(StrictInputSerializer):

@@ -280,8 +280,11 @@ def _apply_federation(backend: Backend, settings_: FederationSettings) -> dict[s
         if getattr(backend, columns[name]) != value:
             setattr(backend, columns[name], value)
             changed[name] = value
+    entered = {name: value.strip() for name, value in settings_.given().items()}
     for name in ("federation_rule_id", "organization_id"):
-        if not getattr(backend, name) and name not in problems.fields():
+        # As entered when another value was refused (nothing was set), else as now set.
+        present = entered.get(name) if problems and name in entered else getattr(backend, name)
+        if not present and name not in problems.fields():
             problems.add(f"required for an {backend.kind} backend", name)
     problems.raise_if_any()
     if not backend.federation_audience:
