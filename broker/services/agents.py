@@ -168,7 +168,7 @@ def agent_approve(*, agent: Agent, by: User, scopes: Iterable[str] | None = None
     locked = _lock(agent)
     if locked.status in {AgentStatus.REJECTED, AgentStatus.UNENROLLED}:
         raise Conflict(f"agent {locked.name} is {locked.status}; it cannot be approved")
-    if locked.status == AgentStatus.APPROVED and not locked.requested_scopes and scopes is None:
+    if not locked.is_waiting and scopes is None:
         raise Conflict(f"agent {locked.name} is approved; nothing waits for a decision")
     requested = list(locked.requested_scopes)
     granting = agent_clean_scopes(requested if scopes is None else scopes)
@@ -196,7 +196,7 @@ def agent_reject(*, agent: Agent, by: User, reason: str = "") -> Agent:
         locked.decided_at = timezone.now()
         locked.decided_by = by if by is not None and by.is_authenticated else None  # type: ignore[assignment]
         action = "agent.rejected"
-    elif locked.status == AgentStatus.APPROVED and locked.requested_scopes:
+    elif locked.is_waiting:  # approved, and asking for more
         action = "agent.request_rejected"
     else:
         raise Conflict(f"agent {locked.name} is {locked.status}; nothing waits for a decision")
