@@ -80,6 +80,7 @@ WIF = {"name": "wif", "kind": "anthropic-wif"}
 
 SAME_WORDS: list[tuple[dict[str, Any], dict[str, list[str]]]] = [
     ({"name": "Bad Name", "secret": KEY}, {"name": ["use 1-63 lowercase"]}),
+    ({"name": "x" * 64, "secret": KEY}, {"name": ["use 1-63 lowercase"]}),
     ({"name": "anthropic", "secret": "hunter2"}, {"secret": ["an Anthropic secret is an API key"]}),
     ({"name": "anthropic", "secret": ""}, {"secret": ["must not be empty"]}),
     (
@@ -282,3 +283,12 @@ def test_several_problems_keep_the_first_ones_status_and_every_field() -> None:
     assert error.message == "base_url: not yours; name: too long; also wrong"
     assert ServiceError("plain").errors == {None: ["plain"]}
     assert ServiceError("short", "rpm").message == "rpm: short"
+
+
+def test_a_field_whose_own_check_failed_gets_no_service_words_on_top(
+    admin_page: Client,
+) -> None:
+    # The service saw no name at all, so its "use 1-63 lowercase …" would be about nothing.
+    errors = form_errors(admin_page.post(ADMIN_ADD, as_form({"name": "", "secret": "hunter2"})))
+    assert errors["name"] == ["This field is required."]
+    assert errors["new_secret"][0].startswith("an Anthropic secret is an API key")

@@ -67,6 +67,8 @@ STATE_COLOURS = {
 
 
 class BackendForm(forms.ModelForm[Backend]):
+    # What a name may be (1-63 characters among them) is backend_clean_name's rule and words.
+    name = forms.CharField(max_length=255)
     kind = forms.ChoiceField(choices=[(k, p.label) for k, p in PROVIDERS.items()])
     base_url = forms.CharField(
         required=False,

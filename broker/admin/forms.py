@@ -17,15 +17,16 @@ def form_add_service_errors(
 
     ``fields`` maps the service's names to the form's where they differ (``secret`` ->
     ``new_secret``). A problem with an input the form has no field for goes on top of the
-    form, with the service's name for it, so nothing is lost; one the form already shows
-    for that field (its own check said the same) is not repeated.
+    form, with the service's name for it, so nothing is lost. A field whose own check had
+    already failed gets nothing more: the service never saw what was typed there.
     """
     fields = fields or {}
+    failed = set(form.errors)
     for field, texts in exc.errors.items():
         target = fields.get(field, field) if field is not None else None
         for text in texts:
             if target is not None and target in form.fields:
-                if text not in form.errors.get(target, []):
+                if target not in failed:
                     form.add_error(target, text)
             else:
                 form.add_error(None, f"{field}: {text}" if field else text)

@@ -107,7 +107,8 @@ class FederationInput(StrictInputSerializer):
 
 
 class BackendCreateInput(StrictInputSerializer):
-    name = StrictCharField(max_length=63)
+    # A bound on the body only: what a name may be is backend_clean_name's rule.
+    name = StrictCharField(max_length=255)
     kind = StrictCharField(max_length=32, default="anthropic")
     secret = StrictCharField(
         write_only=True, trim_whitespace=True, max_length=4096, required=False, allow_blank=True
