@@ -1,0 +1,377 @@
+"""A call on its way upstream and its answer on the way back.
+
+The upstream request is the client's, with its credential swapped for the backend's (or
+the agent's own key, or a federated access token). The answer streams through unbuffered,
+metered as it passes (proxy/metering.py); an open call whose access is withdrawn is closed
+(docs/decisions.md); and when the call ends its usage is counted in place of what it
+reserved (proxy/policy.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from broker.kinds import ANTHROPIC_VERSION, AuthScheme, ProviderError, provider_for
+from broker.services.tokens import proxy_base_url
+from proxy.access import AccessCache, AccessDenied, Route
+from proxy.errors import UpstreamFailed
+from proxy.federation import federated_secret, federation_cache
+from proxy.metering import UsageMeter, meterable_accept_encoding
+from proxy.policy import BATCH_PATH, policy_gate
+from proxy.record import Exchange
+from proxy.upstream import upstream_session, upstream_timeout
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+        b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length",
+        b"proxy-connection",
+    }
+)  # fmt: skip
+# Credentials of the caller never travel upstream, and nothing of keybroker's own either.
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"cookie", b"x-anthropic-key"})
+CLIENT_KEY_HEADER = b"x-anthropic-key"
+BATCH_RESULTS_PATH = re.compile(r"^/v1/messages/batches/([A-Za-z0-9_-]{1,100})/results$")
+# keybroker's server sends its own Date; who the upstream runs is none of the client's business.
+UPSTREAM_ONLY_HEADERS = frozenset({b"server", b"date"})
+
+
+class ClientGone(Exception):
+    """The client hung up while its request body was being streamed upstream."""
+
+
+class UpstreamBroke(Exception):
+    """The upstream stopped mid-stream; the client's connection is cut so it sees a break."""
+
+    outcome = "upstream_broke"
+
+
+class AccessWithdrawn(UpstreamBroke):
+    """The token of an open call was revoked (or its agent, grant or backend withdrawn)."""
+
+    outcome = "revoked"
+
+
+def header_value(headers: Headers, name: bytes) -> str:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+async def upstream_secret(headers: Headers, route: Route) -> tuple[AuthScheme, str]:
+    """What the call carries upstream: a federated backend's access token, the backend's
+    stored key, or for a client-key backend the agent's own."""
+    if route.federation is not None:
+        return await federated_secret(route.federation)
+    if not route.client_key:
+        if route.scheme is None:
+            raise UpstreamFailed(f"backend {route.name} has no usable key")
+        return route.scheme, route.secret
+    key = header_value(headers, CLIENT_KEY_HEADER).strip()
+    if not key:
+        raise AccessDenied(
+            401,
+            "authentication_error",
+            f"backend {route.name} uses your own key: send it in X-Anthropic-Key",
+        )
+    try:
+        return provider_for(route.kind).auth_scheme(key), key
+    except ProviderError:
+        raise AccessDenied(
+            401, "authentication_error", "X-Anthropic-Key is not an Anthropic key"
+        ) from None
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    """What goes upstream. Its headers hold the upstream credential: never log them."""
+
+    method: str
+    url: str
+    headers: Headers = field(repr=False)
+    body: bytes | AsyncIterator[bytes] = field(repr=False)
+    route: Route
+    # A batch's JSON answer is rewritten (results_url): it is asked for uncompressed.
+    rewritten: bool = False
+    # Called when the upstream answers 401, before the answer goes out.
+    on_unauthorized: Callable[[], None] | None = None
+
+
+def upstream_request(
+    *,
+    method: str,
+    path: str,
+    url: str,
+    headers: Headers,
+    body: bytes | AsyncIterator[bytes],
+    route: Route,
+    secret: tuple[AuthScheme, str],
+) -> UpstreamRequest:
+    """The client's request as it goes upstream: hop-by-hop headers and every credential
+    dropped, the upstream's credential set, everything else verbatim."""
+    forwarded = [
+        (name, value)
+        for name, value in headers
+        if name not in HOP_BY_HOP and name not in CREDENTIAL_HEADERS
+    ]
+    if not any(name == b"anthropic-version" for name, _ in forwarded):
+        forwarded.append((b"anthropic-version", ANTHROPIC_VERSION.encode()))
+    scheme, key = secret
+    beta = ",".join(v.decode("latin-1") for k, v in forwarded if k == b"anthropic-beta")
+    credential = scheme.headers(key, anthropic_beta=beta or None)
+    if "anthropic-beta" in credential:
+        forwarded = [(k, v) for k, v in forwarded if k != b"anthropic-beta"]
+    forwarded.extend((k.encode(), v.encode("latin-1")) for k, v in credential.items())
+    declared = header_value(headers, b"content-length")
+    if not isinstance(body, bytes) and declared.isdigit():
+        forwarded.append((b"content-length", declared.encode()))
+    # Only codings the meter reads are asked for (br or zstd would leave usage unread); a
+    # client that did not ask for compression must never get it.
+    rewritten = path.startswith(BATCH_PATH)
+    asked = b", ".join(v for k, v in forwarded if k == b"accept-encoding") or None
+    forwarded = [(k, v) for k, v in forwarded if k != b"accept-encoding"]
+    forwarded.append(
+        (b"accept-encoding", b"identity" if rewritten else meterable_accept_encoding(asked))
+    )
+    on_unauthorized: Callable[[], None] | None = None
+    if route.federation is not None:
+        federation = route.federation
+
+        def on_unauthorized() -> None:
+            # The upstream no longer takes this access token (revoked, or the rule changed):
+            # the next call exchanges for a new one instead of failing until it expires.
+            federation_cache().forget(federation, key)
+
+    return UpstreamRequest(
+        method=method,
+        url=url,
+        headers=forwarded,
+        body=body,
+        route=route,
+        rewritten=rewritten,
+        on_unauthorized=on_unauthorized,
+    )
+
+
+async def forward(
+    request: UpstreamRequest,
+    receive: Receive,
+    send: Send,
+    exchange: Exchange,
+    access_cache: AccessCache,
+) -> None:
+    """Send the request upstream and its answer to the client, then record the call."""
+    route = request.route
+    try:
+        upstream = await upstream_session().request(
+            request.method,
+            # As built and checked: no re-quoting or path normalisation by the client.
+            URL(request.url, encoded=True),
+            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers],
+            data=request.body or None,
+            allow_redirects=False,
+            timeout=upstream_timeout(),
+        )
+    except Exception as exc:
+        # A streamed request body can fail the request from the client's side too.
+        if exchange.outcome == "client_gone":
+            exchange.record("the client hung up while sending its request")
+            return
+        if exchange.body_refused is not None:
+            raise exchange.body_refused from None
+        if isinstance(exc, TimeoutError):
+            raise UpstreamFailed(f"upstream {route.name} timed out", timed_out=True) from None
+        if isinstance(exc, aiohttp.ClientError):
+            raise UpstreamFailed(
+                f"upstream {route.name} unreachable ({type(exc).__name__})"
+            ) from None
+        raise
+    exchange.status = upstream.status
+    if upstream.status == 401 and request.on_unauthorized is not None:
+        request.on_unauthorized()  # before the answer goes out, so the client's retry sees it
+    exchange.ttfb_ms = round((time.perf_counter() - exchange.started) * 1000, 2)
+    exchange.request_id = upstream.headers.get("request-id", "")[:100]
+    try:
+        if request.rewritten and _is_json(upstream):
+            await _send_rewritten(send, upstream, route, exchange)
+        else:
+            await _stream(receive, send, upstream, exchange, access_cache)
+    finally:
+        if exchange.body_complete:
+            upstream.release()  # read to the end: the connection goes back to the pool
+        else:
+            upstream.close()
+    if exchange.outcome == "ok" and upstream.status >= 400:
+        exchange.outcome = "upstream_error"
+    exchange.record(exchange.note)
+
+
+def _response_headers(upstream: aiohttp.ClientResponse) -> Headers:
+    return [
+        (name.lower(), value)
+        for name, value in upstream.raw_headers
+        if (name.lower() not in HOP_BY_HOP or name.lower() == b"content-length")
+        and name.lower() not in UPSTREAM_ONLY_HEADERS
+    ]
+
+
+async def _stream(
+    receive: Receive,
+    send: Send,
+    upstream: aiohttp.ClientResponse,
+    exchange: Exchange,
+    access_cache: AccessCache,
+) -> None:
+    headers = _response_headers(upstream)
+    content_type = upstream.headers.get("content-type", "")
+    if content_type.startswith("text/event-stream"):
+        headers.append((b"x-accel-buffering", b"no"))
+    exchange.meter = UsageMeter(
+        content_type=content_type,
+        content_encoding=upstream.headers.get("content-encoding", ""),
+        jsonl=bool(exchange.batch_results) and upstream.status == 200,
+    )
+    await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+    pump = asyncio.ensure_future(_pump(send, upstream, exchange))
+    hangup = asyncio.ensure_future(_wait_for_disconnect(receive))
+    withdrawn = access_cache.watch(exchange.token_digest, exchange.backend)
+    waiting: set[asyncio.Future[Any]] = {pump, hangup, withdrawn}
+    try:
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hangup.cancel()
+        reason = withdrawn.result() if withdrawn.done() and not withdrawn.cancelled() else ""
+        access_cache.unwatch(exchange.token_digest, withdrawn)
+        if not pump.done():
+            # The client hung up, its access was withdrawn, or this task was cancelled:
+            # stop reading upstream.
+            pump.cancel()
+            exchange.outcome = "revoked" if reason else "client_gone"
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+    if exchange.outcome == "revoked":
+        await _close_withdrawn(send, content_type, exchange, reason)
+    elif exchange.outcome != "client_gone":
+        pump.result()  # re-raises UpstreamBroke
+
+
+async def _close_withdrawn(send: Send, content_type: str, exchange: Exchange, reason: str) -> None:
+    """End a call whose access was withdrawn: an SSE stream between two events gets an
+    error event the SDKs raise, anything else has its connection cut."""
+    message = f"{reason}: this call was closed"
+    if not (content_type.startswith("text/event-stream") and exchange.at_frame_end):
+        raise AccessWithdrawn(message)
+    error = AccessDenied(401, "authentication_error", message).body.decode()
+    frame = f"event: error\ndata: {error}\n\n".encode()
+    await send({"type": "http.response.body", "body": frame, "more_body": False})
+    exchange.note = message
+
+
+async def _pump(send: Send, upstream: aiohttp.ClientResponse, exchange: Exchange) -> None:
+    meter = exchange.meter
+    assert meter is not None
+    try:
+        async for chunk in upstream.content.iter_any():
+            meter.feed(chunk)
+            exchange.at_frame_end = False
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            exchange.at_frame_end = chunk.endswith((b"\n\n", b"\r\n\r\n"))
+    except TimeoutError:
+        raise UpstreamBroke("upstream went silent mid-stream (idle timeout)") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamBroke(f"upstream cut the stream ({type(exc).__name__})") from None
+    exchange.body_complete = True
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _send_rewritten(
+    send: Send, upstream: aiohttp.ClientResponse, route: Route, exchange: Exchange
+) -> None:
+    """A batch's ``results_url`` points at the upstream; the client must call the proxy."""
+    try:
+        raw = await upstream.read()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise UpstreamFailed(f"upstream {route.name} broke off ({type(exc).__name__})") from None
+    exchange.body_complete = True
+    exchange.meter = None
+    try:
+        payload = json.loads(raw)
+        body = json.dumps(_rewrite_results_urls(payload, route)).encode()
+    except (ValueError, UnicodeDecodeError):
+        body = raw
+    else:
+        created = exchange.method == "POST" and exchange.path == BATCH_PATH
+        if created and upstream.status == 200 and isinstance(payload, dict):
+            batch_id = payload.get("id")
+            if isinstance(batch_id, str) and BATCH_RESULTS_PATH.match(
+                f"{BATCH_PATH}/{batch_id}/results"
+            ):
+                exchange.batch_created = batch_id
+    headers = [(k, v) for k, v in _response_headers(upstream) if k != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _rewrite_results_urls(payload: Any, route: Route) -> Any:
+    proxy_base = proxy_base_url(route.name)
+    if isinstance(payload, dict):
+        rewritten = {key: _rewrite_results_urls(value, route) for key, value in payload.items()}
+        url = payload.get("results_url")
+        if isinstance(url, str) and url.startswith(route.base_url + "/"):
+            rewritten["results_url"] = proxy_base + url[len(route.base_url) :]
+        return rewritten
+    if isinstance(payload, list):
+        return [_rewrite_results_urls(item, route) for item in payload]
+    return payload
+
+
+def _is_json(response: aiohttp.ClientResponse) -> bool:
+    return response.headers.get("content-type", "").startswith("application/json")
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def usage_settle(exchange: Exchange) -> None:
+    """Count a metered call's usage in place of what it reserved at admission.
+
+    record() has finished the meter: its usage is the whole call's, streamed or not, and
+    counts toward the window the call started in. Usage the meter could not read leaves
+    the reservation standing; a call that got no answer gives it back.
+    """
+    ticket = exchange.ticket
+    if ticket is None:
+        return
+    gate = policy_gate()
+    usage = exchange.meter.usage if exchange.meter is not None else None
+    tokens = None if usage is not None and usage.unmetered else (usage.tokens if usage else {})
+    if exchange.batch_created:
+        gate.hold_batch(ticket, exchange.batch_created)  # settled when its results are read
+        return
+    if exchange.batch_results and exchange.status == 200:
+        # The results' usage is the batch's, not this read's (which reserved nothing); a
+        # read cut short leaves the batch held for the next one.
+        if exchange.body_complete:
+            gate.settle_batch(ticket, exchange.batch_results, tokens)
+        return
+    gate.settle(ticket, tokens)

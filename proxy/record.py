@@ -1,0 +1,101 @@
+"""The audit record of a proxied call: what the proxy learns of it as it goes, and the one
+event it becomes (docs/decisions.md, "One event per proxied call"). Metadata only: never a
+body, never a secret."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from audit.recorder import audit_enqueue
+from proxy.access import AccessDenied, TokenAccess
+from proxy.errors import BadRequest, ProxyError
+from proxy.metering import UsageMeter
+from proxy.policy import PolicyDenied, Ticket
+
+
+@dataclass
+class Exchange:
+    """One proxied call, as the audit trail will see it."""
+
+    method: str
+    path: str
+    address: str | None
+    started: float
+    access: TokenAccess | None = None
+    backend: str = ""
+    status: int = 0
+    ttfb_ms: float | None = None
+    request_id: str = ""
+    outcome: str = "ok"
+    body_complete: bool = False
+    facts: dict[str, Any] | None = None
+    meter: UsageMeter | None = None
+    error: ProxyError | None = None  # what keybroker answered in the upstream's place
+    ticket: Ticket | None = None  # where a metered grant's usage is counted
+    token_digest: str = ""  # of the crd_ token, to close the call if it is revoked
+    note: str = ""  # why the call ended as it did, when it was cut short
+    at_frame_end: bool = True  # whether what was sent so far ends between SSE events
+    body_held: int = 0  # request-body bytes held in memory, against the process' budget
+    body_refused: BadRequest | None = None  # why a streamed request body was cut off
+    batch_created: str = ""  # the id of the message batch this call created
+    batch_results: str = ""  # the id of the message batch whose results this call read
+
+    def answered_by(self, error: ProxyError) -> None:
+        """keybroker answered in the upstream's place; the error says how to audit it."""
+        self.status, self.error = error.status, error
+        if isinstance(error, AccessDenied) and self.access is None:
+            self.access = error.access  # refused after its token was read: name the agent
+
+    def record(self, message: str = "") -> None:
+        usage = self.meter.finish() if self.meter is not None else None
+        facts = self.facts or {}
+        error = self.error
+        outcome = error.outcome if error is not None else self.outcome
+        action = error.action if error is not None else "proxy.request"
+        denied = error is not None and error.denied
+        fields: dict[str, Any] = {
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "outcome": outcome,
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 2),
+            "ttfb_ms": self.ttfb_ms,
+            "request_id": self.request_id,
+            "model": (usage.model if usage and usage.model else facts.get("model", "")),
+            "system_prompt": facts.get("system"),
+            "streamed": facts.get("stream"),
+            "policy_result": "denied" if denied else ("allowed" if self.access else ""),
+            "policy_reason": message if denied else "",
+        }
+        if usage is not None:
+            fields["input_tokens"] = usage.tokens.get("input_tokens")
+            fields["output_tokens"] = usage.tokens.get("output_tokens")
+            fields["cache_read_tokens"] = usage.tokens.get("cache_read_input_tokens")
+            fields["cache_write_tokens"] = usage.tokens.get("cache_creation_input_tokens")
+            fields["stop_reason"] = usage.stop_reason
+            if usage.error_type:
+                fields["error_type"] = usage.error_type  # not a column: kept in detail
+            if usage.unmetered:
+                fields["unmetered"] = usage.unmetered  # why the tokens are missing or partial
+            if self.batch_results:
+                fields["batch_id"] = self.batch_results
+                fields["batch_requests"] = usage.requests
+        if self.batch_created:
+            fields["batch_id"] = self.batch_created
+        if "batch_requests" in facts:
+            fields["batch_requests"] = facts["batch_requests"]
+        if isinstance(error, PolicyDenied):
+            fields["policy_rule"] = error.rule
+        if self.access is not None:
+            fields["token_id"] = self.access.token_id
+            fields["token"] = self.access.token_prefix
+        audit_enqueue(
+            action=action,
+            agent=self.access.agent_name if self.access else "",
+            backend=self.backend,
+            message=message,
+            address=self.address,
+            **fields,
+        )
