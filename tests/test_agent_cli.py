@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import REPO, clean_env, free_port
 from tests.fake_anthropic import Receive, Scope, Send, serve_in_thread
+from tests.waiting import wait_until
 
 TTL_MIN, TTL_DEFAULT, TTL_MAX = 60, 600, 3600
 BACKENDS = ("anthropic", "anthropic-staging")
@@ -896,15 +897,19 @@ def test_identity_token_refresh_keeps_the_file_fresh(
         env=cli.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while len(broker.identity_tokens) < 3:
+
+        def renewed_twice() -> bool:
             assert running.poll() is None, running.communicate()
-            assert time.monotonic() < deadline, "the token was not renewed"
-            time.sleep(0.05)
+            return len(broker.identity_tokens) >= 3
+
+        wait_until(renewed_twice, timeout=30, what="the token to be renewed", interval=0.05)
         written = set()
-        while len(written) < 2 and time.monotonic() < deadline:
+
+        def rewritten() -> bool:
             written.add(out.read_text())  # never a partial file: always one whole token
-            time.sleep(0.01)
+            return len(written) >= 2
+
+        wait_until(rewritten, timeout=30, what="the file to be rewritten", interval=0.01)
     finally:
         running.terminate()
         _, stderr = running.communicate(timeout=10)

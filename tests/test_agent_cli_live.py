@@ -15,6 +15,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from broker.models import Agent, Backend, Token
 from broker.services.agents import agent_approve
 from tests.conftest import REPO, clean_env
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -37,11 +38,10 @@ def test_enroll_wait_get_list_revoke_unenroll(
          "--poll-interval", "0.2"],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 20
-    while not Agent.objects.filter(name="bob").exists():
-        assert time.monotonic() < deadline, "the CLI never enrolled"
-        time.sleep(0.1)
-    time.sleep(0.5)
+    wait_until(
+        Agent.objects.filter(name="bob").exists, timeout=20, what="the CLI to enroll", interval=0.1
+    )
+    time.sleep(0.5)  # a CLI that did not wait would have exited by now (two polls' time)
     assert waiting.poll() is None, "enroll must wait for the approval"
     agent_approve(agent=Agent.objects.get(name="bob"), by=alice)
     out, err = waiting.communicate(timeout=30)

@@ -11,7 +11,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -21,10 +20,9 @@ import websockets
 from asgiref.sync import sync_to_async
 from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers
 from channels.testing import WebsocketCommunicator
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import connection, connections
+from django.db import connections
 from django.test import Client
 from websockets.asyncio.client import connect
 
@@ -32,10 +30,12 @@ from audit.services import audit_record
 from broker.asgi import application
 from broker.infra.redis import redis_client, redis_key
 from broker.services.backends import backend_add
-from tests.conftest import REPO, clean_env
+from tests.conftest import REPO
 from tests.fake_anthropic import FakeAnthropic
 from tests.keys import api_key
 from tests.proxy_cast import Proxied
+from tests.servers import process_env
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -231,38 +231,29 @@ async def test_a_real_websocket_client_is_refused_without_a_session_or_from_else
         assert refused.value.response.status_code == 403
 
 
-def database_url() -> str:
-    db = connection.settings_dict
-    if db["ENGINE"].endswith("sqlite3"):
-        return f"sqlite:///{db['NAME']}"
-    return f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-
-
 @pytest.fixture
 def celery_worker() -> Iterator[subprocess.Popen[bytes]]:
     """A real Celery worker process on the test database and Redis, as in production."""
     heartbeat = redis_key("worker", "heartbeat")
     redis_client().delete(heartbeat)
-    env = clean_env(
-        DATABASE_URL=database_url(),
-        REDIS_URL=settings.REDIS_URL,
-        KEYBROKER_REDIS_PREFIX=settings.REDIS_KEY_PREFIX,
-        KEYBROKER_DATA_DIR=str(settings.DATA_DIR),
-    )
+    env = process_env()
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "broker", "worker", "--pool", "solo",
          "--loglevel", "WARNING", "--without-mingle", "--without-gossip"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not redis_client().exists(heartbeat):  # written by the worker when it is ready
-        if worker.poll() is not None or time.monotonic() > deadline:
-            worker.kill()
-            pytest.fail(f"the worker did not start: {worker.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-        time.sleep(0.1)
-    yield worker
-    worker.terminate()
-    worker.wait(timeout=20)
+
+    def ready() -> bool:  # the worker writes its heartbeat when it is ready
+        return worker.poll() is not None or bool(redis_client().exists(heartbeat))
+
+    try:
+        wait_until(ready, timeout=60, what="the Celery worker's first heartbeat", interval=0.1)
+        if worker.poll() is not None:
+            pytest.fail(f"the worker died: {worker.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        yield worker
+    finally:
+        worker.terminate()
+        worker.wait(timeout=20)
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ from audit.recorder import (
 )
 from broker.infra.db import db_call
 from tests.proxy_cast import Proxied, audit_drained
+from tests.waiting import until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -91,13 +92,6 @@ async def stored() -> list[str]:
     return [r async for r in ordered.values_list("request_id", flat=True)]
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition never held"
-        await asyncio.sleep(0.02)
-
-
 def spilled_lines(data_dir: Path, name: str = SPILL_FILE) -> list[dict[str, Any]]:
     path = data_dir / name
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -107,13 +101,13 @@ async def test_events_wait_while_the_database_is_down_and_are_written_when_it_is
     loop_recorder: None, database: FlakyDatabase, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     enqueue(3)
-    await wait_until(lambda: database.attempts >= 2)
+    await until(lambda: database.attempts >= 2, timeout=10, what="a second write attempt")
     assert audit_backlog() == 3
     assert audit_recorder_stats().write_failures >= 2
     assert "audit write failed (OperationalError); 3 event(s) wait in memory" in caplog.text
 
     database.down = False
-    await wait_until(lambda: audit_backlog() == 0)
+    await until(lambda: audit_backlog() == 0, timeout=10, what="the queue to drain")
     assert await stored() == ["req_0", "req_1", "req_2"]
     assert audit_recorder_stats().written == 3
     assert not (data_dir / SPILL_FILE).exists()
@@ -135,7 +129,7 @@ async def test_a_full_buffer_spills_to_disk_and_the_spill_is_replayed_when_write
 
     caplog.clear()
     database.down = False
-    await wait_until(lambda: audit_recorder_stats().replayed == 3)
+    await until(lambda: audit_recorder_stats().replayed == 3, timeout=10, what="3 events replayed")
     assert await stored() == [f"req_{n}" for n in range(8)]
     assert not (data_dir / SPILL_FILE).exists()
     assert "replayed 3 spilled event(s)" in caplog.text
@@ -150,7 +144,7 @@ async def test_a_row_the_database_refuses_is_set_aside_and_does_not_block_the_ot
     # A row that got past the clean-up (a bug somewhere): the column refuses a negative count.
     bad = dict(recorder._recorder().pending[0], request_id="req_bad", input_tokens=-1)
     recorder._recorder().pending.insert(1, bad)
-    await wait_until(lambda: audit_backlog() == 0)
+    await until(lambda: audit_backlog() == 0, timeout=10, what="the queue to drain")
     assert await stored() == ["req_0", "req_1"]
     assert [row["request_id"] for row in spilled_lines(data_dir, REJECTED_FILE)] == ["req_bad"]
     assert audit_recorder_stats().rejected == 1

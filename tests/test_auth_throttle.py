@@ -106,7 +106,7 @@ def test_the_throttle_lifts_when_its_window_ends(anthropic: Backend) -> None:
     for _ in range(3):
         assert as_agent("ckr_wrong").get("/v1/enroll/status").status_code == 401
     assert as_agent(vend).get("/v1/enroll/status").status_code == 429
-    time.sleep(2.1)
+    time.sleep(2.1)  # waiting out the 2 s window is what is tested
     assert as_agent(vend).get("/v1/enroll/status").status_code == 200
 
 

@@ -20,6 +20,7 @@ from proxy.policy import process_load
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import Proxied, audit_drained
 from tests.test_policy_proxy import HAIKU, HELLO, OPUS, post, sdk, set_policy, used
+from tests.waiting import until, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -30,9 +31,11 @@ STREAM_TOKENS = 25  # a stream of five deltas: 10 output tokens
 
 def wait_for(kind: str, expected: int) -> int | None:
     """Usage is settled just after a call ends, off the response path."""
-    deadline = time.monotonic() + 5
-    while used(kind) != expected and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(
+        lambda: used(kind) == expected,
+        timeout=5,
+        what=lambda: f"{kind} usage of {expected} (it is {used(kind)})",
+    )
     return used(kind)
 
 
@@ -333,7 +336,7 @@ def test_bodies_over_the_process_budget_get_503_and_nothing_is_lost(
                     json=big,
                 )
             )
-            await asyncio.sleep(0.4)
+            await until(lambda: fake_anthropic.requests, timeout=5, what="the first call upstream")
             second = await client.post(
                 f"{proxied.base_url}/v1/messages", headers={"x-api-key": proxied.token}, json=big
             )
@@ -359,7 +362,7 @@ def test_a_body_nothing_reads_streams_upstream_instead_of_being_held(
         for _ in range(32):  # 8 MB
             held.append(process_load.body_bytes)  # the server runs in this process
             yield piece
-            time.sleep(0.005)
+            time.sleep(0.005)  # an upload that takes a while: what is held meanwhile shows
 
     answer = httpx.post(
         f"{proxied.base_url}/v1/files",

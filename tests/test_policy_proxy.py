@@ -18,6 +18,7 @@ from broker.services.policy import grant_policy, grant_update
 from tests.conftest import free_port
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import Proxied, audit_drained
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -58,9 +59,11 @@ def used(kind: str) -> int | None:
 
 def wait_until_counted(kind: str, expected: int) -> None:
     """Usage is counted just after a call ends, off the response path: wait for it."""
-    deadline = time.monotonic() + 5
-    while used(kind) != expected and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(
+        lambda: used(kind) == expected,
+        timeout=5,
+        what=lambda: f"{kind} usage of {expected} (it is {used(kind)})",
+    )
 
 
 def test_a_model_outside_the_allow_list_never_reaches_upstream(
@@ -203,7 +206,7 @@ def test_the_fourth_request_in_a_window_gets_429_and_works_again_after_it(
     assert "policy rpm: 3 requests per 2s used up" in limited.value.message
     assert len(fake_anthropic.requests) == 3
 
-    time.sleep(retry_after)
+    time.sleep(retry_after)  # waiting out the window the 429 named is what is tested
     client.messages.create(model=HAIKU, max_tokens=8, messages=HELLO)
     assert len(fake_anthropic.requests) == 4
     (event,) = denied_events()

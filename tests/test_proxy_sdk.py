@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import anthropic
 import pytest
 
 from audit.models import AuditEvent
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import Proxied
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -18,12 +17,11 @@ HELLO = [{"role": "user", "content": "Hello"}]
 
 
 def wait_for_events(action: str, count: int = 1, timeout: float = 5.0) -> list[AuditEvent]:
-    deadline = time.monotonic() + timeout
-    while True:
+    def written() -> list[AuditEvent]:
         events = list(AuditEvent.objects.filter(action=action).order_by("id"))
-        if len(events) >= count or time.monotonic() > deadline:
-            return events
-        time.sleep(0.05)
+        return events if len(events) >= count else []
+
+    return wait_until(written, timeout=timeout, what=f"{count} {action} event(s)")
 
 
 def assert_only_the_real_key_went_upstream(fake: FakeAnthropic, proxied: Proxied) -> None:

@@ -19,6 +19,7 @@ from broker.services.backends import backend_update
 from broker.services.tokens import token_revoke
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import Proxied, audit_drained
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -48,10 +49,12 @@ class StreamWatcher:
         self.ended_at = time.monotonic()
 
     def wait_for_deltas(self, count: int) -> None:
-        deadline = time.monotonic() + 10
-        while len(self.arrivals) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(self.arrivals) >= count, "the stream did not start"
+        wait_until(
+            lambda: len(self.arrivals) >= count,
+            timeout=10,
+            what=f"the stream to start ({count} deltas)",
+            interval=0.01,
+        )
 
 
 def withdraw_and_watch(
@@ -86,10 +89,12 @@ def test_revoking_a_token_closes_its_open_stream_with_an_error_the_sdk_raises(
     )
     assert isinstance(stream.error, anthropic.APIStatusError)
     assert "token revoked: this call was closed" in str(stream.error)
-    deadline = time.monotonic() + 5
-    while not fake_anthropic.streams_abandoned and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert fake_anthropic.streams_abandoned == 1  # the upstream request was closed too
+    wait_until(
+        lambda: fake_anthropic.streams_abandoned,
+        timeout=5,
+        what="the upstream request to be closed too",
+    )
+    assert fake_anthropic.streams_abandoned == 1
     audit_drained()
     event = AuditEvent.objects.get(action="proxy.request")
     assert (event.outcome, event.status) == ("revoked", 200)

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import redis
 
 from tests.conftest import REPO, clean_env, free_port
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -53,19 +53,22 @@ class Broker:
         return {m[0]: int(m[1]) for m in re.findall(r"started (\w+) \(pid (\d+)\)", self.output())}
 
     def wait_ready(self, timeout: float = 90) -> dict[str, object]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> dict[str, object] | None:
             assert self.process is not None
             if self.process.poll() is not None:
                 pytest.fail(f"serve exited early:\n{self.output()}")
             try:
                 response = httpx.get(f"{self.url}/ready", timeout=2)
-                if response.status_code == 200:
-                    return dict(response.json())
             except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        pytest.fail(f"serve was not ready within {timeout}s:\n{self.output()}")
+                return None
+            return dict(response.json()) if response.status_code == 200 else None
+
+        return wait_until(
+            ready,
+            timeout=timeout,
+            what=lambda: f"serve to be ready:\n{self.output()}",
+            interval=0.3,
+        )
 
     def redis(self) -> redis.Redis:
         return redis.Redis(unix_socket_path=str(self.data_dir / "redis.sock"))
@@ -117,10 +120,12 @@ def test_serve_runs_redis_worker_and_web_and_stops_cleanly_on_sigterm(broker: Br
     heartbeat_key = "keybroker:worker:heartbeat"
     client = broker.redis()
     assert client.delete(heartbeat_key) == 1
-    deadline = time.monotonic() + 30
-    while client.get(heartbeat_key) is None:
-        assert time.monotonic() < deadline, f"no task ran within 30s:\n{broker.output()}"
-        time.sleep(0.5)
+    wait_until(
+        lambda: client.get(heartbeat_key) is not None,
+        timeout=30,
+        what=lambda: f"a task to run:\n{broker.output()}",
+        interval=0.5,
+    )
     assert httpx.get(f"{broker.url}/ready").status_code == 200
 
     children = broker.child_pids()
