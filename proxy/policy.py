@@ -390,8 +390,8 @@ class ProcessLoad:
         if policy is None or policy.max_concurrent is None:
             yield
             return
-        grant = policy.grant_id
-        if self.calls.get(grant, 0) >= policy.max_concurrent:
+        grant_id = policy.grant_id
+        if self.calls.get(grant_id, 0) >= policy.max_concurrent:
             raise PolicyDenied(
                 *RATE_LIMITED,
                 rule="max_concurrent",
@@ -399,15 +399,15 @@ class ProcessLoad:
                 f"on {backend}; retry when one ends",
                 retry_after=1,
             )
-        self.calls[grant] = self.calls.get(grant, 0) + 1
+        self.calls[grant_id] = self.calls.get(grant_id, 0) + 1
         try:
             yield
         finally:
-            left = self.calls[grant] - 1
+            left = self.calls[grant_id] - 1
             if left:
-                self.calls[grant] = left
+                self.calls[grant_id] = left
             else:
-                del self.calls[grant]
+                del self.calls[grant_id]
 
     def hold_body(self, size: int) -> None:
         """Take ``size`` more bytes of the process' body budget, or 503 when it is spent."""
