@@ -82,7 +82,7 @@ def test_a_trickle_of_header_bytes_does_not_reset_the_timeout(server: tuple[str,
         try:
             for _ in range(int(TIMEOUT * 10)):
                 sock.sendall(b"X-Drip: 1\r\n")
-                time.sleep(0.3)
+                time.sleep(0.3)  # the trickle: a header line now and then, never the end
         except (BrokenPipeError, ConnectionResetError):
             pass
         read_until_closed(sock)
