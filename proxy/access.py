@@ -69,10 +69,6 @@ class AccessDenied(ProxyError):
         return "denied"
 
     @property
-    def denied(self) -> bool:
-        return True
-
-    @property
     def action(self) -> str:
         # Not allowed or over a limit: policy said no. A bad credential is a refused call.
         return "policy.denied" if self.status in (403, 429) else "proxy.request"

@@ -45,7 +45,7 @@ class ProxyError(Exception):
     def denied(self) -> bool:
         """Whether keybroker said no: the audit's policy result is then "denied", with the
         message as its reason."""
-        raise NotImplementedError
+        return self.outcome == "denied"
 
     @property
     def action(self) -> str:
@@ -61,10 +61,6 @@ class BadRequest(ProxyError):
     def outcome(self) -> str:
         return "denied"
 
-    @property
-    def denied(self) -> bool:
-        return True
-
 
 class UpstreamFailed(ProxyError):
     """The call was allowed but the upstream could not be reached (502) or did not answer
@@ -77,7 +73,3 @@ class UpstreamFailed(ProxyError):
     @property
     def outcome(self) -> str:
         return "upstream_timeout" if self.timed_out else "upstream_unreachable"
-
-    @property
-    def denied(self) -> bool:
-        return False

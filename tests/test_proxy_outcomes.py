@@ -3,6 +3,7 @@ wrong as sent, a call keybroker would not take, or an upstream it could not reac
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -11,12 +12,52 @@ import pytest
 from audit.models import AuditEvent
 from broker.models import Backend
 from broker.services.access import access_changed
+from proxy.access import AccessDenied
+from proxy.errors import BadRequest, ProxyError, UpstreamFailed
+from proxy.policy import PolicyDenied
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import Proxied, audit_drained
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 MESSAGE = {"model": "claude-haiku-4-5", "max_tokens": 8}
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome", "action", "denied"),
+    [
+        (
+            AccessDenied(401, "authentication_error", "token expired"),
+            "denied",
+            "proxy.request",
+            True,
+        ),
+        (AccessDenied(403, "permission_error", "no grant"), "denied", "policy.denied", True),
+        (
+            PolicyDenied(400, "invalid_request_error", rule="models", message="not JSON"),
+            "denied",
+            "policy.denied",
+            True,
+        ),
+        (
+            PolicyDenied(503, "api_error", rule="unavailable", message="no Redis"),
+            "denied",
+            "policy.denied",
+            True,
+        ),
+        (BadRequest(413, "request_too_large", "too big"), "denied", "proxy.request", True),
+        (UpstreamFailed("unreachable"), "upstream_unreachable", "proxy.request", False),
+        (UpstreamFailed("slow", timed_out=True), "upstream_timeout", "proxy.request", False),
+    ],
+)
+def test_the_class_of_an_answer_says_how_its_call_is_audited(
+    error: ProxyError, outcome: str, action: str, denied: bool
+) -> None:
+    assert (error.outcome, error.action, error.denied) == (outcome, action, denied)
+    assert json.loads(error.body) == {
+        "type": "error",
+        "error": {"type": error.error_type, "message": error.message},
+    }
 
 
 def the_event() -> AuditEvent:
