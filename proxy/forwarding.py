@@ -179,6 +179,7 @@ async def forward(
 ) -> None:
     """Send the request upstream and its answer to the client, then record the call."""
     route = request.route
+    sent = time.perf_counter()
     try:
         upstream = await upstream_session().request(
             request.method,
@@ -203,6 +204,7 @@ async def forward(
                 f"upstream {route.name} unreachable ({type(exc).__name__})"
             ) from None
         raise
+    exchange.upstream_seconds += time.perf_counter() - sent
     exchange.status = upstream.status
     if upstream.status == 401 and request.on_unauthorized is not None:
         request.on_unauthorized()  # before the answer goes out, so the client's retry sees it
@@ -243,6 +245,7 @@ async def _stream(
     content_type = upstream.headers.get("content-type", "")
     if content_type.startswith("text/event-stream"):
         headers.append((b"x-accel-buffering", b"no"))
+    headers.append(exchange.server_timing())
     exchange.meter = UsageMeter(
         content_type=content_type,
         content_encoding=upstream.headers.get("content-encoding", ""),
@@ -305,10 +308,12 @@ async def _send_rewritten(
     send: Send, upstream: aiohttp.ClientResponse, route: Route, exchange: Exchange
 ) -> None:
     """A batch's ``results_url`` points at the upstream; the client must call the proxy."""
+    reading = time.perf_counter()
     try:
         raw = await upstream.read()
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise UpstreamFailed(f"upstream {route.name} broke off ({type(exc).__name__})") from None
+    exchange.upstream_seconds += time.perf_counter() - reading
     exchange.body_complete = True
     exchange.meter = None
     try:
@@ -326,6 +331,7 @@ async def _send_rewritten(
                 exchange.batch_created = batch_id
     headers = [(k, v) for k, v in _response_headers(upstream) if k != b"content-length"]
     headers.append((b"content-length", str(len(body)).encode()))
+    headers.append(exchange.server_timing())
     await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -41,6 +41,12 @@ class Exchange:
     body_refused: BadRequest | None = None  # why a streamed request body was cut off
     batch_created: str = ""  # the id of the message batch this call created
     batch_results: str = ""  # the id of the message batch whose results this call read
+    upstream_seconds: float = 0.0  # spent waiting on the upstream, left out of Server-Timing
+
+    def server_timing(self) -> tuple[bytes, bytes]:
+        """keybroker's own time so far, upstream excluded (docs/decisions.md, Server-Timing)."""
+        own = time.perf_counter() - self.started - self.upstream_seconds
+        return b"server-timing", f"keybroker;dur={max(0.0, own) * 1000:.3f}".encode()
 
     def answered_by(self, error: ProxyError) -> None:
         """keybroker answered in the upstream's place; the error says how to audit it."""
