@@ -166,7 +166,7 @@ def _export(
     params = request.query_params.dict()
     for name in ("cursor", "page_size"):
         if name in params:
-            raise ServiceError(f"{name}: exports are not paginated")
+            raise ServiceError("exports are not paginated", name)
     response = StreamingHttpResponse(render(_filter_of(request)), content_type=content_type)
     stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
     response["Content-Disposition"] = f'attachment; filename="keybroker-audit-{stamp}.{extension}"'

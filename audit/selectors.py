@@ -50,7 +50,7 @@ def audit_time_parse(text: str, *, name: str, now: datetime | None = None) -> da
         moment = datetime(day.year, day.month, day.day)
     if moment is None:
         raise ServiceError(
-            f"{name}: a date, an ISO 8601 time or a duration such as 30m, 2h, 7d; not {text!r}"
+            f"a date, an ISO 8601 time or a duration such as 30m, 2h, 7d; not {text!r}", name
         )
     if timezone.is_naive(moment):
         moment = moment.replace(tzinfo=UTC)
@@ -89,16 +89,18 @@ class AuditFilter:
             if raw in (None, ""):
                 continue
             if not isinstance(raw, str):
-                raise ServiceError(f"{field.name}: a string")
+                raise ServiceError("a string", field.name)
             if len(raw) > FILTER_TEXT_LIMIT:
-                raise ServiceError(f"{field.name}: at most {FILTER_TEXT_LIMIT} characters")
+                raise ServiceError(f"at most {FILTER_TEXT_LIMIT} characters", field.name)
             if field.name in {"since", "until"}:
                 values[field.name] = audit_time_parse(raw, name=field.name, now=now)
             else:
                 values[field.name] = raw.strip()
         status = values.get("status", "")
         if status and not _STATUS.match(status):
-            raise ServiceError(f"status: a code such as 429 or a class such as 4xx; not {status!r}")
+            raise ServiceError(
+                f"a code such as 429 or a class such as 4xx; not {status!r}", "status"
+            )
         return cls(**values)
 
     def as_params(self) -> dict[str, str]:

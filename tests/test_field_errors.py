@@ -292,3 +292,36 @@ def test_a_field_whose_own_check_failed_gets_no_service_words_on_top(
     errors = form_errors(admin_page.post(ADMIN_ADD, as_form({"name": "", "secret": "hunter2"})))
     assert errors["name"] == ["This field is required."]
     assert errors["new_secret"][0].startswith("an Anthropic secret is an API key")
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "text"),
+    [
+        ({"name": "b" * 64, "scopes": ["anthropic"]}, "name", "use at most 63 characters"),
+        (
+            {"name": "crd_abcdefghijkl", "scopes": ["anthropic"]},
+            "name",
+            "must not look like a credential (ckr_…, crd_…, sk-ant-…)",
+        ),
+        ({"name": "bob", "scopes": ["nope"]}, "scopes", "no backend named 'nope'"),
+    ],
+)
+def test_enrollment_problems_come_back_by_field(
+    fake_anthropic: FakeAnthropic, body: dict[str, Any], field: str, text: str
+) -> None:
+    backend_add(name="anthropic", secret=api_key(), base_url=fake_anthropic.url)
+    refused = api_post(Client(), "/v1/enroll", body)
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["fields"] == {field: [text]}
+    assert error["message"] == f"{field}: {text}"
+    assert not Agent.objects.exists()
+
+
+def test_audit_filter_problems_come_back_by_field(admin_api: Client) -> None:
+    refused = admin_api.get("/v1/admin/audit/", {"since": "yesterday-ish", "status": "6xx"})
+    assert refused.status_code == 400
+    fields = refused.json()["error"]["fields"]
+    assert len(fields) == 1  # the first problem found; the filter stops there
+    (field,) = fields
+    assert field in {"since", "status"}

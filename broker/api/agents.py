@@ -32,11 +32,12 @@ from broker.services.tokens import (
 
 
 class EnrollInput(StrictInputSerializer):
-    name = StrictCharField(max_length=63, trim_whitespace=False)
+    # Lengths here only stop a flood; the rules and their words are agent_enroll's.
+    name = StrictCharField(max_length=255, trim_whitespace=False)
     scopes = serializers.ListField(
         child=StrictCharField(max_length=63), allow_empty=False, max_length=32
     )
-    description = StrictCharField(max_length=500, required=False, allow_blank=True)
+    description = StrictCharField(max_length=5000, required=False, allow_blank=True)
 
 
 class ScopesInput(StrictInputSerializer):

@@ -27,10 +27,10 @@ class IssuedAdminToken:
 def admintoken_create(*, name: str, username: str) -> IssuedAdminToken:
     name = name.strip()
     if not name or len(name) > 100:
-        raise ServiceError("name: give 1-100 characters")
+        raise ServiceError("give 1-100 characters", "name")
     user = get_user_model().objects.filter(username=username, is_active=True).first()
     if user is None or not user.is_staff:
-        raise ServiceError(f"user: {username!r} is not an active staff user")
+        raise ServiceError(f"{username!r} is not an active staff user", "user")
     issued = secret_issue(PREFIX)
     token = AdminToken.objects.create(
         name=name, user=user, digest=issued.digest, display_prefix=issued.display_prefix

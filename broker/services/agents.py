@@ -43,14 +43,14 @@ class EnrolledAgent:
 
 def agent_clean_name(name: str) -> str:
     if len(name) > 63:
-        raise ServiceError("name: use at most 63 characters")
+        raise ServiceError("use at most 63 characters", "name")
     try:
         agent_name_validator(name)
     except ValidationError as exc:
-        raise ServiceError(f"name: {exc.messages[0]}") from None
+        raise ServiceError(exc.messages[0], "name") from None
     if SECRET_PATTERN.search(name):
         # Names are shown everywhere; a credential pasted as one would be too.
-        raise ServiceError("name: must not look like a credential (ckr_…, crd_…, sk-ant-…)")
+        raise ServiceError("must not look like a credential (ckr_…, crd_…, sk-ant-…)", "name")
     return name
 
 
@@ -58,11 +58,11 @@ def agent_clean_scopes(scopes: Iterable[str]) -> list[str]:
     """Scopes are backend names; every one must exist. Order kept, duplicates dropped."""
     wanted = list(dict.fromkeys(scopes))
     if len(wanted) > MAX_SCOPES:
-        raise ServiceError(f"scopes: ask for at most {MAX_SCOPES}")
+        raise ServiceError(f"ask for at most {MAX_SCOPES}", "scopes")
     known = set(Backend.objects.filter(name__in=wanted).values_list("name", flat=True))
     unknown = [scope for scope in wanted if scope not in known]
     if unknown:
-        raise ServiceError(f"scopes: no backend named {', '.join(map(repr, unknown))}")
+        raise ServiceError(f"no backend named {', '.join(map(repr, unknown))}", "scopes")
     return wanted
 
 
@@ -83,7 +83,7 @@ def agent_enroll(
     name = agent_clean_name(name)
     wanted = agent_clean_scopes(scopes)
     if len(description) > 500:
-        raise ServiceError("description: use at most 500 characters")
+        raise ServiceError("use at most 500 characters", "description")
     if Agent.objects.filter(name=name).exclude(status=AgentStatus.UNENROLLED).exists():
         raise _name_taken(name)
     issued = secret_issue(VEND_PREFIX)
@@ -212,7 +212,7 @@ def agent_request_scopes(*, agent: Agent, scopes: Iterable[str]) -> Agent:
     """An agent asks for more backends; they wait for an admin like an enrollment does."""
     wanted = agent_clean_scopes(scopes)
     if not wanted:
-        raise ServiceError("scopes: ask for at least one backend")
+        raise ServiceError("ask for at least one backend", "scopes")
     locked = _lock(agent)
     held = set(agent_scopes(locked))
     new = [s for s in wanted if s not in held and s not in locked.requested_scopes]
