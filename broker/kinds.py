@@ -108,6 +108,9 @@ class AnthropicWifProvider(Provider):
         return {"anthropic-version": ANTHROPIC_VERSION, **OAUTH_BEARER.headers(secret)}
 
 
+# What a backend is when nobody says: the model, the admin form, the API and the CLI agree.
+DEFAULT_KIND = "anthropic"
+
 PROVIDERS: dict[str, Provider] = {
     "anthropic": AnthropicProvider(
         kind="anthropic",

@@ -10,6 +10,7 @@ from django.db import models
 from django.utils import timezone
 
 from broker.infra.fields import EncryptedTextField
+from broker.kinds import DEFAULT_KIND
 
 NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 name_validator = RegexValidator(
@@ -29,7 +30,7 @@ class Backend(models.Model):
     """A named upstream credential. The secret is write-only: nothing ever renders it."""
 
     name = models.CharField(max_length=63, unique=True, validators=[name_validator])
-    kind = models.CharField(max_length=32, default="anthropic")
+    kind = models.CharField(max_length=32, default=DEFAULT_KIND)
     base_url = models.URLField(max_length=300)
     secret = EncryptedTextField(blank=True, editable=False)
     secret_fingerprint = models.CharField(max_length=64, blank=True)

@@ -12,6 +12,7 @@ from rest_framework.views import APIView
 
 from broker.api.auth import admin_permissions
 from broker.api.serializers import StrictBooleanField, StrictCharField, StrictInputSerializer
+from broker.kinds import DEFAULT_KIND
 from broker.models import Backend
 from broker.services.backends import (
     FederationSettings,
@@ -109,7 +110,7 @@ class FederationInput(StrictInputSerializer):
 class BackendCreateInput(StrictInputSerializer):
     # A bound on the body only: what a name may be is backend_clean_name's rule.
     name = StrictCharField(max_length=255)
-    kind = StrictCharField(max_length=32, default="anthropic")
+    kind = StrictCharField(max_length=32, default=DEFAULT_KIND)
     secret = StrictCharField(
         write_only=True, trim_whitespace=True, max_length=4096, required=False, allow_blank=True
     )

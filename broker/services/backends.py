@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from broker.infra.errors import Conflict, NotFound, NotPermitted, Problems, ServiceError
-from broker.kinds import Provider, ProviderError, provider_for
+from broker.kinds import DEFAULT_KIND, Provider, ProviderError, provider_for
 from broker.models import Backend, ValidationState, name_validator
 from broker.services.access import access_changed
 from broker.services.federation import (
@@ -304,7 +304,7 @@ def backend_add_check(
     name: str,
     secret: str = "",
     client_key: bool = False,
-    kind: str = "anthropic",
+    kind: str = DEFAULT_KIND,
     base_url: str | None = None,
     ttl: TtlBounds | None = None,
     federation: FederationSettings | None = None,
@@ -365,7 +365,7 @@ def backend_add(
     name: str,
     secret: str = "",
     client_key: bool = False,
-    kind: str = "anthropic",
+    kind: str = DEFAULT_KIND,
     base_url: str | None = None,
     ttl: TtlBounds | None = None,
     federation: FederationSettings | None = None,

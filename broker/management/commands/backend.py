@@ -7,6 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 
 from broker.api.backends import BackendOutput
+from broker.kinds import DEFAULT_KIND
 from broker.management.commands._output import as_json, read_secret, service_errors, table
 from broker.models import Backend
 from broker.services.backends import (
@@ -30,7 +31,7 @@ class Command(BaseCommand):
         sub = parser.add_subparsers(dest="action", required=True)
         add = sub.add_parser("add", help="store a new upstream credential")
         add.add_argument("name")
-        add.add_argument("--kind", default="anthropic")
+        add.add_argument("--kind", default=DEFAULT_KIND)
         add.add_argument("--api-key", help="the secret; '-' reads stdin; omitted: prompt")
         add.add_argument(
             "--client-key",
