@@ -18,6 +18,7 @@ from broker.services.backends import (
     FederationSettings,
     TtlBounds,
     backend_add,
+    backend_federation,
     backend_get,
     backend_remove,
     backend_rotate,
@@ -55,14 +56,7 @@ class BackendOutput(serializers.ModelSerializer[Backend]):
     def get_federation(self, backend: Backend) -> dict[str, str] | None:
         if not backend.federated:
             return None
-        return {
-            "federation_rule_id": backend.federation_rule_id,
-            "organization_id": backend.organization_id,
-            "service_account_id": backend.service_account_id,
-            "workspace_id": backend.workspace_id,
-            "audience": backend.federation_audience,
-            "subject": backend_subject(backend.name),
-        }
+        return {**backend_federation(backend), "subject": backend_subject(backend.name)}
 
     def get_ttl(self, backend: Backend) -> dict[str, int]:
         return {

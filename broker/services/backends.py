@@ -394,14 +394,16 @@ def backend_add(
         base_url=backend.base_url,
         fingerprint=backend.secret_fingerprint,
         client_key=client_key,
-        **_federation_detail(backend),
+        **backend_federation(backend),
     )
     if not client_key:
         _queue_validation(backend)
     return backend
 
 
-def _federation_detail(backend: Backend) -> dict[str, Any]:
+def backend_federation(backend: Backend) -> dict[str, Any]:
+    """A workload-identity backend's federation settings (empty for any other backend), as
+    the API shows them and the audit records them."""
     if not backend.federated:
         return {}
     return {
