@@ -1,0 +1,157 @@
+"""Real processes for the fault suite: keybroker's web process as `serve` starts it, and a
+private Redis of the same binary `serve` embeds, which a case may stop, freeze and restart
+without touching the Redis or PostgreSQL other test runs share."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from broker.runtime.embedded_redis import redis_server_executable
+from broker.runtime.serve import uvicorn_command
+from tests.conftest import REPO, free_port
+from tests.waiting import wait_until
+
+
+@dataclass
+class WebProcess:
+    """A keybroker web process: its URL, and what /proc says of its memory and sockets."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def _status(self, field: str) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(f"no {field} in /proc/{self.process.pid}/status")
+
+    def peak_rss(self) -> int:
+        """The most memory it ever held resident, in bytes (VmHWM: no sampling misses it)."""
+        return self._status("VmHWM")
+
+    def open_sockets(self) -> int:
+        fds = Path(f"/proc/{self.process.pid}/fd")
+        count = 0
+        for fd in fds.iterdir():
+            with contextlib.suppress(FileNotFoundError):  # closed while we looked
+                count += os.readlink(fd).startswith("socket:")
+        return count
+
+
+@contextmanager
+def web_process(env: dict[str, str], *, timeout: float = 30) -> Iterator[WebProcess]:
+    """`serve`'s uvicorn command on a free port, once /health answers."""
+    port = free_port()
+    command = [
+        *uvicorn_command(sys.executable, host="127.0.0.1", port=port, workers=1),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                stderr.seek(0)
+                pytest.fail(f"uvicorn on {port} died: {stderr.read().decode()[-2000:]}")
+            try:
+                httpx.get(f"{url}/health", timeout=1)
+            except httpx.TransportError:
+                return False
+            return True
+
+        try:
+            wait_until(answers, timeout=timeout, what=f"uvicorn to answer on {url}", interval=0.1)
+            yield WebProcess(url=url, process=process)
+        finally:
+            process.terminate()
+            process.wait(timeout=15)
+
+
+def _answers(socket_path: Path) -> bool:
+    # No retries: redis-py's default backoff makes one look at a missing socket take 4 s.
+    client = redis.Redis(unix_socket_path=str(socket_path), socket_timeout=1, retry=None)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+class PrivateRedis:
+    """A redis-server of this test's own on a unix socket: the binary `serve` embeds, keeping
+    no keys across a restart (as the embedded one does: see docs/reliability.md)."""
+
+    def __init__(self) -> None:
+        # Short: a unix socket path has at most 107 bytes.
+        self.directory = Path(tempfile.mkdtemp(prefix="kbf-", dir="/tmp"))
+        self.socket = self.directory / "redis.sock"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.frozen = False
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> None:
+        command = [
+            redis_server_executable(),
+            "--port", "0",
+            "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+            "--dir", str(self.directory), "--save", "", "--appendonly", "no",
+            "--daemonize", "no", "--loglevel", "warning",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_until(lambda: _answers(self.socket), timeout=10, what=f"redis-server on {self.socket}")
+
+    def stop(self) -> None:
+        """Down: the process ends; connecting is refused until start()."""
+        assert self.process is not None
+        self.thaw()
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def freeze(self) -> None:
+        """Frozen: the process and its sockets stay, but it answers nothing."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        if self.process is not None and self.frozen:
+            os.kill(self.process.pid, signal.SIGCONT)
+            self.frozen = False
+
+    def cut(self) -> None:
+        """Unreachable for new connections (the socket moved away), as behind a network
+        partition: its keys stay, and connections already open still work."""
+        self.socket.rename(self.socket.with_suffix(".away"))
+
+    def heal(self) -> None:
+        self.socket.with_suffix(".away").rename(self.socket)
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.stop()
+        for path in self.directory.iterdir():
+            path.unlink()
+        self.directory.rmdir()
