@@ -52,12 +52,15 @@ BATCH_MODELS_LIMIT = 8
 
 # SSE lines that carry usage, or a run of blank lines (dispatch once, the rest are no-ops);
 # comments, ids and other fields are skipped inside the regex engine.
-_SSE_LINE = re.compile(rb"^((?:event|data):[^\r\n]*)\r?\n|^(?:\r?\n)+", re.MULTILINE)
+# The repeated groups are possessive (++, *+): a greedy one keeps backtracking state for
+# each line it repeats over, about 120 bytes a line, so a chunk of blank lines (or a frame
+# of empty data lines) cost a hundred times its size in memory (tests/faults).
+_SSE_LINE = re.compile(rb"^((?:event|data):[^\r\n]*)\r?\n|^(?:\r?\n)++", re.MULTILINE)
 # A whole frame of an event that carries no usage (pings, content deltas: nearly all of a
 # stream), dropped in one regex pass before any line reaches Python.
 _QUIET_FRAME = re.compile(
     rb"^event:[ ]*+(?!(?:message_start|message_delta|error)[ \t]*\r?\n)[^\r\n]*\r?\n"
-    rb"(?:data:[^\r\n]*\r?\n)*\r?\n",
+    rb"(?:data:[^\r\n]*\r?\n)*+\r?\n",
     re.MULTILINE,
 )
 _JSONL_LINE = re.compile(rb"^[ \t\r]*\S[^\n]*", re.MULTILINE)
