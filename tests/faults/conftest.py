@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import REPO
-from tests.faults.processes import PrivateRedis
+from tests.conftest import REPO, free_port
+from tests.faults.chaos import ChaosUpstream, chaos_in_thread, gzip_bomb
+from tests.faults.processes import PrivateRedis, WebProcess, web_process
+from tests.servers import process_env
 
 RELIABILITY = REPO / "docs" / "reliability.md"
 TABLE_START = "<!-- figures: written by tests/faults (KEYBROKER_WRITE_RELIABILITY=1) -->"
@@ -74,3 +76,20 @@ def private_redis() -> Iterator[PrivateRedis]:
         yield redis
     finally:
         redis.close()
+
+
+@pytest.fixture(scope="module")
+def chaos() -> Iterator[ChaosUpstream]:
+    """The misbehaving upstream, one per module."""
+    gzip_bomb()  # made now: made when asked, it would keep the upstream silent a while
+    upstream = chaos_in_thread(free_port())
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def chaos_web(django_db_setup: None) -> Iterator[WebProcess]:
+    """A keybroker web process for the chaos cases, on the test database and the suite's
+    Redis; its idle timeout is 1 s, below the chaos upstream's silences."""
+    with web_process(process_env(KEYBROKER_PROXY_IDLE_TIMEOUT="1")) as web:
+        yield web

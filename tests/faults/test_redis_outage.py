@@ -12,22 +12,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection
 
 from audit.models import AuditEvent
 from broker.infra.redis import redis_client
-from broker.models import Grant, Token
-from broker.services.agents import agent_enroll
+from broker.models import Token
 from broker.services.backends import backend_add
-from broker.services.policy import grant_update
-from broker.services.tokens import IssuedToken, token_issue, token_revoke
+from broker.services.tokens import IssuedToken, token_revoke
 from tests.fake_anthropic import FakeAnthropic
+from tests.faults.cast import ANSWER_BOUND_SECONDS, Answer, agent_token, call
 from tests.faults.conftest import Figure, Figures
 from tests.faults.processes import PrivateRedis, WebProcess, web_process
 from tests.keys import api_key
@@ -39,45 +36,6 @@ pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True)]
 TICK_SECONDS = 0.2  # one call of each kind per tick
 OUTAGE_TICKS = 15  # 3 s of each fault
 CALM_TICKS = 10
-# A correctness bound, not a benchmark: a call that takes longer is a hang.
-ANSWER_BOUND_SECONDS = 5.0
-BODY = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": []}
-
-
-@dataclass
-class Answer:
-    kind: str
-    started: float
-    ended: float
-    status: int  # 0: no answer within the client's timeout
-    message: str
-
-    @property
-    def seconds(self) -> float:
-        return self.ended - self.started
-
-
-def call(url: str, token: str, kind: str) -> Answer:
-    started = time.monotonic()
-    try:
-        response = httpx.post(
-            f"{url}/v1/proxy/anthropic/v1/messages",
-            json=BODY,
-            headers={"x-api-key": token},
-            timeout=ANSWER_BOUND_SECONDS + 5,
-        )
-    except httpx.HTTPError as exc:
-        return Answer(kind, started, time.monotonic(), 0, type(exc).__name__)
-    message = "" if response.status_code == 200 else response.json()["error"]["message"]
-    return Answer(kind, started, time.monotonic(), response.status_code, message)
-
-
-def agent_token(name: str, alice: AbstractBaseUser, **policy: Any) -> IssuedToken:
-    """A new agent on the anthropic backend, with this policy on its grant, and its token."""
-    agent = agent_enroll(name=name, scopes=["anthropic"], approved_by=alice).agent
-    if policy:
-        grant_update(grant=Grant.objects.get(agent=agent), policy=policy)
-    return token_issue(agent=agent, backend_name="anthropic", ttl="30m")
 
 
 def revoke_in_thread(issued: IssuedToken) -> None:
