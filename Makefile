@@ -40,7 +40,7 @@ pytest: $(VENV)/.installed-dev
 
 # The proxy benchmark (bench/README.md): timings live here, never in `make test`.
 bench: $(VENV)/.installed-dev
-	@$(BIN)/python -c 'import aiohttp, httpx_aiohttp' 2>/dev/null || $(BIN)/pip install -q -e '.[dev,bench]'
+	@$(BIN)/python -c 'import aiohttp, httpx_aiohttp, pyinstrument' 2>/dev/null || $(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:

@@ -161,7 +161,7 @@ def error_body(status: int) -> bytes:
 
 
 class Stats:
-    __slots__ = ("aborted", "active", "completed", "credentials", "requests", "streams")
+    __slots__ = ("aborted", "active", "completed", "credentials", "messages", "requests", "streams")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -170,6 +170,9 @@ class Stats:
         self.completed = 0
         self.aborted = 0
         self.credentials: Counter[str] = Counter()
+        # POST /v1/messages by the key's last 16 characters: each proxy's calls, to count
+        # against the audit events it wrote.
+        self.messages: Counter[str] = Counter()
 
     def as_json(self) -> bytes:
         return json.dumps(
@@ -180,6 +183,7 @@ class Stats:
                 "streams_completed": self.completed,
                 "streams_aborted": self.aborted,
                 "credentials": dict(self.credentials),
+                "messages_by_key": dict(self.messages),
             }
         ).encode()
 
@@ -295,6 +299,9 @@ class UpstreamProtocol(asyncio.Protocol):
             self._write(200, b"application/json", self.stats.as_json(), keep_alive=keep)
             return
         self.stats.credentials[_credential_kind(headers)] += 1
+        if path == b"/v1/messages" and method == b"POST":
+            key = headers.get(b"x-api-key") or headers.get(b"authorization", b"")
+            self.stats.messages[key[-16:].decode("latin-1")] += 1
         params = dict(parse_qsl(query.decode("latin-1"))) if query else {}
         if path == b"/v1/models" and method == b"GET":
             self._write(200, b"application/json", MODELS_BODY, keep_alive=keep)
