@@ -49,6 +49,7 @@ class ChaosUpstream:
     # Requests whose answer (or whose body) the other side stopped reading midway.
     abandoned: list[str] = field(default_factory=list)
     loop: asyncio.AbstractEventLoop | None = None
+    thread: threading.Thread | None = None
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.open_connections += 1
@@ -92,7 +93,9 @@ class ChaosUpstream:
 
     def stop(self) -> None:
         assert self.loop is not None
+        assert self.thread is not None
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
 
 
 Answer = Callable[[ChaosUpstream, asyncio.StreamWriter, bytes], Awaitable[bool]]
@@ -184,6 +187,24 @@ async def _gzip_short(chaos: ChaosUpstream, writer: asyncio.StreamWriter, body: 
     return False
 
 
+SMUGGLED = b"smuggled by the upstream"
+
+
+async def _gzip_long(chaos: ChaosUpstream, writer: asyncio.StreamWriter, body: bytes) -> bool:
+    """A gzip body whose Content-Length promises less than is sent: what follows it looks
+    like the answer to the connection's next request."""
+    packed = gzip.compress(json.dumps(message_body(json.loads(body or b"{}"))).encode())
+    headers = [
+        ("content-type", "application/json"),
+        ("content-encoding", "gzip"),
+        ("content-length", str(len(packed))),
+    ]
+    extra = [("content-type", "application/json"), ("content-length", str(len(SMUGGLED)))]
+    writer.write(_head(200, headers) + packed + _head(200, extra) + SMUGGLED)
+    await writer.drain()
+    return True
+
+
 @cache
 def gzip_bomb() -> bytes:
     packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
@@ -252,6 +273,7 @@ ANSWERS: dict[str, Answer] = {
     "cut-mid-event": _cut_mid_event,
     "overloaded": _overloaded,
     "gzip-short": _gzip_short,
+    "gzip-long": _gzip_long,
     "bomb": _bomb,
     "huge-line": _huge_line,
     "silent-before-headers": _silent_before_headers,
@@ -272,8 +294,14 @@ def chaos_in_thread(port: int) -> ChaosUpstream:
         started.set()
         loop.run_forever()
         server.close()
+        # Connections still open (kept alive by the proxy's pool) end with the server.
+        serving = asyncio.all_tasks(loop)
+        for task in serving:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*serving, return_exceptions=True))
         loop.close()
 
-    threading.Thread(target=run, name=f"chaos-{port}", daemon=True).start()
+    chaos.thread = threading.Thread(target=run, name=f"chaos-{port}", daemon=True)
+    chaos.thread.start()
     wait_until(started.is_set, timeout=10, what=f"the chaos upstream on {port}")
     return chaos

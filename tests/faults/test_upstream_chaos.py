@@ -5,6 +5,7 @@ call says what happened."""
 
 from __future__ import annotations
 
+import json
 import time
 import tracemalloc
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ FAULTS = {
 class Seen:
     status: int
     error: dict[str, Any] | None  # the error body, when the answer is one
+    head: bytes  # the body's first 64 KB, as sent
     received: int  # body bytes, as sent (compressed or not)
     broken: str  # why reading the body failed; empty when it ended whole
     seconds: float
@@ -67,7 +69,7 @@ def through(web: WebProcess, token: str, fault: str, *, stream: bool) -> Seen:
     headers = {"x-api-key": token, "accept-encoding": "gzip"}
     if fault:
         headers["x-chaos"] = fault
-    received, broken, error = 0, "", None
+    received, broken, error, body = 0, "", None, b""
     with httpx.stream(
         "POST",
         f"{web.url}/v1/proxy/anthropic/v1/messages",
@@ -76,16 +78,14 @@ def through(web: WebProcess, token: str, fault: str, *, stream: bool) -> Seen:
         timeout=ANSWER_BOUND_SECONDS,
     ) as response:
         try:
-            body = b""
             for chunk in response.iter_raw():
                 received += len(chunk)
-                if response.status_code != 200 and len(body) < 65536:
-                    body += chunk
+                body += chunk[: 65536 - len(body)]
             if response.status_code != 200:
-                error = response.json() if not body else httpx.Response(200, content=body).json()
+                error = json.loads(body)
         except httpx.TransportError as exc:
             broken = type(exc).__name__
-    return Seen(response.status_code, error, received, broken, time.monotonic() - started)
+    return Seen(response.status_code, error, body, received, broken, time.monotonic() - started)
 
 
 @pytest.fixture
@@ -217,3 +217,16 @@ def test_the_meter_holds_no_more_than_a_chunk_it_reads(body: bytes) -> None:
     finally:
         tracemalloc.stop()
     assert peak < 2 * len(body)
+
+
+def test_bytes_after_an_answer_never_become_the_next_calls_answer(
+    chaos_web: WebProcess, chaos: ChaosUpstream, caller: str
+) -> None:
+    """An upstream that sends more than its Content-Length: the connection is not used again,
+    so the bytes after the answer are never read as another call's answer (which could be
+    another agent's)."""
+    lying = through(chaos_web, caller, "gzip-long", stream=False)
+    assert (lying.status, lying.broken) == (200, "")
+    after = [through(chaos_web, caller, "", stream=False) for _ in range(3)]
+    assert [json.loads(seen.head)["type"] for seen in after] == ["message"] * 3
+    assert [e.status for e in events(4)] == [200] * 4
