@@ -213,6 +213,7 @@ class ProxyApp:
         body = await self._read_body(headers, receive, exchange, whole=must_read)
         if body is None:
             exchange.outcome = "client_gone"
+            exchange.record("the client hung up while sending its request")
             return
         whole = body if isinstance(body, bytes) else b""
         exchange.facts = request_facts(path, whole)

@@ -180,16 +180,25 @@ async def forward(
     """Send the request upstream and its answer to the client, then record the call."""
     route = request.route
     sent = time.perf_counter()
+    asking = upstream_session().request(
+        request.method,
+        # As built and checked: no re-quoting or path normalisation by the client.
+        URL(request.url, encoded=True),
+        headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers],
+        data=request.body or None,
+        allow_redirects=False,
+        timeout=upstream_timeout(),
+    )
     try:
-        upstream = await upstream_session().request(
-            request.method,
-            # As built and checked: no re-quoting or path normalisation by the client.
-            URL(request.url, encoded=True),
-            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers],
-            data=request.body or None,
-            allow_redirects=False,
-            timeout=upstream_timeout(),
-        )
+        if isinstance(request.body, bytes):
+            answered = await _unless_client_gone(asyncio.ensure_future(asking), receive)
+            if answered is None:
+                exchange.outcome = "client_gone"
+                exchange.record("the client hung up before the upstream answered")
+                return
+            upstream = answered
+        else:
+            upstream = await asking  # receive() is the body's until it is sent
     except Exception as exc:
         # A streamed request body can fail the request from the client's side too.
         if exchange.outcome == "client_gone":
@@ -223,6 +232,28 @@ async def forward(
     if exchange.outcome == "ok" and upstream.status >= 400:
         exchange.outcome = "upstream_error"
     exchange.record(exchange.note)
+
+
+async def _unless_client_gone(
+    asking: asyncio.Future[aiohttp.ClientResponse], receive: Receive
+) -> aiohttp.ClientResponse | None:
+    """The upstream's answer, or None once the client hung up before it came: the upstream
+    request is closed then, so a long call nobody waits for does not go on (and bill).
+    Only for a body read whole: a streamed one is read through receive() while it is sent."""
+    hangup = asyncio.ensure_future(_wait_for_disconnect(receive))
+    waiting: set[asyncio.Future[Any]] = {asking, hangup}
+    try:
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        asking.cancel()
+        raise
+    finally:
+        hangup.cancel()
+    if asking.done():
+        return asking.result()
+    asking.cancel()
+    await asyncio.wait({asking})  # aiohttp closes the connection as it is cancelled
+    return None
 
 
 def _response_headers(upstream: aiohttp.ClientResponse) -> Headers:

@@ -86,7 +86,7 @@ class ChaosUpstream:
         self.requests.append(Seen(path, chaos, body))
         answer = ANSWERS.get(chaos, _ok)
         try:
-            return await answer(self, writer, body)
+            return await answer(self, reader, writer, body)
         except ConnectionError:
             self.abandoned.append(chaos)
             return False
@@ -98,7 +98,9 @@ class ChaosUpstream:
         self.thread.join(timeout=10)
 
 
-Answer = Callable[[ChaosUpstream, asyncio.StreamWriter, bytes], Awaitable[bool]]
+Answer = Callable[
+    [ChaosUpstream, asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[bool]
+]
 
 
 def _head(status: int, headers: list[tuple[str, str]]) -> bytes:
@@ -133,7 +135,9 @@ async def _json(writer: asyncio.StreamWriter, status: int, payload: object) -> b
     return True
 
 
-async def _ok(chaos: ChaosUpstream, writer: asyncio.StreamWriter, body: bytes) -> bool:
+async def _ok(
+    chaos: ChaosUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes
+) -> bool:
     request = json.loads(body or b"{}")
     if request.get("stream"):
         writer.write(_head(200, SSE_HEADERS))
@@ -161,7 +165,9 @@ async def _reset_after_headers(
     return False
 
 
-async def _cut_mid_event(chaos: ChaosUpstream, writer: asyncio.StreamWriter, _: bytes) -> bool:
+async def _cut_mid_event(
+    chaos: ChaosUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: bytes
+) -> bool:
     frames = sse_frames({}, 3)
     writer.write(_head(200, SSE_HEADERS) + _chunk(frames[0]) + _chunk(frames[3][:20]))
     await writer.drain()
@@ -169,11 +175,15 @@ async def _cut_mid_event(chaos: ChaosUpstream, writer: asyncio.StreamWriter, _: 
     return False
 
 
-async def _overloaded(chaos: ChaosUpstream, writer: asyncio.StreamWriter, _: bytes) -> bool:
+async def _overloaded(
+    chaos: ChaosUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: bytes
+) -> bool:
     return await _json(writer, 529, error("overloaded_error", "Overloaded"))
 
 
-async def _gzip_short(chaos: ChaosUpstream, writer: asyncio.StreamWriter, body: bytes) -> bool:
+async def _gzip_short(
+    chaos: ChaosUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes
+) -> bool:
     """A gzip body whose Content-Length promises more than is sent."""
     packed = gzip.compress(json.dumps(message_body(json.loads(body or b"{}"))).encode())
     headers = [
@@ -190,7 +200,9 @@ async def _gzip_short(chaos: ChaosUpstream, writer: asyncio.StreamWriter, body: 
 SMUGGLED = b"smuggled by the upstream"
 
 
-async def _gzip_long(chaos: ChaosUpstream, writer: asyncio.StreamWriter, body: bytes) -> bool:
+async def _gzip_long(
+    chaos: ChaosUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes
+) -> bool:
     """A gzip body whose Content-Length promises less than is sent: what follows it looks
     like the answer to the connection's next request."""
     packed = gzip.compress(json.dumps(message_body(json.loads(body or b"{}"))).encode())
@@ -213,7 +225,9 @@ def gzip_bomb() -> bytes:
     return b"".join([*parts, packer.flush()])
 
 
-async def _bomb(chaos: ChaosUpstream, writer: asyncio.StreamWriter, _: bytes) -> bool:
+async def _bomb(
+    chaos: ChaosUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: bytes
+) -> bool:
     bomb = gzip_bomb()
     headers = [
         ("content-type", "text/event-stream"),
@@ -227,7 +241,9 @@ async def _bomb(chaos: ChaosUpstream, writer: asyncio.StreamWriter, _: bytes) ->
     return True
 
 
-async def _huge_line(chaos: ChaosUpstream, writer: asyncio.StreamWriter, _: bytes) -> bool:
+async def _huge_line(
+    chaos: ChaosUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: bytes
+) -> bool:
     frames = sse_frames({}, 1)
     writer.write(
         _head(200, SSE_HEADERS) + _chunk(frames[0]) + _chunk(b"event: message_delta\ndata: ")
@@ -248,14 +264,32 @@ async def _silent_before_headers(
     return False
 
 
-async def _silent_mid_stream(chaos: ChaosUpstream, writer: asyncio.StreamWriter, _: bytes) -> bool:
+async def _silent_mid_stream(
+    chaos: ChaosUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: bytes
+) -> bool:
     writer.write(_head(200, SSE_HEADERS) + _chunk(sse_frames({}, 1)[0]))
     await writer.drain()
     await asyncio.sleep(SILENCE_SECONDS)
     return False
 
 
-async def _slow_stream(chaos: ChaosUpstream, writer: asyncio.StreamWriter, _: bytes) -> bool:
+async def _slow_headers(
+    chaos: ChaosUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes
+) -> bool:
+    """A long non-streamed message: nothing for a while (watching for a hang-up), then the
+    answer."""
+    try:
+        gone = await asyncio.wait_for(reader.read(1), timeout=SILENCE_SECONDS)
+    except TimeoutError:
+        gone = None
+    if gone is not None:  # b"" at EOF: the proxy closed the connection
+        raise ConnectionResetError("the proxy closed the connection before the answer")
+    return await _ok(chaos, reader, writer, body)
+
+
+async def _slow_stream(
+    chaos: ChaosUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: bytes
+) -> bool:
     """A long stream, a frame every 0.1 s, for a client that hangs up in the middle."""
     writer.write(_head(200, SSE_HEADERS))
     for frame in sse_frames({}, 300):
@@ -279,6 +313,7 @@ ANSWERS: dict[str, Answer] = {
     "silent-before-headers": _silent_before_headers,
     "silent-mid-stream": _silent_mid_stream,
     "slow-stream": _slow_stream,
+    "slow-headers": _slow_headers,
 }
 
 
