@@ -275,7 +275,7 @@ def _asked(rule: str, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> li
             400, "invalid_request_error", rule=rule, message=f"the body repeats the key {repeated}"
         ) from None
     except (ValueError, UnicodeDecodeError):
-        if _is_multipart(headers):
+        if _is_multipart(headers, body):
             return []  # a file upload: it names no model
         # The upstream would refuse it too; passing it on unchecked could let a lenient
         # parser read a model that keybroker never saw.
@@ -295,11 +295,20 @@ def _asked(rule: str, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> li
     return asked
 
 
-def _is_multipart(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    return any(
-        name == b"content-type" and value.strip().lower().startswith(b"multipart/")
-        for name, value in headers
-    )
+def _is_multipart(headers: Iterable[tuple[bytes, bytes]], body: bytes) -> bool:
+    """Labelled multipart and beginning with its boundary. A body that only says it is
+    multipart could be JSON that a lenient reader upstream takes (tests/faults); RFC 2046
+    allows a preamble before the first boundary, but no SDK sends one."""
+    for name, value in headers:
+        kind, _, params = value.partition(b";")
+        if name != b"content-type" or not kind.strip().lower().startswith(b"multipart/"):
+            continue
+        for param in params.split(b";"):
+            key, _, boundary = param.partition(b"=")
+            boundary = boundary.strip().strip(b'"')
+            if key.strip().lower() == b"boundary" and boundary:
+                return body.startswith(b"--" + boundary)
+    return False
 
 
 def policy_demand(method: str, path: str, facts: dict[str, Any], body_size: int) -> Demand:
