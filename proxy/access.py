@@ -1,10 +1,12 @@
 """Who may call through the proxy, answered from memory when it safely can.
 
 A token seen recently is checked without the database. Every process reads one Redis
-counter (``access:generation``) per request; any revocation, unenrollment, backend change
-or rotation increments it, and a process that sees a new value, or cannot read it, drops
-its cache. So a revoked token is refused on the very next request everywhere, and expiry
-is checked against the clock on every request whatever the cache holds.
+counter (``access:generation``) for each request, sent after the request arrived (requests
+arriving while a read is on its way share the next one); any revocation, unenrollment,
+backend change or rotation increments it, and a process that sees a new value, or cannot
+read it, drops its cache. So a revoked token is refused on the very next request
+everywhere, and expiry is checked against the clock on every request whatever the cache
+holds.
 """
 
 from __future__ import annotations
@@ -193,9 +195,50 @@ class AccessCache:
         self._open: dict[str, tuple[str, set[asyncio.Future[str]]]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._watched_generation: bytes | str | None = None
+        self._reading = False  # a generation read is on its way to Redis
+        self._next_read: asyncio.Future[bool] | None = None  # shared by who arrived since
 
     async def _fresh(self) -> bool:
-        """True when the cache may be trusted for this request."""
+        """True when the cache may be trusted for this request.
+
+        A read sent before this request arrived could miss a change committed just before
+        it did, so a request arriving while one is on its way waits for the next, which
+        every request arriving meanwhile shares: one Redis round trip per wave of requests
+        under load rather than one per request (docs/decisions.md, issue 13)."""
+        if self._reading:
+            if self._next_read is None:
+                self._next_read = asyncio.get_running_loop().create_future()
+            return await asyncio.shield(self._next_read)
+        self._reading = True
+        try:
+            return await self._read_generation()
+        finally:
+            self._reading = False
+            self._read_for_waiting()
+
+    def _read_for_waiting(self) -> None:
+        waiting, self._next_read = self._next_read, None
+        if waiting is None:
+            return
+        self._reading = True
+
+        async def read() -> None:
+            try:
+                waiting.set_result(await self._read_generation())
+            except asyncio.CancelledError:
+                waiting.cancel()
+                raise
+            except Exception as exc:  # the waiting requests fail as the read did
+                waiting.set_exception(exc)
+            finally:
+                self._reading = False
+                self._read_for_waiting()
+
+        task = asyncio.ensure_future(read())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _read_generation(self) -> bool:
         try:
             generation = await async_redis_client().get(redis_key(ACCESS_GENERATION))
         except (redis.RedisError, OSError):
