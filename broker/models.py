@@ -32,7 +32,8 @@ class Backend(models.Model):
     name = models.CharField(max_length=63, unique=True, validators=[name_validator])
     kind = models.CharField(max_length=32, default=DEFAULT_KIND)
     base_url = models.URLField(max_length=300)
-    secret = EncryptedTextField(blank=True, editable=False)
+    # The keys themselves are the backend's pool (BackendKey); these two describe its first
+    # enabled key (or what a keyless backend uses instead), for lists and the audit trail.
     secret_fingerprint = models.CharField(max_length=64, blank=True)
     auth_scheme = models.CharField(max_length=16, blank=True)
     # Behavry's mode: no stored secret; each agent sends its own key in X-Anthropic-Key and
@@ -83,6 +84,50 @@ class Backend(models.Model):
     def federated(self) -> bool:
         """Whether calls go upstream with an access token from a workload identity exchange."""
         return bool(self.federation_rule_id)
+
+    @property
+    def secret(self) -> str:
+        """The first enabled key of the pool ("" when it stores none): what a caller that
+        knows one key per backend sees. The proxy reads the whole pool instead."""
+        pending = getattr(self, "_pending_key", None)
+        if self.pk is None:
+            return pending.secret if pending is not None else ""
+        key = self.keys.filter(enabled=True).first()
+        return key.secret if key is not None else ""
+
+
+class BackendKey(models.Model):
+    """One upstream key of a backend's pool (issue 15), encrypted at rest. It is named by
+    its fingerprint, unique within the backend; the key itself is never rendered."""
+
+    backend = models.ForeignKey(Backend, on_delete=models.CASCADE, related_name="keys")
+    position = models.PositiveIntegerField(default=0)
+    secret = EncryptedTextField(editable=False)
+    fingerprint = models.CharField(max_length=64)
+    auth_scheme = models.CharField(max_length=16)
+    weight = models.PositiveIntegerField(default=1)
+    enabled = models.BooleanField(default=True)
+    validation_state = models.CharField(
+        max_length=16, choices=ValidationState.choices, default=ValidationState.UNKNOWN
+    )
+    validation_checked_at = models.DateTimeField(null=True, blank=True)
+    validation_message = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["position", "pk"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["backend", "fingerprint"], name="backend_key_fingerprint_unique"
+            ),
+            models.CheckConstraint(condition=models.Q(weight__gte=1), name="backend_key_weight"),
+        ]
+
+    def __str__(self) -> str:
+        return self.fingerprint
+
+    def __repr__(self) -> str:
+        return f"<BackendKey {self.backend_id} {self.fingerprint}>"
 
 
 class AdminToken(models.Model):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from broker.models import Backend
+from broker.models import Backend, BackendKey
 from broker.runtime.health import worker_heartbeat_record
 from broker.services.backends import VALIDATE_TASK, backend_validate
 from broker.services.tokens import tokens_sweep
@@ -17,11 +17,17 @@ def heartbeat() -> None:
 
 
 @shared_task(name=VALIDATE_TASK, ignore_result=True)
-def backend_validate_task(backend_id: int) -> None:
+def backend_validate_task(backend_id: int, key_id: int | None = None) -> None:
+    """Validate each enabled key of the backend, or only ``key_id`` when given."""
     backend = Backend.objects.filter(pk=backend_id).first()
     if backend is None:
         return
-    backend_validate(backend=backend)
+    if key_id is None:
+        backend_validate(backend=backend)
+        return
+    key = BackendKey.objects.filter(pk=key_id, backend=backend).first()
+    if key is not None:
+        backend_validate(backend=backend, key=key)
 
 
 @shared_task(ignore_result=True)

@@ -27,7 +27,15 @@ from django.utils import timezone
 from broker.infra.db import db_call
 from broker.infra.redis import async_redis_client, redis_key
 from broker.kinds import SCHEMES, AuthScheme
-from broker.models import LAST_USED_RESOLUTION, Backend, Grant, Token, TokenState, touch_last_used
+from broker.models import (
+    LAST_USED_RESOLUTION,
+    Backend,
+    Grant,
+    Token,
+    TokenState,
+    ValidationState,
+    touch_last_used,
+)
 from broker.services.access import (
     ACCESS_GENERATION,
     Refusal,
@@ -39,6 +47,7 @@ from broker.services.access import (
 from broker.services.federation import Federation, federation_of
 from broker.services.policy import Policy, grant_policy
 from proxy.errors import ProxyError
+from proxy.keys import RouteKey
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +116,9 @@ class Route:
     secret: str = field(repr=False)
     # Set for a workload identity backend: calls carry an exchanged access token instead.
     federation: Federation | None = None
+    # The enabled keys of its pool, in order (``secret`` is the first one's); empty for a
+    # client-key or workload identity backend.
+    keys: tuple[RouteKey, ...] = ()
 
 
 def _read_token(digest: str) -> TokenAccess | None:
@@ -115,7 +127,6 @@ def _read_token(digest: str) -> TokenAccess | None:
         return None
     grant = (
         Grant.objects.select_related("backend")
-        .defer("backend__secret")  # the policy needs the defaults, never the key
         .filter(agent_id=token.agent_id, backend_id=token.backend_id)
         .first()
     )
@@ -137,6 +148,19 @@ def _read_route(name: str) -> Route | None:
     backend = Backend.objects.filter(name=name).first()
     if backend is None:
         return None
+    keys = tuple(
+        RouteKey(
+            id=key.pk,
+            backend_id=backend.pk,
+            fingerprint=key.fingerprint,
+            scheme=SCHEMES[key.auth_scheme],
+            secret=key.secret,
+            weight=key.weight,
+            invalid=key.validation_state == ValidationState.INVALID,
+        )
+        for key in backend.keys.filter(enabled=True)
+        if key.auth_scheme in SCHEMES
+    )
     return Route(
         name=backend.name,
         kind=backend.kind,
@@ -144,7 +168,8 @@ def _read_route(name: str) -> Route | None:
         enabled=backend.enabled,
         scheme=SCHEMES.get(backend.auth_scheme),
         client_key=backend.client_key,
-        secret=backend.secret,
+        secret=keys[0].secret if keys else "",
+        keys=keys,
         federation=federation_of(backend),
     )
 

@@ -26,6 +26,14 @@ from broker.services.tokens import proxy_base_url
 from proxy.access import AccessCache, AccessDenied, Route
 from proxy.errors import UpstreamFailed
 from proxy.federation import federated_secret, federation_cache
+from proxy.keys import (
+    COOL_STATUSES,
+    REJECTED_STATUSES,
+    RouteKey,
+    key_choose,
+    key_cool,
+    key_rejected,
+)
 from proxy.metering import UsageMeter, meterable_accept_encoding
 from proxy.policy import BATCH_PATH, policy_gate
 from proxy.record import Exchange
@@ -81,6 +89,10 @@ async def upstream_secret(headers: Headers, route: Route) -> tuple[AuthScheme, s
     if route.federation is not None:
         return await federated_secret(route.federation)
     if not route.client_key:
+        if route.keys:
+            chosen = await key_choose(route.name, route.keys)
+            if chosen is not None:
+                return chosen.scheme, chosen.secret
         if route.scheme is None:
             raise UpstreamFailed(f"backend {route.name} has no usable key")
         return route.scheme, route.secret
@@ -112,6 +124,10 @@ class UpstreamRequest:
     rewritten: bool = False
     # Called when the upstream answers 401, before the answer goes out.
     on_unauthorized: Callable[[], None] | None = None
+    # The pool's key it carries, and the same request with another key (a body held whole
+    # can be sent again; a streamed one cannot).
+    key: RouteKey | None = None
+    rekey: Callable[[RouteKey], UpstreamRequest] | None = field(default=None, repr=False)
 
 
 def upstream_request(
@@ -159,6 +175,22 @@ def upstream_request(
             # the next call exchanges for a new one instead of failing until it expires.
             federation_cache().forget(federation, key)
 
+    pooled = route.federation is None and not route.client_key
+    chosen = next((k for k in route.keys if k.secret == key), None) if pooled else None
+    rekey: Callable[[RouteKey], UpstreamRequest] | None = None
+    if chosen is not None and isinstance(body, bytes) and len(route.keys) > 1:
+
+        def rekey(other: RouteKey) -> UpstreamRequest:
+            return upstream_request(
+                method=method,
+                path=path,
+                url=url,
+                headers=headers,
+                body=body,
+                route=route,
+                secret=(other.scheme, other.secret),
+            )
+
     return UpstreamRequest(
         method=method,
         url=url,
@@ -167,6 +199,8 @@ def upstream_request(
         route=route,
         rewritten=rewritten,
         on_unauthorized=on_unauthorized,
+        key=chosen,
+        rekey=rekey,
     )
 
 
@@ -177,43 +211,21 @@ async def forward(
     exchange: Exchange,
     access_cache: AccessCache,
 ) -> None:
-    """Send the request upstream and its answer to the client, then record the call."""
+    """Send the request upstream and its answer to the client, then record the call.
+
+    An answer that says the key cannot serve now (429, 529, 401) is sent again once with
+    another key of the pool, before anything reached the client (proxy/keys.py)."""
     route = request.route
-    sent = time.perf_counter()
-    asking = upstream_session().request(
-        request.method,
-        # As built and checked: no re-quoting or path normalisation by the client.
-        URL(request.url, encoded=True),
-        headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers],
-        data=request.body or None,
-        allow_redirects=False,
-        timeout=upstream_timeout(),
-    )
-    try:
-        if isinstance(request.body, bytes):
-            answered = await _unless_client_gone(asyncio.ensure_future(asking), receive)
-            if answered is None:
-                exchange.outcome = "client_gone"
-                exchange.record("the client hung up before the upstream answered")
-                return
-            upstream = answered
-        else:
-            upstream = await asking  # receive() is the body's until it is sent
-    except Exception as exc:
-        # A streamed request body can fail the request from the client's side too.
-        if exchange.outcome == "client_gone":
-            exchange.record("the client hung up while sending its request")
+    while True:
+        exchange.key_fingerprint = request.key.fingerprint if request.key else ""
+        answered = await _ask(request, receive, exchange)
+        if answered is None:
             return
-        if exchange.body_refused is not None:
-            raise exchange.body_refused from None
-        if isinstance(exc, TimeoutError):
-            raise UpstreamFailed(f"upstream {route.name} timed out", timed_out=True) from None
-        if isinstance(exc, aiohttp.ClientError):
-            raise UpstreamFailed(
-                f"upstream {route.name} unreachable ({type(exc).__name__})"
-            ) from None
-        raise
-    exchange.upstream_seconds += time.perf_counter() - sent
+        upstream = answered
+        again = await _failover(request, upstream, exchange)
+        if again is None:
+            break
+        request = again
     exchange.status = upstream.status
     if upstream.status == 401 and request.on_unauthorized is not None:
         request.on_unauthorized()  # before the answer goes out, so the client's retry sees it
@@ -232,6 +244,75 @@ async def forward(
     if exchange.outcome == "ok" and upstream.status >= 400:
         exchange.outcome = "upstream_error"
     exchange.record(exchange.note)
+
+
+async def _failover(
+    request: UpstreamRequest, upstream: aiohttp.ClientResponse, exchange: Exchange
+) -> UpstreamRequest | None:
+    """What this answer says of the request's key, and the request to send instead (None:
+    this answer goes to the client). Only for a pool of several keys, and once per call."""
+    key, route = request.key, request.route
+    if key is None or len(route.keys) < 2:
+        return None
+    if upstream.status in COOL_STATUSES:
+        retry_after = upstream.headers.get("retry-after", "")
+        await key_cool(route.name, key, status=upstream.status, retry_after=retry_after)
+    elif upstream.status in REJECTED_STATUSES:
+        await key_rejected(route.name, key)
+    else:
+        return None
+    if exchange.retried or request.rekey is None:
+        return None
+    other = await key_choose(route.name, route.keys, exclude=(key,))
+    if other is None:
+        return None  # every other key is cooling down: the upstream's answer stands
+    upstream.close()
+    exchange.retried = True
+    return request.rekey(other)
+
+
+async def _ask(
+    request: UpstreamRequest, receive: Receive, exchange: Exchange
+) -> aiohttp.ClientResponse | None:
+    """The upstream's answer (its headers), or None when the client hung up first (the
+    call is recorded then)."""
+    route = request.route
+    sent = time.perf_counter()
+    asking = upstream_session().request(
+        request.method,
+        # As built and checked: no re-quoting or path normalisation by the client.
+        URL(request.url, encoded=True),
+        headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers],
+        data=request.body or None,
+        allow_redirects=False,
+        timeout=upstream_timeout(),
+    )
+    try:
+        if isinstance(request.body, bytes):
+            answered = await _unless_client_gone(asyncio.ensure_future(asking), receive)
+            if answered is None:
+                exchange.outcome = "client_gone"
+                exchange.record("the client hung up before the upstream answered")
+                return None
+            upstream = answered
+        else:
+            upstream = await asking  # receive() is the body's until it is sent
+    except Exception as exc:
+        # A streamed request body can fail the request from the client's side too.
+        if exchange.outcome == "client_gone":
+            exchange.record("the client hung up while sending its request")
+            return None
+        if exchange.body_refused is not None:
+            raise exchange.body_refused from None
+        if isinstance(exc, TimeoutError):
+            raise UpstreamFailed(f"upstream {route.name} timed out", timed_out=True) from None
+        if isinstance(exc, aiohttp.ClientError):
+            raise UpstreamFailed(
+                f"upstream {route.name} unreachable ({type(exc).__name__})"
+            ) from None
+        raise
+    exchange.upstream_seconds += time.perf_counter() - sent
+    return upstream
 
 
 async def _unless_client_gone(

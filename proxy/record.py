@@ -42,6 +42,8 @@ class Exchange:
     batch_created: str = ""  # the id of the message batch this call created
     batch_results: str = ""  # the id of the message batch whose results this call read
     upstream_seconds: float = 0.0  # spent waiting on the upstream, left out of Server-Timing
+    key_fingerprint: str = ""  # the pool's key that served (or was last tried)
+    retried: bool = False  # sent again with another key after a 429, 529 or 401
 
     def server_timing(self) -> tuple[bytes, bytes]:
         """keybroker's own time so far, upstream excluded (docs/decisions.md, Server-Timing)."""
@@ -94,6 +96,10 @@ class Exchange:
             fields["batch_requests"] = facts["batch_requests"]
         if isinstance(error, PolicyDenied):
             fields["policy_rule"] = error.rule
+        if self.key_fingerprint:
+            fields["key_fingerprint"] = self.key_fingerprint  # which key served (issue 15)
+        if self.retried:
+            fields["retried"] = True
         if self.access is not None:
             fields["token_id"] = self.access.token_id
             fields["token"] = self.access.token_prefix

@@ -114,6 +114,8 @@ class FakeAnthropic:
     seen_jtis: set[str] = field(default_factory=set)
     # custom_ids whose batch result is "errored" (no usage) instead of "succeeded".
     results_errored: set[str] = field(default_factory=set)
+    # x-api-key → the answer every request with that key gets (a rate-limited key, say).
+    key_answers: dict[str, tuple[int, dict[str, str], Any]] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.federation_rules.clear()
@@ -123,6 +125,7 @@ class FakeAnthropic:
         self.exchange_delay = 0.0
         self.seen_jtis.clear()
         self.results_errored.clear()
+        self.key_answers.clear()
         self.valid_keys.clear()
         self.forbidden_keys.clear()
         self.hang_seconds = 0.0
@@ -140,6 +143,18 @@ class FakeAnthropic:
         self.scripted.append(
             (status, {k.replace("_", "-"): v for k, v in headers.items()}, payload)
         )
+
+    def answer_key(self, key: str, status: int, payload: Any, **headers: str) -> None:
+        """Every request carrying ``key`` gets this answer, until told otherwise."""
+        self.key_answers[key] = (
+            status,
+            {k.replace("_", "-"): v for k, v in headers.items()},
+            payload,
+        )
+
+    def seen_keys(self) -> list[str]:
+        """The x-api-key of each request, in order."""
+        return [seen.headers.get("x-api-key", "") for seen in self.requests]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -160,6 +175,10 @@ class FakeAnthropic:
             await asyncio.sleep(self.hang_seconds)
         if self.scripted:
             status, extra, payload = self.scripted.pop(0)
+            await self._json(send, status, payload, extra)
+            return
+        if headers.get("x-api-key") in self.key_answers:
+            status, extra, payload = self.key_answers[headers["x-api-key"]]
             await self._json(send, status, payload, extra)
             return
         if (scope["method"], scope["path"]) == ("POST", "/v1/oauth/token"):

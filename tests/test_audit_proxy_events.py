@@ -107,4 +107,8 @@ def test_an_upstream_error_is_recorded_as_the_upstream_said_it(
         )
     (event,) = proxied_events()
     assert (event.status, event.outcome, event.policy_result) == (529, "upstream_error", "allowed")
-    assert event.detail == {"error_type": "overloaded_error"}
+    # The key that served is named by its fingerprint (issue 15), never the key.
+    assert event.detail == {
+        "error_type": "overloaded_error",
+        "key_fingerprint": proxied.backend.secret_fingerprint,
+    }

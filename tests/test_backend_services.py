@@ -12,7 +12,7 @@ from django.test import override_settings
 from audit.models import AuditEvent
 from broker.celery import app as celery_app
 from broker.infra.errors import Conflict, ServiceError
-from broker.models import Backend, SigningKey, Token, ValidationState
+from broker.models import Backend, BackendKey, SigningKey, Token, ValidationState
 from broker.services.agents import agent_enroll
 from broker.services.backends import (
     TtlBounds,
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.django_db
 
 def raw_secret_column() -> list[bytes]:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT secret FROM broker_backend")
+        cursor.execute("SELECT secret FROM broker_backendkey")  # a pool's keys (issue 15)
         return [bytes(row[0]) for row in cursor.fetchall()]
 
 
@@ -264,7 +264,10 @@ def test_rotate_encryption_key_re_encrypts_every_secret(tmp_path: Path, settings
     after = raw_secret_column()
     assert set(before).isdisjoint(after)
     settings.ENCRYPTION_KEY = new_key
-    assert dict(Backend.objects.values_list("name", "secret")) == {"a": key_a, "b": key_b}
+    assert dict(BackendKey.objects.values_list("backend__name", "secret")) == {
+        "a": key_a,
+        "b": key_b,
+    }
     assert SigningKey.objects.get().private_pem == signing_pem
 
 

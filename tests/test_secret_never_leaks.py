@@ -82,6 +82,8 @@ def test_no_surface_ever_shows_an_upstream_secret(
     with connection.cursor() as cursor:
         cursor.execute("SELECT * FROM broker_backend")
         raw_rows = repr(cursor.fetchall()).encode()
+        cursor.execute("SELECT * FROM broker_backendkey")  # the keys' own table (issue 15)
+        raw_rows += repr(cursor.fetchall()).encode()
     logs = "\n".join(
         r.getMessage() + (caplog.handler.format(r) if r.exc_info else "") for r in caplog.records
     ).encode()

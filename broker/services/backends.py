@@ -7,7 +7,7 @@ import hmac
 import logging
 import re
 import uuid
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,7 +22,7 @@ from django.utils import timezone
 from audit.services import audit_record
 from broker.infra.errors import Conflict, NotFound, NotPermitted, Problems, ServiceError
 from broker.kinds import DEFAULT_KIND, Provider, ProviderError, provider_for
-from broker.models import Backend, ValidationState, name_validator
+from broker.models import Backend, BackendKey, ValidationState, name_validator
 from broker.services.access import access_changed
 from broker.services.federation import (
     FederationError,
@@ -123,7 +123,8 @@ def _check_entered_secret(backend: Backend, secret: str) -> None:
             f"in {ALLOWED_HOSTS_SETTING})",
             "secret",
         )
-    if not hmac.compare_digest(secret.strip().encode(), backend.secret.encode()):
+    entered = secret.strip().encode()
+    if not any(hmac.compare_digest(entered, key.secret.encode()) for key in backend.keys.all()):
         raise NotPermitted(
             f"does not match the key of backend {backend.name}; nothing was changed (to "
             "replace the key, rotate it)",
@@ -173,9 +174,18 @@ def backend_check_secret(*, kind: str, secret: str) -> tuple[str, str]:
         raise ServiceError(str(exc), "secret") from None
 
 
+@dataclass(frozen=True)
+class PendingKey:
+    """A checked secret on its way into a backend's pool (saved with the backend)."""
+
+    secret: str = field(repr=False)
+    scheme: str
+    fingerprint: str
+
+
 def _apply_secret(backend: Backend, secret: str) -> None:
     scheme, fingerprint = backend_check_secret(kind=backend.kind, secret=secret)
-    backend.secret = secret.strip()
+    backend._pending_key = PendingKey(secret.strip(), scheme, fingerprint)  # type: ignore[attr-defined]
     backend.secret_fingerprint = fingerprint
     backend.auth_scheme = scheme
     backend.validation_state = ValidationState.UNKNOWN
@@ -188,8 +198,10 @@ def _apply_secret(backend: Backend, secret: str) -> None:
 VALIDATE_TASK = "broker.tasks.backend_validate_task"
 
 
-def _queue_validation(backend: Backend) -> None:
-    transaction.on_commit(lambda: signature(VALIDATE_TASK, args=(backend.pk,)).delay())
+def backend_queue_validation(backend: Backend, key: BackendKey | None = None) -> None:
+    """Validate the backend's keys (or only ``key``) once this transaction commits."""
+    args = (backend.pk,) if key is None else (backend.pk, key.pk)
+    transaction.on_commit(lambda: signature(VALIDATE_TASK, args=args).delay())
 
 
 CLIENT_KEY_FINGERPRINT = "(the agent's own key)"
@@ -380,11 +392,20 @@ def backend_add(
         ttl=ttl,
         federation=federation,
     )
+    pending: PendingKey | None = getattr(backend, "_pending_key", None)
     try:
         with transaction.atomic():
             backend.save()
     except IntegrityError:
         raise Conflict(f"a backend named {backend.name!r} exists", "name") from None
+    if pending is not None:
+        BackendKey.objects.create(
+            backend=backend,
+            secret=pending.secret,
+            fingerprint=pending.fingerprint,
+            auth_scheme=pending.scheme,
+        )
+        del backend._pending_key  # type: ignore[attr-defined]
     access_changed()
     audit_record(
         action="backend.added",
@@ -397,7 +418,7 @@ def backend_add(
         **backend_federation(backend),
     )
     if not client_key:
-        _queue_validation(backend)
+        backend_queue_validation(backend)
     return backend
 
 
@@ -516,12 +537,16 @@ def backend_update(
         moved: dict[str, Any] = {"new_host_allowed_by": move.allowed_by} if move.allowed_by else {}
         audit_record(action="backend.updated", by=by, backend=backend.name, **changed, **moved)
         if not backend.client_key and ({"base_url", *FEDERATION_FIELDS} & set(changed)):
-            _queue_validation(backend)
+            backend_queue_validation(backend)
     return backend
 
 
-def backend_rotate_check(*, backend: Backend, secret: str) -> None:
-    """The rules of backend_rotate: the backend stores a key, and the new one is well formed."""
+def backend_rotate_check(
+    *, backend: Backend, secret: str, fingerprint: str | None = None
+) -> BackendKey | None:
+    """The rules of backend_rotate: the backend stores keys, the new one is well formed and
+    not in the pool yet, and the key it replaces is named when the pool holds several.
+    Returns the key to replace (None: the pool is empty and the new key becomes its first)."""
     if backend.client_key:
         raise ServiceError(
             f"backend {backend.name} uses the agents' own keys; it has none to rotate", "secret"
@@ -532,27 +557,75 @@ def backend_rotate_check(*, backend: Backend, secret: str) -> None:
             "change its federation settings instead",
             "secret",
         )
-    backend_check_secret(kind=backend.kind, secret=secret)
+    _, new_fingerprint = backend_check_secret(kind=backend.kind, secret=secret)
+    keys = list(backend.keys.all())
+    if fingerprint is not None:
+        replaced = next((key for key in keys if key.fingerprint == fingerprint), None)
+        if replaced is None:
+            raise NotFound(f"backend {backend.name} has no key {fingerprint}", "fingerprint")
+    elif len(keys) > 1:
+        raise ServiceError(
+            f"backend {backend.name} has {len(keys)} keys; name the one to replace by its "
+            "fingerprint",
+            "fingerprint",
+        )
+    else:
+        replaced = keys[0] if keys else None
+    if any(k.fingerprint == new_fingerprint and k != replaced for k in keys):
+        raise Conflict(f"backend {backend.name} already has a key {new_fingerprint}", "secret")
+    return replaced
 
 
 @transaction.atomic
-def backend_rotate(*, backend: Backend, secret: str, by: User = None) -> Backend:
-    """Replace the secret in place: agents and their tokens refer to the backend, not the key."""
-    backend_rotate_check(backend=backend, secret=secret)
-    old_fingerprint = backend.secret_fingerprint
-    _apply_secret(backend, secret)
+def backend_rotate(
+    *, backend: Backend, secret: str, fingerprint: str | None = None, by: User = None
+) -> Backend:
+    """Replace a key in place (the only one, or the one named by ``fingerprint``): agents
+    and their tokens refer to the backend, not the key; its weight and place stay."""
+    replaced = backend_rotate_check(backend=backend, secret=secret, fingerprint=fingerprint)
+    scheme, new_fingerprint = backend_check_secret(kind=backend.kind, secret=secret)
+    key = replaced or BackendKey(backend=backend)
+    old_fingerprint = key.fingerprint if replaced else backend.secret_fingerprint
+    key.secret, key.fingerprint, key.auth_scheme = secret.strip(), new_fingerprint, scheme
+    key.validation_state = ValidationState.UNKNOWN
+    key.validation_message = ""
+    key.validation_checked_at = None
+    key.save()
     backend.rotated_at = timezone.now()
-    backend.save()
+    backend_summarize(backend)
     access_changed()
     audit_record(
         action="backend.rotated",
         by=by,
         backend=backend.name,
         old_fingerprint=old_fingerprint,
-        fingerprint=backend.secret_fingerprint,
+        fingerprint=new_fingerprint,
     )
-    _queue_validation(backend)
+    backend_queue_validation(backend, key)
     return backend
+
+
+def backend_summarize(backend: Backend) -> None:
+    """Save the backend's description of its pool: the fingerprint and scheme of its first
+    enabled key, and a validation state that is valid while any enabled key is (else the
+    first enabled key's). One key: exactly that key's state, as before pools."""
+    keys = [key for key in backend.keys.all() if key.enabled]
+    if keys:
+        first = keys[0]
+        valid = [key for key in keys if key.validation_state == ValidationState.VALID]
+        shown = valid[0] if valid else first
+        backend.secret_fingerprint, backend.auth_scheme = first.fingerprint, first.auth_scheme
+        backend.validation_state = shown.validation_state
+        backend.validation_checked_at = max(
+            (k.validation_checked_at for k in keys if k.validation_checked_at), default=None
+        )
+        backend.validation_message = shown.validation_message
+        if len(keys) > 1:
+            backend.validation_message = (
+                f"{len(valid)} of {len(keys)} enabled keys valid; {shown.fingerprint}: "
+                f"{shown.validation_message}"
+            )[:500]
+    backend.save()
 
 
 def backend_remove_refusal(*, backend: Backend, force: bool = False) -> str | None:
@@ -608,8 +681,9 @@ def _upstream_error_message(response: httpx.Response) -> str:
     return f"upstream answered {response.status_code}" + (f" ({detail})" if detail else "")
 
 
-def backend_check(*, backend: Backend) -> ValidationResult:
-    """Ask the upstream whether the secret works: GET {base_url}/v1/models."""
+def backend_check(*, backend: Backend, key: BackendKey | None = None) -> ValidationResult:
+    """Ask the upstream whether a key works: GET {base_url}/v1/models with ``key`` (by
+    default the backend's first enabled key), or with a federated access token."""
     if backend.client_key:
         return ValidationResult(
             ValidationState.UNKNOWN, "keys come from the agents; there is no stored key to check"
@@ -617,7 +691,7 @@ def backend_check(*, backend: Backend) -> ValidationResult:
     provider = provider_for(backend.kind)
     url = backend.base_url + provider.models_path
     host = urlsplit(backend.base_url).netloc
-    secret, what = backend.secret, "the key"
+    secret, what = (key.secret if key is not None else backend.secret), "the key"
     federation = federation_of(backend)
     if federation is not None:
         # Validation takes the same path as a proxied call: the shared, cached access token
@@ -654,8 +728,67 @@ def backend_check(*, backend: Backend) -> ValidationResult:
     return ValidationResult(ValidationState.UNREACHABLE, message)
 
 
-def backend_validate(*, backend: Backend) -> ValidationResult:
-    """Check the secret now and record the outcome, unless it was rotated meanwhile."""
+_VALIDATION_ACTIONS = {
+    ValidationState.VALID: "backend.validated",
+    ValidationState.INVALID: "backend.invalid",
+}
+
+
+def backend_validate(*, backend: Backend, key: BackendKey | None = None) -> ValidationResult:
+    """Check the backend's enabled keys (or only ``key``) now and record each outcome,
+    unless the key was rotated or removed meanwhile; returns the backend's summary (a
+    keyless backend: its one check)."""
+    if backend.client_key or backend.federated:
+        return _validate_keyless(backend)
+    keys = [key] if key is not None else [k for k in backend.keys.all() if k.enabled]
+    for checked in keys:
+        result = backend_check(backend=backend, key=checked)
+        message = redact(result.message)[:500]
+        with transaction.atomic():
+            # A rotation anywhere in the pool drops results still on their way, as it did
+            # for a backend's one key (a new key may share the old one's fingerprint).
+            updated = BackendKey.objects.filter(
+                pk=checked.pk,
+                fingerprint=checked.fingerprint,
+                backend__rotated_at=backend.rotated_at,
+            ).update(
+                validation_state=result.state,
+                validation_message=message,
+                validation_checked_at=timezone.now(),
+            )
+            if not updated:
+                logger.info(
+                    "key %s of backend %s changed while being validated; result dropped",
+                    checked.fingerprint,
+                    backend.name,
+                )
+                continue
+            audit_record(
+                action=_VALIDATION_ACTIONS.get(result.state, "backend.unreachable"),
+                backend=backend.name,
+                fingerprint=checked.fingerprint,
+                message=message,
+                state=result.state,
+            )
+        if result.state != ValidationState.VALID:
+            logger.warning(
+                "key %s of backend %s is %s: %s",
+                checked.fingerprint,
+                backend.name,
+                result.state,
+                message,
+            )
+    with transaction.atomic():
+        locked = Backend.objects.select_for_update().filter(pk=backend.pk).first()
+        if locked is not None:
+            backend_summarize(locked)
+    if locked is None:
+        return ValidationResult(ValidationState.UNKNOWN, f"backend {backend.name} is gone")
+    backend.refresh_from_db()
+    return ValidationResult(ValidationState(backend.validation_state), backend.validation_message)
+
+
+def _validate_keyless(backend: Backend) -> ValidationResult:
     result = backend_check(backend=backend)
     message = redact(result.message)[:500]
     with transaction.atomic():
@@ -671,10 +804,7 @@ def backend_validate(*, backend: Backend) -> ValidationResult:
         if not updated:
             logger.info("backend %s changed while being validated; result dropped", backend.name)
             return result
-        action = {
-            ValidationState.VALID: "backend.validated",
-            ValidationState.INVALID: "backend.invalid",
-        }.get(result.state, "backend.unreachable")
+        action = _VALIDATION_ACTIONS.get(result.state, "backend.unreachable")
         audit_record(action=action, backend=backend.name, message=message, state=result.state)
     backend.refresh_from_db()
     if result.state != ValidationState.VALID:

@@ -6,10 +6,10 @@ from django.db import connection, models, transaction
 
 from audit.services import audit_record
 from broker.infra.fields import secret_box, secret_box_for
-from broker.models import Backend, SigningKey
+from broker.models import BackendKey, SigningKey
 
 # Every encrypted column; a new EncryptedTextField must be listed here to survive a re-key.
-ENCRYPTED_COLUMNS = [(Backend, "secret"), (SigningKey, "private_pem")]
+ENCRYPTED_COLUMNS = [(BackendKey, "secret"), (SigningKey, "private_pem")]
 
 
 def encryption_key_rotate(*, new_key: str) -> int:

@@ -1,0 +1,144 @@
+"""Which key of a backend's pool a call goes out with (issue 15), and what an answer says
+about that key.
+
+Selection is weighted among the healthy keys: enabled (the Route holds only those), not
+known invalid, and not cooling down. A key that answers 429 or 529 cools down for the time
+the upstream asked (``retry-after``) or an exponential backoff; the cooldown lives in Redis,
+so every process on every machine skips the key, and it expires by itself. A key that
+answers 401 is marked unhealthy the same way and its validation is queued, which records
+whether it is really invalid. A backend with one key never asks Redis: there is nothing to
+choose between, and the upstream's answer goes to the client as it always did.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import redis
+from celery import signature
+
+from broker.infra.db import db_call
+from broker.infra.redis import async_redis_client, redis_key
+from broker.kinds import AuthScheme
+from broker.services.backends import VALIDATE_TASK
+
+logger = logging.getLogger(__name__)
+
+# Answers that say "not this key, not now": rate limited, overloaded, not authenticated.
+COOL_STATUSES = frozenset({429, 529})
+REJECTED_STATUSES = frozenset({401})
+BACKOFF_FIRST_SECONDS = 5.0
+BACKOFF_MAX_SECONDS = 300.0
+# A 401 keeps the key out until its validation (queued at once) has had time to say more.
+REJECTED_SECONDS = 60.0
+# Consecutive cooldowns of a key within this long double its backoff.
+STRIKES_WINDOW_SECONDS = 600
+
+
+@dataclass(frozen=True)
+class RouteKey:
+    """One enabled key of a pool, as the proxy holds it. Never log or render ``secret``."""
+
+    id: int
+    backend_id: int
+    fingerprint: str
+    scheme: AuthScheme
+    secret: str = field(repr=False)
+    weight: int = 1
+    invalid: bool = False  # its last validation said so
+
+
+def _cooldown_key(backend: str, fingerprint: str) -> str:
+    return redis_key("keycool", backend, fingerprint)
+
+
+def _strikes_key(backend: str, fingerprint: str) -> str:
+    return redis_key("keystrikes", backend, fingerprint)
+
+
+def retry_after_seconds(value: str) -> float | None:
+    """``retry-after`` in seconds (Anthropic sends whole seconds); None when absent or a
+    date, which an upstream under load does not send."""
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+async def key_choose(
+    backend: str, keys: Sequence[RouteKey], *, exclude: Sequence[RouteKey] = ()
+) -> RouteKey | None:
+    """A key for the next attempt: weighted among the healthy ones not in ``exclude``.
+
+    With none healthy, the key whose cooldown ends first (so the client gets the upstream's
+    own answer); None only when every key is excluded."""
+    candidates = [key for key in keys if key not in exclude]
+    if not candidates:
+        return None
+    if len(keys) == 1:
+        return candidates[0]
+    try:
+        ends = await async_redis_client().mget(
+            [_cooldown_key(backend, key.fingerprint) for key in candidates]
+        )
+    except (redis.RedisError, OSError):
+        logger.warning("proxy cannot read key cooldowns of %s; choosing among all", backend)
+        ends = [None] * len(candidates)
+    now = time.time()
+    until = [float(end) if end is not None else 0.0 for end in ends]
+    healthy = [
+        key for key, end in zip(candidates, until, strict=True) if end <= now and not key.invalid
+    ]
+    if not healthy:
+        # Everything cooling (or invalid): the soonest back; with exclusions, no retry.
+        if exclude:
+            return None
+        return min(zip(candidates, until, strict=True), key=lambda pair: pair[1])[0]
+    return random.choices(healthy, weights=[key.weight for key in healthy])[0]  # noqa: S311
+
+
+async def key_cool(backend: str, key: RouteKey, *, status: int, retry_after: str) -> float:
+    """Keep ``key`` out of every process' choice for as long as the upstream asked, or a
+    backoff that doubles with each cooldown in a row; returns the seconds."""
+    asked = retry_after_seconds(retry_after) if status in COOL_STATUSES else None
+    client = async_redis_client()
+    try:
+        strikes = int(await client.incr(_strikes_key(backend, key.fingerprint)))
+        await client.expire(_strikes_key(backend, key.fingerprint), STRIKES_WINDOW_SECONDS)
+        if status in REJECTED_STATUSES:
+            seconds = REJECTED_SECONDS
+        elif asked is not None:
+            seconds = min(max(asked, 1.0), BACKOFF_MAX_SECONDS)
+        else:
+            seconds = min(BACKOFF_FIRST_SECONDS * 2 ** (strikes - 1), BACKOFF_MAX_SECONDS)
+        await client.set(
+            _cooldown_key(backend, key.fingerprint),
+            f"{time.time() + seconds:.3f}",
+            px=max(1, int(seconds * 1000)),
+        )
+    except (redis.RedisError, OSError):
+        logger.warning("proxy cannot record the cooldown of a key of %s", backend)
+        return 0.0
+    return seconds
+
+
+def _queue_validation(backend_id: int, key_id: int) -> None:
+    signature(VALIDATE_TASK, args=(backend_id, key_id)).delay()
+
+
+_queue_validation_async = db_call(_queue_validation)
+
+
+async def key_rejected(backend: str, key: RouteKey) -> None:
+    """The upstream refused ``key`` (401): out of the choice for a while, and validated now
+    so its state says whether it is really invalid."""
+    await key_cool(backend, key, status=401, retry_after="")
+    try:
+        await _queue_validation_async(key.backend_id, key.id)
+    except Exception as exc:  # the call goes on; the scheduled validation will see it
+        logger.warning("cannot queue the validation of a key of %s (%s)", backend, exc)
