@@ -1606,7 +1606,9 @@ def report(harness: Harness, data: Report) -> str:
             "Every call that reached the upstream must be one `proxy.request` event. After "
             "the run each keybroker is stopped (its lifespan writes what it still holds) and "
             "its database counted against the `POST /v1/messages` the fake upstream received "
-            "with that keybroker's backend key, saturation batches included.",
+            "with that keybroker's backend key, saturation batches included. More events "
+            "than calls are calls that ended before the upstream saw them (a client that hung "
+            "up first: wrk closes its connections mid-request when its time is up).",
             "",
             "| target | calls upstream | proxy.request events | lost |",
             "|---|---|---|---|",
