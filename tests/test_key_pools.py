@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
@@ -17,6 +18,7 @@ from broker.services.backend_keys import key_add, key_disable, key_enable, key_r
 from broker.services.backends import backend_add, backend_rotate, backend_validate
 from tests.fake_anthropic import FakeAnthropic
 from tests.keys import api_key, oauth_token
+from tests.proxy_cast import Proxied, audit_drained
 
 
 @pytest.mark.django_db
@@ -188,3 +190,145 @@ def test_the_migration_makes_each_stored_key_a_pool_of_one() -> None:
     )
     assert Backend.objects.get(name="keyed").secret == key
     assert Backend.objects.get(name="team").keys.count() == 0
+
+
+# The proxy: a pool of two behind the live server, against the fake upstream.
+
+RATE_LIMITED = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
+OVERLOADED = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+HELLO = {
+    "model": "claude-haiku-4-5",
+    "max_tokens": 16,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+
+
+def two_keys(proxied: Proxied, fake: FakeAnthropic, *, weight: int = 1) -> tuple[str, str]:
+    """The proxied backend's key and a second one (both valid upstream); their fingerprints."""
+    second = api_key(tail="Sec2")
+    fake.valid_keys.add(second)
+    added = key_add(backend=proxied.backend, secret=second, weight=weight)
+    return proxied.backend.secret_fingerprint, added.fingerprint
+
+
+def call(proxied: Proxied, base_url: str | None = None, **body: Any) -> httpx.Response:
+    return httpx.post(
+        f"{base_url or proxied.base_url}/v1/messages",
+        headers={"x-api-key": proxied.token},
+        json={**HELLO, **body},
+        timeout=10,
+    )
+
+
+def served_by() -> list[tuple[int | None, str, bool]]:
+    audit_drained()
+    return [
+        (e.status, e.detail.get("key_fingerprint", ""), e.detail.get("retried", False))
+        for e in AuditEvent.objects.filter(action="proxy.request").order_by("id")
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rate_limited_key_is_skipped_by_every_call_while_it_cools_down(
+    proxied: Proxied, fake_anthropic: FakeAnthropic
+) -> None:
+    first, second = two_keys(proxied, fake_anthropic)
+    fake_anthropic.answer_key(proxied.key, 429, RATE_LIMITED, retry_after="30")
+    answers = [call(proxied) for _ in range(8)]
+    assert [a.status_code for a in answers] == [200] * 8
+    # Once per cooldown, not once per call: every process reads the cooldown in Redis.
+    assert fake_anthropic.seen_keys().count(proxied.key) <= 1
+    events = served_by()
+    assert {(status, key) for status, key, _ in events} == {(200, second)}
+    retried = [event for event in events if event[2]]
+    assert len(retried) == fake_anthropic.seen_keys().count(proxied.key)
+    assert first not in {key for _, key, _ in events}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_529_before_the_first_byte_fails_over_to_the_other_key(
+    proxied: Proxied, fake_anthropic: FakeAnthropic
+) -> None:
+    two_keys(proxied, fake_anthropic)
+    fake_anthropic.answer_next(529, OVERLOADED)
+    answer = call(proxied)
+    assert answer.status_code == 200
+    tried, served = fake_anthropic.seen_keys()
+    assert tried != served
+    fingerprints = {k.secret: k.fingerprint for k in keys_of(proxied.backend)}
+    assert served_by() == [(200, fingerprints[served], True)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_when_every_key_cools_down_the_client_gets_the_upstreams_answer(
+    proxied: Proxied, fake_anthropic: FakeAnthropic
+) -> None:
+    two_keys(proxied, fake_anthropic)
+    for key in keys_of(proxied.backend):
+        fake_anthropic.answer_key(key.secret, 429, RATE_LIMITED, retry_after="30")
+    answer = call(proxied)
+    assert answer.status_code == 429
+    assert answer.json() == RATE_LIMITED
+    assert answer.headers["retry-after"] == "30"
+    assert len(fake_anthropic.requests) == 2  # the first key, then the other once
+    again = call(proxied)
+    assert (again.status_code, again.json()) == (429, RATE_LIMITED)
+    assert len(fake_anthropic.requests) == 3  # both cooling: one try, no retry
+    assert [(s, retried) for s, _, retried in served_by()] == [(429, True), (429, False)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stream_cut_after_its_first_byte_is_never_sent_again(
+    proxied: Proxied, fake_anthropic: FakeAnthropic
+) -> None:
+    two_keys(proxied, fake_anthropic)
+    fake_anthropic.cut_stream_after = 2
+
+    def read_it_all() -> int:
+        with httpx.stream(
+            "POST",
+            f"{proxied.base_url}/v1/messages",
+            headers={"x-api-key": proxied.token},
+            json={**HELLO, "stream": True},
+            timeout=10,
+        ) as response:
+            for _ in response.iter_bytes():
+                pass
+            return response.status_code
+
+    with pytest.raises(httpx.HTTPError):
+        read_it_all()
+    assert len(fake_anthropic.requests) == 1
+    audit_drained()
+    event = AuditEvent.objects.get(action="proxy.request")
+    assert event.outcome == "upstream_broke"
+    assert "retried" not in event.detail
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_disabled_key_serves_no_next_call_in_another_process(
+    proxied: Proxied, fake_anthropic: FakeAnthropic, second_process: str
+) -> None:
+    # The first key weighs 1000 to the other's 1: before, it serves (nearly) every call.
+    (first,) = keys_of(proxied.backend)
+    key_update(key=first, weight=1000)
+    two_keys(proxied, fake_anthropic)
+    there = second_process + "/v1/proxy/anthropic"
+    assert [call(proxied, there).status_code for _ in range(3)] == [200] * 3
+    assert proxied.key in fake_anthropic.seen_keys()
+    key_disable(key=BackendKey.objects.get(pk=first.pk))
+    fake_anthropic.requests.clear()
+    assert [call(proxied, there).status_code for _ in range(5)] == [200] * 5
+    assert proxied.key not in fake_anthropic.seen_keys()
+    assert len(fake_anthropic.seen_keys()) == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_one_key_backend_gets_the_upstreams_429_with_no_retry(
+    proxied: Proxied, fake_anthropic: FakeAnthropic
+) -> None:
+    fake_anthropic.answer_key(proxied.key, 429, RATE_LIMITED, retry_after="30")
+    assert call(proxied).status_code == 429
+    assert call(proxied).status_code == 429
+    assert fake_anthropic.seen_keys() == [proxied.key, proxied.key]  # no cooldown to skip it
+    assert [(s, retried) for s, _, retried in served_by()] == [(429, False), (429, False)]
