@@ -48,6 +48,8 @@ class ChaosUpstream:
     requests: list[Seen] = field(default_factory=list)
     # Requests whose answer (or whose body) the other side stopped reading midway.
     abandoned: list[str] = field(default_factory=list)
+    # The fake's own failures: a fault it did not mean to inject. Tests check it is empty.
+    failures: list[str] = field(default_factory=list)
     loop: asyncio.AbstractEventLoop | None = None
     thread: threading.Thread | None = None
 
@@ -59,6 +61,8 @@ class ChaosUpstream:
                 pass
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except Exception as exc:
+            self.failures.append(f"{type(exc).__name__}: {exc}")
         finally:
             self.open_connections -= 1
             writer.close()
@@ -90,6 +94,9 @@ class ChaosUpstream:
         except ConnectionError:
             self.abandoned.append(chaos)
             return False
+        except Exception as exc:
+            self.failures.append(f"{chaos or 'ok'}: {type(exc).__name__}: {exc}")
+            raise
 
     def stop(self) -> None:
         assert self.loop is not None
@@ -150,14 +157,14 @@ async def _ok(
 
 
 async def _reset_before_headers(
-    chaos: ChaosUpstream, writer: asyncio.StreamWriter, _: bytes
+    chaos: ChaosUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: bytes
 ) -> bool:
     _reset(writer)
     return False
 
 
 async def _reset_after_headers(
-    chaos: ChaosUpstream, writer: asyncio.StreamWriter, _: bytes
+    chaos: ChaosUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: bytes
 ) -> bool:
     writer.write(_head(200, SSE_HEADERS) + _chunk(sse_frames({}, 1)[0]))
     await writer.drain()
@@ -258,7 +265,7 @@ async def _huge_line(
 
 
 async def _silent_before_headers(
-    chaos: ChaosUpstream, writer: asyncio.StreamWriter, _: bytes
+    chaos: ChaosUpstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: bytes
 ) -> bool:
     await asyncio.sleep(SILENCE_SECONDS)
     return False
@@ -324,6 +331,7 @@ def chaos_in_thread(port: int) -> ChaosUpstream:
 
     def run() -> None:
         loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
         chaos.loop = loop
         server = loop.run_until_complete(asyncio.start_server(chaos.serve, "127.0.0.1", port))
         started.set()

@@ -17,7 +17,7 @@ from broker.services.backends import backend_add
 from tests.conftest import free_port
 from tests.faults.cast import MESSAGE, agent_token
 from tests.faults.chaos import SILENCE_SECONDS, ChaosUpstream, chaos_in_thread
-from tests.faults.conftest import Figure, Figures
+from tests.faults.figures import Figure, Figures
 from tests.faults.processes import WebProcess, web_process
 from tests.keys import api_key
 from tests.servers import process_env
@@ -42,6 +42,7 @@ def upstream() -> Iterator[ChaosUpstream]:
     chaos = chaos_in_thread(free_port())
     yield chaos
     chaos.stop()
+    assert chaos.failures == []
 
 
 @pytest.fixture

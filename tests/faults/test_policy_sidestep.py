@@ -18,7 +18,7 @@ import pytest
 from broker.models import Grant
 from broker.services.policy import grant_update
 from tests.fake_anthropic import FakeAnthropic
-from tests.faults.conftest import Figure, Figures
+from tests.faults.figures import Figure, Figures
 from tests.proxy_cast import Proxied, audit_drained
 
 pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True)]
@@ -103,23 +103,24 @@ def test_what_the_policy_allows_still_goes_through_those_endpoints(
     figures.add(
         Figure(
             case="Policy through count_tokens and batches; repeated keys, escapes, encodings",
-            load=f"{len(SIDESTEPS)} hostile bodies, 2 allowed ones",
+            load=f"{len(SIDESTEPS) + len(MULTIPART_IN_NAME_ONLY)} hostile bodies, 2 allowed ones",
             faults="-",
-            refused=f"{len(SIDESTEPS)} (400 or 403, naming the rule)",
+            refused=f"{len(SIDESTEPS) + len(MULTIPART_IN_NAME_ONLY)} (400 or 403, naming the rule)",
             lost=0,
             holds="none reached the upstream; the allowed ones did",
         )
     )
 
 
+MULTIPART_IN_NAME_ONLY = [
+    b'{"model": "claude-opus-4-1", "max_tokens": 8, "messages": [],}',  # lenient JSON
+    b"{'model': 'claude-opus-4-1', 'max_tokens': 8}",  # JSON5 or a Python literal
+    b'{"model": "claude-opus-4-1"}\r\n--x\r\n\r\n--x--\r\n',  # as a preamble
+]
+
+
 @pytest.mark.parametrize(
-    "body",
-    [
-        b'{"model": "claude-opus-4-1", "max_tokens": 8, "messages": [],}',  # lenient JSON
-        b"{'model': 'claude-opus-4-1', 'max_tokens': 8}",  # JSON5 or a Python literal
-        b'{"model": "claude-opus-4-1"}\r\n--x\r\n\r\n--x--\r\n',  # as a preamble
-    ],
-    ids=["trailing-comma", "single-quotes", "preamble"],
+    "body", MULTIPART_IN_NAME_ONLY, ids=["trailing-comma", "single-quotes", "preamble"]
 )
 def test_a_body_labelled_multipart_that_is_not_multipart_is_refused(
     proxied: Proxied, fake_anthropic: FakeAnthropic, body: bytes

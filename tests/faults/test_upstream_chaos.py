@@ -20,7 +20,7 @@ from broker.services.backends import backend_add
 from proxy.metering import UsageMeter
 from tests.faults.cast import ANSWER_BOUND_SECONDS, MESSAGE, agent_token
 from tests.faults.chaos import BOMB_DECOMPRESSED, HUGE_LINE, ChaosUpstream, gzip_bomb
-from tests.faults.conftest import Figure, Figures
+from tests.faults.figures import Figure, Figures
 from tests.faults.processes import WebProcess
 from tests.keys import api_key
 from tests.waiting import wait_until
@@ -139,7 +139,7 @@ def test_each_fault_gets_a_clear_answer_or_a_broken_stream(
 
     assert seen.seconds < ANSWER_BOUND_SECONDS
     assert chaos.requests[-1].chaos == fault
-    assert (seen.status, bool(seen.broken)) == (expected.status, expected.broken)
+    assert (seen.status, bool(seen.broken)) == (expected.status, expected.broken), seen.error
     if expected.status != 200:
         assert seen.error is not None
         assert seen.error["type"] == "error"
