@@ -24,6 +24,7 @@ from celery import signature
 from broker.infra.db import db_call
 from broker.infra.redis import async_redis_client, redis_key
 from broker.kinds import AuthScheme
+from broker.selectors.backend_keys import key_cooldown_name
 from broker.services.backends import VALIDATE_TASK
 
 logger = logging.getLogger(__name__)
@@ -50,10 +51,6 @@ class RouteKey:
     secret: str = field(repr=False)
     weight: int = 1
     invalid: bool = False  # its last validation said so
-
-
-def _cooldown_key(backend: str, fingerprint: str) -> str:
-    return redis_key("keycool", backend, fingerprint)
 
 
 def _strikes_key(backend: str, fingerprint: str) -> str:
@@ -84,7 +81,7 @@ async def key_choose(
         return candidates[0]
     try:
         ends = await async_redis_client().mget(
-            [_cooldown_key(backend, key.fingerprint) for key in candidates]
+            [key_cooldown_name(backend, key.fingerprint) for key in candidates]
         )
     except (redis.RedisError, OSError):
         logger.warning("proxy cannot read key cooldowns of %s; choosing among all", backend)
@@ -117,7 +114,7 @@ async def key_cool(backend: str, key: RouteKey, *, status: int, retry_after: str
         else:
             seconds = min(BACKOFF_FIRST_SECONDS * 2 ** (strikes - 1), BACKOFF_MAX_SECONDS)
         await client.set(
-            _cooldown_key(backend, key.fingerprint),
+            key_cooldown_name(backend, key.fingerprint),
             f"{time.time() + seconds:.3f}",
             px=max(1, int(seconds * 1000)),
         )

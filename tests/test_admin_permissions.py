@@ -22,7 +22,7 @@ from django.test import Client, override_settings
 from django.urls import URLPattern, URLResolver, get_resolver
 
 from audit.models import AuditEvent
-from broker.models import Agent, Backend, Grant, IdentityGrant, Token
+from broker.models import Agent, Backend, BackendKey, Grant, IdentityGrant, Token
 from broker.services.admin_tokens import admintoken_create
 from broker.services.agents import agent_enroll
 from broker.services.backends import backend_add
@@ -121,6 +121,7 @@ def snapshot() -> dict[str, Any]:
         ),
         "agents": list(Agent.objects.values_list("name", "status", "requested_scopes")),
         "grants": list(Grant.objects.values_list("agent__name", "backend__name", "rpm")),
+        "keys": list(BackendKey.objects.values_list("fingerprint", "enabled", "weight")),
         "identities": list(IdentityGrant.objects.values_list("agent__name", "audience")),
         "tokens": list(Token.objects.values_list("id", "revoked_at")),
         "events": AuditEvent.objects.count(),
@@ -153,6 +154,23 @@ ENDPOINTS: list[tuple[str, str, str, Any, bool, bool]] = [
     (
         "post", "v1/admin/backends/<str:name>/validate",
         "/v1/admin/backends/anthropic/validate", None, False, True,
+    ),
+    # A backend's key pool (issue 15): its keys are the backend's, so changing them is
+    # changing the backend, as rotating its key is.
+    ("get", "v1/admin/backends/<str:name>/keys", "/v1/admin/backends/anthropic/keys", None,
+     True, True),
+    (
+        "post", "v1/admin/backends/<str:name>/keys", "/v1/admin/backends/anthropic/keys",
+        {"secret": api_key(tail="K3y2")}, False, True,
+    ),
+    (
+        "patch", "v1/admin/backends/<str:name>/keys/<str:fingerprint>",
+        "/v1/admin/backends/anthropic/keys/sk-ant-api03-%E2%80%A6R3al", {"weight": 2}, False,
+        True,
+    ),
+    (
+        "delete", "v1/admin/backends/<str:name>/keys/<str:fingerprint>",
+        "/v1/admin/backends/anthropic/keys/sk-ant-api03-%E2%80%A6R3al", None, False, True,
     ),
     (
         "get", "v1/admin/backends/<str:name>/policy", "/v1/admin/backends/anthropic/policy",

@@ -3,17 +3,27 @@ backend's key a pool of one, and the proxy's choice and failover against the fak
 
 from __future__ import annotations
 
+import io
+import json
 from typing import Any
+from unittest import mock
+from urllib.parse import quote
 
 import httpx
 import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
+from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
+from django.test import Client
 
 from audit.models import AuditEvent
 from broker.infra.errors import Conflict, NotFound, ServiceError
 from broker.models import Backend, BackendKey, ValidationState
 from broker.selectors.backend_keys import key_get, keys_enabled, keys_of
+from broker.services.admin_tokens import admintoken_create
 from broker.services.backend_keys import key_add, key_disable, key_enable, key_remove, key_update
 from broker.services.backends import backend_add, backend_rotate, backend_validate
 from tests.fake_anthropic import FakeAnthropic
@@ -332,3 +342,97 @@ def test_a_one_key_backend_gets_the_upstreams_429_with_no_retry(
     assert call(proxied).status_code == 429
     assert fake_anthropic.seen_keys() == [proxied.key, proxied.key]  # no cooldown to skip it
     assert [(s, retried) for s, _, retried in served_by()] == [(429, False), (429, False)]
+
+
+# The CLI and the REST API, thin callers of the same services.
+
+
+def run(*args: str, stdin: str = "") -> str:
+    out = io.StringIO()
+    with mock.patch("sys.stdin", io.StringIO(stdin)):
+        call_command("backend", *args, stdout=out)
+    return out.getvalue()
+
+
+@pytest.mark.django_db
+def test_the_cli_adds_lists_disables_enables_and_removes_keys() -> None:
+    first, second = api_key(tail="Cli1"), api_key(tail="Cli2")
+    backend_add(name="anthropic", secret=first)
+    added = run("key-add", "anthropic", "--api-key", "-", "--weight", "3", stdin=second + "\n")
+    assert added.startswith("added key sk-ant-api03-…Cli2 to anthropic (weight 3)")
+    listed = run("keys", "anthropic")
+    assert listed.splitlines()[0].split() == [
+        "FINGERPRINT", "STATE", "WEIGHT", "ENABLED", "HEALTH", "LAST", "CHECK"
+    ]  # fmt: skip
+    assert [line.split()[:5] for line in listed.splitlines()[1:]] == [
+        ["sk-ant-api03-…Cli1", "unknown", "1", "yes", "ok"],
+        ["sk-ant-api03-…Cli2", "unknown", "3", "yes", "ok"],
+    ]
+    as_json = json.loads(run("keys", "anthropic", "--json"))
+    assert [(k["fingerprint"], k["weight"], k["health"]["state"]) for k in as_json] == [
+        ("sk-ant-api03-…Cli1", 1, "ok"),
+        ("sk-ant-api03-…Cli2", 3, "ok"),
+    ]
+    for output in (added, listed, json.dumps(as_json)):
+        assert first not in output
+        assert second not in output
+    assert run("key-disable", "anthropic", "sk-ant-api03-…Cli1").startswith("disabled key")
+    with pytest.raises(CommandError, match="last enabled key"):
+        run("key-rm", "anthropic", "sk-ant-api03-…Cli2")
+    assert run("key-enable", "anthropic", "sk-ant-api03-…Cli1").startswith("enabled key")
+    assert run("key-rm", "anthropic", "sk-ant-api03-…Cli2").startswith("removed key")
+    with pytest.raises(CommandError, match="has no key"):
+        run("key-rm", "anthropic", "sk-ant-api03-…Cli2")
+    run("key-add", "anthropic", "--api-key", api_key(tail="Cli3"))
+    with pytest.raises(CommandError, match="name the one to replace"):
+        run("rotate", "anthropic", "--api-key", api_key(tail="Cli4"))
+    rotated = run(
+        "rotate", "anthropic", "--api-key", api_key(tail="Cli5"), "--fingerprint",
+        "sk-ant-api03-…Cli3",
+    )  # fmt: skip
+    assert rotated == "rotated anthropic: sk-ant-api03-…Cli3 -> sk-ant-api03-…Cli5\n"
+
+
+@pytest.mark.django_db
+def test_the_rest_api_manages_keys_with_the_backends_permissions(admin_api: Client) -> None:
+    backend_add(name="anthropic", secret=api_key(tail="Api1"))
+    url = "/v1/admin/backends/anthropic/keys"
+    secret = api_key(tail="Api2")
+    created = admin_api.post(url, {"secret": secret, "weight": 2}, content_type="application/json")
+    assert created.status_code == 201, created.content
+    assert (created.json()["fingerprint"], created.json()["weight"]) == ("sk-ant-api03-…Api2", 2)
+    listed = admin_api.get(url)
+    assert [k["fingerprint"] for k in listed.json()] == ["sk-ant-api03-…Api1", "sk-ant-api03-…Api2"]
+    one = f"{url}/{quote('sk-ant-api03-…Api1')}"
+    patched = admin_api.patch(one, {"enabled": False}, content_type="application/json")
+    assert (patched.status_code, patched.json()["enabled"]) == (200, False)
+    refused = admin_api.delete(f"{url}/{quote('sk-ant-api03-…Api2')}")
+    assert refused.status_code == 409
+    assert list(refused.json()["error"]["fields"]) == ["fingerprint"]
+    assert admin_api.delete(one).status_code == 204
+    assert admin_api.get(f"{url}/nope").status_code == 405
+    assert admin_api.patch(f"{url}/nope", {}, content_type="application/json").status_code == 404
+    for response in (created, listed, patched):
+        assert secret.encode() not in response.content
+    duplicate = admin_api.post(url, {"secret": secret}, content_type="application/json")
+    assert duplicate.status_code == 409
+
+    viewer = get_user_model().objects.create_user("vic", password="pw-vic-123", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_backend"))
+    token = admintoken_create(name="vic", username="vic").plaintext
+    vic = Client(HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert vic.get(url).status_code == 200
+    forbidden = vic.post(url, {"secret": api_key()}, content_type="application/json")
+    assert forbidden.status_code == 403
+    assert "broker.change_backend" in forbidden.json()["error"]["message"]
+
+
+@pytest.mark.django_db
+def test_the_key_endpoints_are_in_the_openapi_schema() -> None:
+    schema = Client().get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()
+    keys = schema["paths"]["/v1/admin/backends/{name}/keys"]
+    one = schema["paths"]["/v1/admin/backends/{name}/keys/{fingerprint}"]
+    assert {"get", "post"} <= set(keys)
+    assert {"patch", "delete"} <= set(one)
+    added = keys["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert added.endswith("/KeyCreateInputRequest")

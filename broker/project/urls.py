@@ -7,7 +7,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from audit import api as audit_api
 from audit import views as audit_views
-from broker.api import admin_agents, agents, oidc, policy
+from broker.api import admin_agents, agents, backend_keys, oidc, policy
 from broker.api.backends import (
     BackendDetailView,
     BackendListView,
@@ -34,6 +34,11 @@ urlpatterns = [
     path("v1/admin/backends/<str:name>/rotate", BackendRotateView.as_view()),
     path("v1/admin/backends/<str:name>/validate", BackendValidateView.as_view()),
     path("v1/admin/backends/<str:name>/policy", policy.BackendPolicyView.as_view()),
+    path("v1/admin/backends/<str:name>/keys", backend_keys.BackendKeyListView.as_view()),
+    path(
+        "v1/admin/backends/<str:name>/keys/<str:fingerprint>",
+        backend_keys.BackendKeyDetailView.as_view(),
+    ),
     path("v1/admin/agents/", admin_agents.AgentListView.as_view()),
     path("v1/admin/agents/<str:agent_id>", admin_agents.AgentDetailView.as_view()),
     path("v1/admin/agents/<str:agent_id>/grants", admin_agents.AgentGrantView.as_view()),

@@ -1,20 +1,26 @@
-"""`manage.py backend add|ls|inspect|validate|rotate|rm`."""
+"""`manage.py backend add|ls|inspect|validate|rotate|rm` and the key pool's
+`keys|key-add|key-enable|key-disable|key-rm`."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
+from broker.api.backend_keys import keys_output
 from broker.api.backends import BackendOutput
 from broker.kinds import DEFAULT_KIND
 from broker.management.commands._output import as_json, read_secret, service_errors, table
-from broker.models import Backend
+from broker.models import Backend, BackendKey
+from broker.selectors.backend_keys import KeyHealth, key_get
+from broker.services.backend_keys import key_add, key_disable, key_enable, key_remove
 from broker.services.backends import (
     FEDERATION_FIELDS,
     FederationSettings,
     TtlBounds,
     backend_add,
+    backend_check_secret,
     backend_get,
     backend_remove,
     backend_rotate,
@@ -62,13 +68,31 @@ class Command(BaseCommand):
         rotate = sub.add_parser("rotate", help="replace the secret; agents keep working")
         rotate.add_argument("name")
         rotate.add_argument("--api-key", help="the new secret; '-' reads stdin; omitted: prompt")
+        rotate.add_argument(
+            "--fingerprint", help="the key to replace, when the backend has several (see `keys`)"
+        )
+        keys = sub.add_parser("keys", help="list a backend's keys (state, weight, health)")
+        keys.add_argument("name")
+        keys.add_argument("--json", action="store_true")
+        key_add_ = sub.add_parser("key-add", help="add a key to a backend's pool")
+        key_add_.add_argument("name")
+        key_add_.add_argument("--api-key", help="the secret; '-' reads stdin; omitted: prompt")
+        key_add_.add_argument("--weight", type=int, default=1, help="share of calls (default 1)")
+        for action, what in (
+            ("key-enable", "let a key serve calls again"),
+            ("key-disable", "stop a key serving calls (not the last enabled one)"),
+            ("key-rm", "remove a key (not the last enabled one)"),
+        ):
+            one = sub.add_parser(action, help=what)
+            one.add_argument("name")
+            one.add_argument("fingerprint", help="as `backend keys NAME` shows it")
         rm = sub.add_parser("rm", help="remove a backend")
         rm.add_argument("name")
         rm.add_argument("--force", action="store_true")
 
     def handle(self, *args: Any, **options: Any) -> None:
         with service_errors():
-            getattr(self, f"do_{options['action']}")(**options)
+            getattr(self, f"do_{options['action'].replace('-', '_')}")(**options)
 
     def do_add(self, **options: Any) -> None:
         client_key = options["client_key"]
@@ -131,13 +155,59 @@ class Command(BaseCommand):
 
     def do_rotate(self, **options: Any) -> None:
         backend = backend_get(name=options["name"])
-        old = backend.secret_fingerprint
-        backend = backend_rotate(
-            backend=backend,
-            secret=read_secret(options["api_key"], prompt="New API key (not echoed): "),
-        )
-        self.stdout.write(f"rotated {backend.name}: {old} -> {backend.secret_fingerprint}")
+        fingerprint = options["fingerprint"]
+        old = fingerprint or backend.secret_fingerprint
+        secret = read_secret(options["api_key"], prompt="New API key (not echoed): ")
+        backend = backend_rotate(backend=backend, secret=secret, fingerprint=fingerprint)
+        new = backend_check_secret(kind=backend.kind, secret=secret)[1]
+        self.stdout.write(f"rotated {backend.name}: {old} -> {new}")
 
     def do_rm(self, **options: Any) -> None:
         backend_remove(backend=backend_get(name=options["name"]), force=options["force"])
         self.stdout.write(f"removed backend {options['name']}")
+
+    def do_keys(self, **options: Any) -> None:
+        rows = keys_output(backend_get(name=options["name"]))
+        if options["json"]:
+            self.stdout.write(as_json(rows))
+            return
+        now = time.time()
+        lines = [
+            (r["fingerprint"], r["validation"]["state"], r["weight"],
+             "yes" if r["enabled"] else "no",
+             KeyHealth(r["health"]["state"], r["health"]["until"]).describe(now),
+             r["validation"]["message"])
+            for r in rows
+        ]  # fmt: skip
+        headers = ["FINGERPRINT", "STATE", "WEIGHT", "ENABLED", "HEALTH", "LAST CHECK"]
+        self.stdout.write(table(lines, headers) if lines else "no keys (it stores none)")
+
+    def do_key_add(self, **options: Any) -> None:
+        backend = backend_get(name=options["name"])
+        key = key_add(
+            backend=backend,
+            secret=read_secret(options["api_key"], prompt="API key (not echoed): "),
+            weight=options["weight"],
+        )
+        self.stdout.write(
+            f"added key {key.fingerprint} to {backend.name} (weight {key.weight}); "
+            "validation against the upstream is queued (see `backend keys`)"
+        )
+
+    def _key(self, options: dict[str, Any]) -> BackendKey:
+        return key_get(
+            backend=backend_get(name=options["name"]), fingerprint=options["fingerprint"]
+        )
+
+    def do_key_enable(self, **options: Any) -> None:
+        key = key_enable(key=self._key(options))
+        self.stdout.write(f"enabled key {key.fingerprint} of {options['name']}")
+
+    def do_key_disable(self, **options: Any) -> None:
+        key = key_disable(key=self._key(options))
+        self.stdout.write(f"disabled key {key.fingerprint} of {options['name']}")
+
+    def do_key_rm(self, **options: Any) -> None:
+        key = self._key(options)
+        key_remove(key=key)
+        self.stdout.write(f"removed key {key.fingerprint} from {options['name']}")

@@ -1,0 +1,150 @@
+"""Admin REST API for a backend's key pool: /v1/admin/backends/{name}/keys (issue 15).
+
+A key is named by its fingerprint in the path; no answer ever holds a key. Reading needs
+``view_backend``; adding, changing and removing a key change the backend (``change_backend``),
+as rotating its key does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from broker.api.auth import admin_permissions
+from broker.api.serializers import StrictBooleanField, StrictCharField, StrictInputSerializer
+from broker.models import Backend, BackendKey
+from broker.selectors.backend_keys import KeyHealth, key_get, keys_health, keys_of
+from broker.services.backend_keys import key_add, key_remove, key_update
+from broker.services.backends import backend_get
+
+
+class KeyValidationOutput(serializers.Serializer[Any]):
+    state = serializers.CharField()
+    checked_at = serializers.DateTimeField(allow_null=True)
+    message = serializers.CharField()
+
+
+class KeyHealthOutput(serializers.Serializer[Any]):
+    state = serializers.CharField(help_text="ok, cooling (rate limited or refused) or unknown")
+    until = serializers.FloatField(allow_null=True, help_text="when a cooldown ends (epoch s)")
+
+
+class BackendKeyOutput(serializers.Serializer[Any]):
+    fingerprint = serializers.CharField()
+    position = serializers.IntegerField()
+    auth_scheme = serializers.CharField()
+    weight = serializers.IntegerField()
+    enabled = serializers.BooleanField()
+    validation = KeyValidationOutput()
+    health = KeyHealthOutput()
+    created_at = serializers.DateTimeField()
+
+
+def key_output(key: BackendKey, health: KeyHealth) -> dict[str, Any]:
+    """A key as the API, the CLI's --json and the admin show it: never the key itself."""
+    return BackendKeyOutput(
+        {
+            "fingerprint": key.fingerprint,
+            "position": key.position,
+            "auth_scheme": key.auth_scheme,
+            "weight": key.weight,
+            "enabled": key.enabled,
+            "validation": {
+                "state": key.validation_state,
+                "checked_at": key.validation_checked_at,
+                "message": key.validation_message,
+            },
+            "health": {"state": health.state, "until": health.until},
+            "created_at": key.created_at,
+        }
+    ).data
+
+
+def keys_output(backend: Backend) -> list[dict[str, Any]]:
+    keys = keys_of(backend)
+    health = keys_health(backend, keys)
+    return [key_output(key, health.get(key.pk, KeyHealth("ok"))) for key in keys]
+
+
+class KeyCreateInput(StrictInputSerializer):
+    secret = StrictCharField(write_only=True, trim_whitespace=True, max_length=4096)
+    weight = serializers.IntegerField(default=1, help_text="share of calls, 1-1000")
+
+
+class KeyUpdateInput(StrictInputSerializer):
+    enabled = StrictBooleanField(required=False)
+    weight = serializers.IntegerField(required=False, help_text="share of calls, 1-1000")
+
+
+FINGERPRINT = OpenApiParameter(
+    "fingerprint", str, OpenApiParameter.PATH, description="the key's fingerprint"
+)
+
+
+class BackendKeyListView(APIView):
+    permission_classes = admin_permissions(Backend, post="change")
+
+    @extend_schema(operation_id="admin_backend_keys_list", responses=BackendKeyOutput(many=True))
+    def get(self, request: Request, name: str) -> Response:
+        return Response(keys_output(backend_get(name=name)))
+
+    @extend_schema(
+        operation_id="admin_backend_keys_add",
+        request=KeyCreateInput,
+        responses={201: BackendKeyOutput},
+        description="Add a key to the backend's pool; it serves calls at once and is "
+        "validated. The secret is write-only. 409 when the pool has a key of that fingerprint.",
+    )
+    def post(self, request: Request, name: str) -> Response:
+        backend = backend_get(name=name)
+        data = KeyCreateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        key = key_add(
+            backend=backend,
+            secret=data.validated_data["secret"],
+            weight=data.validated_data["weight"],
+            by=request.user,
+        )
+        return Response(key_output(key, KeyHealth("ok")), status=status.HTTP_201_CREATED)
+
+
+class BackendKeyDetailView(APIView):
+    permission_classes = admin_permissions(Backend, delete="change")
+
+    @extend_schema(
+        operation_id="admin_backend_keys_update",
+        parameters=[FINGERPRINT],
+        request=KeyUpdateInput,
+        responses=BackendKeyOutput,
+        description="Enable, disable or reweigh a key; the next call in every process sees "
+        "it. Disabling the last enabled key is a 409.",
+    )
+    def patch(self, request: Request, name: str, fingerprint: str) -> Response:
+        backend = backend_get(name=name)
+        key = key_get(backend=backend, fingerprint=fingerprint)
+        data = KeyUpdateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        key = key_update(
+            key=key,
+            enabled=data.validated_data.get("enabled"),
+            weight=data.validated_data.get("weight"),
+            by=request.user,
+        )
+        health = keys_health(backend, [key]).get(key.pk, KeyHealth("ok"))
+        return Response(key_output(key, health))
+
+    @extend_schema(
+        operation_id="admin_backend_keys_remove",
+        parameters=[FINGERPRINT],
+        responses={204: None},
+        description="Remove a key from the pool; the last enabled key is a 409.",
+    )
+    def delete(self, request: Request, name: str, fingerprint: str) -> Response:
+        backend = backend_get(name=name)
+        key_remove(key=key_get(backend=backend, fingerprint=fingerprint), by=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
