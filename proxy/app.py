@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from django.conf import settings
+from django.db import Error as DatabaseError
 
 from broker.infra.loops import LoopLocal
 from broker.infra.secrets import secret_digest
@@ -181,7 +182,20 @@ class ProxyApp:
                 "send a crd_ token as x-api-key or Authorization: Bearer",
             )
         exchange.token_digest = secret_digest(token)
-        access, route = await self.access_cache().authorize(exchange.token_digest, target.backend)
+        try:
+            access, route = await self.access_cache().authorize(
+                exchange.token_digest, target.backend
+            )
+        except DatabaseError:
+            # A token the cache does not hold while the database is down (tests/faults): a
+            # clear answer to retry, and an audit event, rather than a bare 500.
+            raise AccessDenied(
+                503,
+                "api_error",
+                "keybroker cannot check this token right now (its database is unreachable); "
+                "retry shortly",
+                headers=[(b"retry-after", b"1")],
+            ) from None
         exchange.access = access
         try:
             url = upstream_url(route.base_url, target.path, scope.get("query_string", b""))

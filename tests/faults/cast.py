@@ -53,5 +53,10 @@ def call(url: str, token: str, kind: str) -> Answer:
         )
     except httpx.HTTPError as exc:
         return Answer(kind, started, time.monotonic(), 0, type(exc).__name__)
-    message = "" if response.status_code == 200 else response.json()["error"]["message"]
+    message = ""
+    if response.status_code != 200:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"not Anthropic's error body: {response.text[:100]!r}"
     return Answer(kind, started, time.monotonic(), response.status_code, message)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,3 +156,65 @@ class PrivateRedis:
         for path in self.directory.iterdir():
             path.unlink()
         self.directory.rmdir()
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of this test's own (initdb in a temporary directory, on a free
+    port), run as the ``postgres`` user when this process is root, as PostgreSQL requires.
+    Raises pytest's skip with the reason when one cannot be made here."""
+
+    def __init__(self) -> None:
+        if not (PG_BIN / "initdb").exists():
+            pytest.skip(
+                f"no PostgreSQL server binaries in {PG_BIN}: the PostgreSQL case needs them"
+            )
+        self.directory = Path(tempfile.mkdtemp(prefix="kbf-pg-", dir="/tmp"))
+        self.data = self.directory / "data"
+        self.port = free_port()
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.directory, "postgres")
+        made = self._run(PG_BIN / "initdb", "-D", self.data, "-U", "keybroker", "-A", "trust",
+                         "--no-sync")  # fmt: skip
+        if made.returncode:
+            self.close()
+            pytest.skip(f"initdb could not make a private cluster: {made.stdout[-300:]!r}")
+        self.start()
+        self._run(PG_BIN / "createdb", "-h", "127.0.0.1", "-p", self.port, "-U", "keybroker",
+                  "keybroker", check=True)  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return f"postgres://keybroker@127.0.0.1:{self.port}/keybroker"
+
+    def _run(self, *command: object, check: bool = False) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.as_user, *map(str, command)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            check=check,
+            timeout=60,
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(PG_BIN / "pg_ctl", "-D", self.data, "-o", options, "-l",
+                  self.directory / "log", "-w", "start", check=True)  # fmt: skip
+
+    def stop(self) -> None:
+        """Down, as a restart takes it down: every connection is closed."""
+        self._run(PG_BIN / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop", check=True)
+
+    def query(self, sql: str) -> str:
+        return self._run("psql", "-h", "127.0.0.1", "-p", self.port, "-U", "keybroker",
+                         "-tAc", sql, "keybroker", check=True).stdout.strip()  # fmt: skip
+
+    def close(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._run(PG_BIN / "pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.directory, ignore_errors=True)
