@@ -436,3 +436,53 @@ def test_the_key_endpoints_are_in_the_openapi_schema() -> None:
     assert {"patch", "delete"} <= set(one)
     added = keys["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     assert added.endswith("/KeyCreateInputRequest")
+
+
+@pytest.mark.django_db
+def test_the_admin_lists_adds_disables_and_removes_keys_through_the_services() -> None:
+    alice = get_user_model().objects.create_superuser("alice", password="alice-pw-123")
+    admin = Client()
+    admin.force_login(alice)
+    first, second = api_key(tail="Adm1"), api_key(tail="Adm2")
+    backend = backend_add(name="anthropic", secret=first)
+    page = f"/admin/broker/backend/{backend.pk}/change/"
+    form = {
+        "base_url": backend.base_url, "token_ttl_min": 60, "token_ttl_default": 600,
+        "token_ttl_max": 3600, "enabled": "on", "add_key": second, "add_key_weight": 4,
+    }  # fmt: skip
+    saved = admin.post(page, form)
+    assert saved.status_code == 302, saved.content.decode()[:2000]
+    assert [(k.fingerprint, k.weight) for k in keys_of(backend)] == [
+        ("sk-ant-api03-…Adm1", 1),
+        ("sk-ant-api03-…Adm2", 4),
+    ]
+    shown = admin.get(page).content.decode()
+    assert "sk-ant-api03-…Adm2" in shown
+    assert first not in shown
+    assert second not in shown
+    again = admin.post(page, form)  # the same key twice: the service's refusal, on its field
+    assert again.status_code == 200
+    assert "already has a key sk-ant-api03-…Adm2" in again.content.decode()
+    one, two = keys_of(backend)
+    assert admin.post(f"{page}keys/{one.pk}/disable/").status_code == 302
+    assert [k.enabled for k in keys_of(backend)] == [False, True]
+    refused = admin.post(f"{page}keys/{two.pk}/remove/", follow=True)
+    assert "last enabled key" in refused.content.decode()
+    assert admin.post(f"{page}keys/{one.pk}/remove/").status_code == 302
+    assert [k.fingerprint for k in keys_of(backend)] == ["sk-ant-api03-…Adm2"]
+    assert AuditEvent.objects.filter(action="backend.key_removed", actor="alice").count() == 1
+
+
+@pytest.mark.django_db
+def test_ready_shows_each_key_of_a_pool(client: Client) -> None:
+    from broker.runtime.health import worker_heartbeat_record
+
+    backend = backend_add(name="anthropic", secret=api_key(tail="Rdy1"))
+    worker_heartbeat_record()
+    assert "keys" not in client.get("/ready").json()["backends"]["anthropic"]  # one: as before
+    key_add(backend=backend, secret=api_key(tail="Rdy2"))
+    BackendKey.objects.filter(fingerprint="sk-ant-api03-…Rdy1").update(validation_state="invalid")
+    assert client.get("/ready").json()["backends"]["anthropic"]["keys"] == {
+        "sk-ant-api03-…Rdy1": {"state": "invalid", "enabled": True, "health": "ok"},
+        "sk-ant-api03-…Rdy2": {"state": "unknown", "enabled": True, "health": "ok"},
+    }

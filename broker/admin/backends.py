@@ -8,16 +8,26 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.actions import delete_selected as django_delete_selected
+from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import URLPattern, path
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from broker.admin.forms import service_checked
 from broker.infra.errors import ServiceError
 from broker.kinds import PROVIDERS
-from broker.models import Backend, ValidationState
+from broker.models import Backend, BackendKey, ValidationState
+from broker.selectors.backend_keys import KeyHealth, keys_health, keys_of
+from broker.services.backend_keys import (
+    key_add,
+    key_add_check,
+    key_disable,
+    key_enable,
+    key_remove,
+)
 from broker.services.backends import (
     FederationSettings,
     TtlBounds,
@@ -58,6 +68,14 @@ SERVICE_FIELDS = {
     "ttl": "token_ttl_min",
 }
 
+KEY_POOL_FIELDS = ("key_pool", "add_key", "add_key_weight")
+BACKEND_FIELDS = (
+    "name", "kind", "base_url", "client_key", "new_secret", *FEDERATION_FORM_FIELDS,
+    "token_ttl_min", "token_ttl_default", "token_ttl_max", "enabled", "secret_fingerprint",
+    "auth_scheme", "status", "validation_message", "validation_checked_at", "created_at",
+    "rotated_at", "key_pool", "add_key", "add_key_weight",
+)  # fmt: skip
+
 STATE_COLOURS = {
     ValidationState.VALID: "#1a7f37",
     ValidationState.INVALID: "#cf222e",
@@ -81,6 +99,18 @@ class BackendForm(forms.ModelForm[Backend]):
         strip=True,
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
         help_text="sk-ant-api… or sk-ant-oat…. Write-only: it is never shown again.",
+    )
+    # The change page only: another key for the backend's pool (issue 15).
+    add_key = forms.CharField(
+        label="Add a key",
+        required=False,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Another sk-ant-… key for this backend's pool: calls are spread over the "
+        "enabled keys by weight, and one that is rate limited is skipped while it cools down.",
+    )
+    add_key_weight = forms.IntegerField(
+        label="Its weight", required=False, min_value=1, initial=1, help_text="share of calls"
     )
 
     class Meta:
@@ -157,6 +187,13 @@ class BackendForm(forms.ModelForm[Backend]):
                 )
             return data
         backend = self.instance
+        if data.get("add_key"):
+            with service_checked(self, {"secret": "add_key", "weight": "add_key_weight"}):
+                key_add_check(
+                    backend=backend,
+                    secret=data["add_key"],
+                    weight=data.get("add_key_weight") or 1,
+                )
         if secret:  # a new key rotates the backend to it first
             with service_checked(self, SERVICE_FIELDS):
                 backend_rotate_check(backend=backend, secret=secret)
@@ -185,16 +222,89 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
     list_filter = ["validation_state", "kind", "enabled"]
     search_fields = ["name"]
     actions = ["validate_now", "delete_selected"]
-    fields = [
-        "name", "kind", "base_url", "client_key", "new_secret", *FEDERATION_FORM_FIELDS,
-        "token_ttl_min", "token_ttl_default", "token_ttl_max", "enabled", "secret_fingerprint",
-        "auth_scheme", "status", "validation_message", "validation_checked_at", "created_at",
-        "rotated_at",
-    ]  # fmt: skip
+    fields = BACKEND_FIELDS
     readonly_fields = [
         "secret_fingerprint", "auth_scheme", "status", "validation_message",
-        "validation_checked_at", "created_at", "rotated_at",
+        "validation_checked_at", "created_at", "rotated_at", "key_pool",
     ]  # fmt: skip
+
+    def get_fields(self, request: HttpRequest, obj: Backend | None = None) -> tuple[str, ...]:
+        # The pool is there to see and grow once the backend exists (with its first key).
+        if obj is None or obj.client_key or obj.federated:
+            return tuple(f for f in BACKEND_FIELDS if f not in KEY_POOL_FIELDS)
+        return BACKEND_FIELDS
+
+    @admin.display(description="keys")
+    def key_pool(self, backend: Backend) -> SafeString:
+        """The pool: each key's fingerprint, state, weight and health, with its actions
+        (buttons that post this page's form to key_action: no key ever reaches the page)."""
+        keys = keys_of(backend)
+        if not keys:
+            return format_html("{}", "no stored keys")
+        health = keys_health(backend, keys)
+        rows = [
+            format_html(
+                "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
+                "<td>{}</td></tr>",
+                key.fingerprint,
+                key.validation_state,
+                key.weight,
+                "enabled" if key.enabled else "disabled",
+                health.get(key.pk, KeyHealth("ok")).describe(),
+                format_html(
+                    '<button type="submit" class="button" formaction="keys/{}/{}/">{}</button> '
+                    '<button type="submit" class="button" formaction="keys/{}/remove/">'
+                    "remove</button>",
+                    key.pk,
+                    "disable" if key.enabled else "enable",
+                    "disable" if key.enabled else "enable",
+                    key.pk,
+                ),
+            )
+            for key in keys
+        ]
+        header = format_html(
+            "<tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th></th></tr>",
+            "fingerprint",
+            "state",
+            "weight",
+            "enabled",
+            "health",
+        )
+        return format_html('<table class="kb-keys">{}{}</table>', header, SafeString("".join(rows)))
+
+    def get_urls(self) -> list[URLPattern]:
+        own = [
+            path(
+                "<path:object_id>/change/keys/<int:key_id>/<str:action>/",
+                self.admin_site.admin_view(self.key_action),
+                name="broker_backend_key_action",
+            )
+        ]
+        return own + super().get_urls()
+
+    def key_action(
+        self, request: HttpRequest, object_id: str, key_id: int, action: str
+    ) -> HttpResponse:
+        """Enable, disable or remove one key of the pool, through its service."""
+        change_page = HttpResponseRedirect("../../../")
+        backend = self.get_object(request, object_id)
+        if backend is None or request.method != "POST":
+            return change_page
+        if not self.has_change_permission(request, backend):
+            raise PermissionDenied
+        key = BackendKey.objects.filter(pk=key_id, backend=backend).first()
+        do = {"enable": key_enable, "disable": key_disable, "remove": key_remove}.get(action)
+        if key is None or do is None:
+            return change_page
+        try:
+            do(key=key, by=request.user)
+        except ServiceError as exc:
+            self.message_user(request, f"{exc.message}. Nothing was changed.", messages.ERROR)
+        else:
+            done = {"enable": "enabled", "disable": "disabled", "remove": "removed"}[action]
+            self.message_user(request, f"key {key.fingerprint} {done}", messages.SUCCESS)
+        return change_page
 
     def get_readonly_fields(
         self, request: HttpRequest, obj: Backend | None = None
@@ -239,6 +349,13 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
             obj.pk = created.pk
             return
         current = Backend.objects.get(pk=obj.pk)
+        if data.get("add_key"):
+            key_add(
+                backend=current,
+                secret=data["add_key"],
+                weight=data.get("add_key_weight") or 1,
+                by=request.user,
+            )
         secret = data.get("new_secret") or None
         if secret:
             # First, so that the key entered is the one a move to a new host sends there.

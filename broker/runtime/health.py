@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -72,16 +73,32 @@ def health_counts() -> dict[str, int]:
     }
 
 
-def backend_states() -> dict[str, dict[str, str]]:
+def backend_states() -> dict[str, dict[str, Any]]:
     """Each enabled backend's last validation, for /ready's details (it never fails /ready:
-    one bad upstream key must not take every keybroker instance out of the load balancer)."""
+    one bad upstream key must not take every keybroker instance out of the load balancer).
+    A backend with a pool of several keys lists each key's state and health too."""
     from broker.models import Backend
+    from broker.selectors.backend_keys import KeyHealth, keys_health
 
     try:
-        rows = Backend.objects.filter(enabled=True).values_list(
-            "name", "validation_state", "validation_message"
-        )
-        return {name: {"state": state, "detail": message} for name, state, message in rows}
+        states: dict[str, dict[str, Any]] = {}
+        for backend in Backend.objects.filter(enabled=True).prefetch_related("keys"):
+            states[backend.name] = {
+                "state": backend.validation_state,
+                "detail": backend.validation_message,
+            }
+            keys = list(backend.keys.all())
+            if len(keys) > 1:
+                health = keys_health(backend, keys)
+                states[backend.name]["keys"] = {
+                    key.fingerprint: {
+                        "state": key.validation_state,
+                        "enabled": key.enabled,
+                        "health": health.get(key.pk, KeyHealth("ok")).describe(),
+                    }
+                    for key in keys
+                }
+        return states
     except Exception:
         return {}
 
