@@ -24,7 +24,7 @@ from celery import signature
 from broker.infra.db import db_call
 from broker.infra.redis import async_redis_client, redis_key
 from broker.kinds import AuthScheme
-from broker.selectors.backend_keys import key_cooldown_name
+from broker.selectors.backend_keys import LAST_ERROR_SECONDS, key_cooldown_name, key_error_name
 from broker.services.backends import VALIDATE_TASK
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,12 @@ async def key_cool(backend: str, key: RouteKey, *, status: int, retry_after: str
             key_cooldown_name(backend, key.fingerprint),
             f"{time.time() + seconds:.3f}",
             px=max(1, int(seconds * 1000)),
+        )
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        await client.set(
+            key_error_name(backend, key.fingerprint),
+            f"{status} at {stamp}",
+            ex=LAST_ERROR_SECONDS,
         )
     except (redis.RedisError, OSError):
         logger.warning("proxy cannot record the cooldown of a key of %s", backend)

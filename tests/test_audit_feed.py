@@ -272,7 +272,7 @@ async def test_an_event_recorded_inside_a_celery_worker_arrives(
     assert (event["action"], event["backend"], event["detail"]) == (
         "backend.validated",
         "anthropic",
-        {"state": "valid"},
+        {"state": "valid", "fingerprint": "sk-ant-api03-…W0rk"},  # the key checked (issue 15)
     )
     assert fake_anthropic.requests[-1].headers["x-api-key"] == key
 

@@ -242,17 +242,23 @@ def served_by() -> list[tuple[int | None, str, bool]]:
 def test_a_rate_limited_key_is_skipped_by_every_call_while_it_cools_down(
     proxied: Proxied, fake_anthropic: FakeAnthropic
 ) -> None:
+    # The first key weighs 1000 to the other's 1: left alone, it would serve nearly every call.
+    (only,) = keys_of(proxied.backend)
+    key_update(key=only, weight=1000)
     first, second = two_keys(proxied, fake_anthropic)
     fake_anthropic.answer_key(proxied.key, 429, RATE_LIMITED, retry_after="30")
     answers = [call(proxied) for _ in range(8)]
     assert [a.status_code for a in answers] == [200] * 8
     # Once per cooldown, not once per call: every process reads the cooldown in Redis.
-    assert fake_anthropic.seen_keys().count(proxied.key) <= 1
+    assert fake_anthropic.seen_keys().count(proxied.key) == 1
     events = served_by()
     assert {(status, key) for status, key, _ in events} == {(200, second)}
-    retried = [event for event in events if event[2]]
-    assert len(retried) == fake_anthropic.seen_keys().count(proxied.key)
-    assert first not in {key for _, key, _ in events}
+    assert sum(retried for _, _, retried in events) == 1
+    # `backend keys` shows who served and what set the other key aside.
+    shown = {k["fingerprint"]: k for k in json.loads(run("keys", "anthropic", "--json"))}
+    assert (shown[second]["calls"], shown[first]["calls"]) == (8, 0)
+    assert shown[first]["health"]["state"] == "cooling"
+    assert shown[first]["health"]["last_error"].startswith("429 at ")
 
 
 @pytest.mark.django_db(transaction=True)
@@ -362,7 +368,8 @@ def test_the_cli_adds_lists_disables_enables_and_removes_keys() -> None:
     assert added.startswith("added key sk-ant-api03-…Cli2 to anthropic (weight 3)")
     listed = run("keys", "anthropic")
     assert listed.splitlines()[0].split() == [
-        "FINGERPRINT", "STATE", "WEIGHT", "ENABLED", "HEALTH", "LAST", "CHECK"
+        "FINGERPRINT", "STATE", "WEIGHT", "ENABLED", "HEALTH", "CALLS", "(24H)", "LAST", "ERROR",
+        "LAST", "CHECK",
     ]  # fmt: skip
     assert [line.split()[:5] for line in listed.splitlines()[1:]] == [
         ["sk-ant-api03-…Cli1", "unknown", "1", "yes", "ok"],

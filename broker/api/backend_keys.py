@@ -18,7 +18,7 @@ from rest_framework.views import APIView
 from broker.api.auth import admin_permissions
 from broker.api.serializers import StrictBooleanField, StrictCharField, StrictInputSerializer
 from broker.models import Backend, BackendKey
-from broker.selectors.backend_keys import KeyHealth, key_get, keys_health, keys_of
+from broker.selectors.backend_keys import KeyHealth, key_get, keys_calls, keys_health, keys_of
 from broker.services.backend_keys import key_add, key_remove, key_update
 from broker.services.backends import backend_get
 
@@ -32,6 +32,9 @@ class KeyValidationOutput(serializers.Serializer[Any]):
 class KeyHealthOutput(serializers.Serializer[Any]):
     state = serializers.CharField(help_text="ok, cooling (rate limited or refused) or unknown")
     until = serializers.FloatField(allow_null=True, help_text="when a cooldown ends (epoch s)")
+    last_error = serializers.CharField(
+        help_text='the last answer that set the key aside ("429 at …"), within a day'
+    )
 
 
 class BackendKeyOutput(serializers.Serializer[Any]):
@@ -42,10 +45,11 @@ class BackendKeyOutput(serializers.Serializer[Any]):
     enabled = serializers.BooleanField()
     validation = KeyValidationOutput()
     health = KeyHealthOutput()
+    calls = serializers.IntegerField(help_text="calls it served in the last 24 hours")
     created_at = serializers.DateTimeField()
 
 
-def key_output(key: BackendKey, health: KeyHealth) -> dict[str, Any]:
+def key_output(key: BackendKey, health: KeyHealth, calls: int = 0) -> dict[str, Any]:
     """A key as the API, the CLI's --json and the admin show it: never the key itself."""
     return BackendKeyOutput(
         {
@@ -59,7 +63,12 @@ def key_output(key: BackendKey, health: KeyHealth) -> dict[str, Any]:
                 "checked_at": key.validation_checked_at,
                 "message": key.validation_message,
             },
-            "health": {"state": health.state, "until": health.until},
+            "health": {
+                "state": health.state,
+                "until": health.until,
+                "last_error": health.last_error,
+            },
+            "calls": calls,
             "created_at": key.created_at,
         }
     ).data
@@ -68,7 +77,11 @@ def key_output(key: BackendKey, health: KeyHealth) -> dict[str, Any]:
 def keys_output(backend: Backend) -> list[dict[str, Any]]:
     keys = keys_of(backend)
     health = keys_health(backend, keys)
-    return [key_output(key, health.get(key.pk, KeyHealth("ok"))) for key in keys]
+    calls = keys_calls(backend)
+    return [
+        key_output(key, health.get(key.pk, KeyHealth("ok")), calls.get(key.fingerprint, 0))
+        for key in keys
+    ]
 
 
 class KeyCreateInput(StrictInputSerializer):
@@ -136,7 +149,7 @@ class BackendKeyDetailView(APIView):
             by=request.user,
         )
         health = keys_health(backend, [key]).get(key.pk, KeyHealth("ok"))
-        return Response(key_output(key, health))
+        return Response(key_output(key, health, keys_calls(backend).get(key.fingerprint, 0)))
 
     @extend_schema(
         operation_id="admin_backend_keys_remove",

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import redis
+from django.db.models import Count
+from django.utils import timezone
 
+from audit.models import AuditEvent
 from broker.infra.errors import NotFound
 from broker.infra.redis import redis_client, redis_key
 from broker.models import Backend, BackendKey
@@ -36,12 +40,23 @@ def key_cooldown_name(backend: str, fingerprint: str) -> str:
     return redis_key("keycool", backend, fingerprint)
 
 
+def key_error_name(backend: str, fingerprint: str) -> str:
+    """The Redis key of the last answer that set a pool key aside ("429 at 2026-…"), kept a
+    day; written by the proxy only when it cools the key, so calls cost nothing more."""
+    return redis_key("keyerr", backend, fingerprint)
+
+
+LAST_ERROR_SECONDS = 24 * 3600
+
+
 @dataclass(frozen=True)
 class KeyHealth:
-    """What the proxy last learnt of a key: healthy, or cooling down until ``until``."""
+    """What the proxy last learnt of a key: healthy, or cooling down until ``until``; and
+    the last answer that set it aside, within a day."""
 
     state: str  # "ok", "cooling" or "unknown" (Redis unreadable)
     until: float | None = None
+    last_error: str = ""
 
     def describe(self, now: float | None = None) -> str:
         if self.state != "cooling" or self.until is None:
@@ -53,14 +68,41 @@ def keys_health(backend: Backend, keys: list[BackendKey]) -> dict[int, KeyHealth
     """Each key's health by id, from the cooldowns every proxy process shares."""
     if not keys:
         return {}
+    names = [key_cooldown_name(backend.name, k.fingerprint) for k in keys]
+    names += [key_error_name(backend.name, k.fingerprint) for k in keys]
     try:
-        ends = redis_client().mget([key_cooldown_name(backend.name, k.fingerprint) for k in keys])
+        values = redis_client().mget(names)
     except (redis.RedisError, OSError):
         return {key.pk: KeyHealth("unknown") for key in keys}
+    ends, errors = values[: len(keys)], values[len(keys) :]
     now = time.time()
     health = {}
-    for key, end in zip(keys, ends, strict=True):
+    for key, end, error in zip(keys, ends, errors, strict=True):
         until = float(end) if end is not None else None
-        cooling = until is not None and until > now
-        health[key.pk] = KeyHealth("cooling", until) if cooling else KeyHealth("ok")
+        last_error = error.decode() if isinstance(error, bytes) else (error or "")
+        if until is not None and until > now:
+            health[key.pk] = KeyHealth("cooling", until, last_error)
+        else:
+            health[key.pk] = KeyHealth("ok", None, last_error)
     return health
+
+
+CALLS_WINDOW = timedelta(hours=24)
+
+
+def keys_calls(backend: Backend) -> dict[str, int]:
+    """Calls each key served in the last 24 hours, by fingerprint, from the audit trail."""
+    rows = (
+        AuditEvent.objects.filter(
+            action="proxy.request",
+            backend=backend.name,
+            created_at__gte=timezone.now() - CALLS_WINDOW,
+        )
+        .values("detail__key_fingerprint")
+        .annotate(calls=Count("id"))
+    )
+    return {
+        row["detail__key_fingerprint"]: row["calls"]
+        for row in rows
+        if row["detail__key_fingerprint"]
+    }

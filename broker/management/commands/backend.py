@@ -176,10 +176,13 @@ class Command(BaseCommand):
             (r["fingerprint"], r["validation"]["state"], r["weight"],
              "yes" if r["enabled"] else "no",
              KeyHealth(r["health"]["state"], r["health"]["until"]).describe(now),
-             r["validation"]["message"])
+             r["calls"], r["health"]["last_error"], r["validation"]["message"])
             for r in rows
         ]  # fmt: skip
-        headers = ["FINGERPRINT", "STATE", "WEIGHT", "ENABLED", "HEALTH", "LAST CHECK"]
+        headers = [
+            "FINGERPRINT", "STATE", "WEIGHT", "ENABLED", "HEALTH", "CALLS (24H)", "LAST ERROR",
+            "LAST CHECK",
+        ]  # fmt: skip
         self.stdout.write(table(lines, headers) if lines else "no keys (it stores none)")
 
     def do_key_add(self, **options: Any) -> None:
