@@ -24,7 +24,8 @@ KNOWN_ACTIONS = (
     "backend.invalid", "backend.unreachable", "admintoken.created", "admintoken.revoked",
     "oidc.client_created", "oidc.token_issued", "oidc.key_rotated", "encryption_key.rotated",
     "oidc.identity_token_issued", "identity.granted", "identity.updated", "identity.revoked",
-    "backend.token_exchanged", "backend.token_exchange_failed",
+    "backend.token_exchanged", "backend.token_exchange_failed", "backend.key_added",
+    "backend.key_enabled", "backend.key_disabled", "backend.key_updated", "backend.key_removed",
 )  # fmt: skip
 
 # Keyword → column, for the fields that have one. Callers keep the names they already
