@@ -21,11 +21,12 @@ from django.test import Client
 
 from audit.models import AuditEvent
 from broker.infra.errors import Conflict, NotFound, ServiceError
-from broker.models import Backend, BackendKey, ValidationState
+from broker.models import Backend, BackendKey, Grant, ValidationState
 from broker.selectors.backend_keys import key_get, keys_enabled, keys_of
 from broker.services.admin_tokens import admintoken_create
 from broker.services.backend_keys import key_add, key_disable, key_enable, key_remove, key_update
 from broker.services.backends import backend_add, backend_rotate, backend_validate
+from broker.services.policy import grant_update
 from tests.fake_anthropic import FakeAnthropic
 from tests.keys import api_key, oauth_token
 from tests.proxy_cast import Proxied, audit_drained
@@ -493,3 +494,40 @@ def test_ready_shows_each_key_of_a_pool(client: Client) -> None:
         "sk-ant-api03-…Rdy1": {"state": "invalid", "enabled": True, "health": "ok"},
         "sk-ant-api03-…Rdy2": {"state": "unknown", "enabled": True, "health": "ok"},
     }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_retried_call_counts_once_against_the_grants_rate(
+    proxied: Proxied, fake_anthropic: FakeAnthropic
+) -> None:
+    two_keys(proxied, fake_anthropic)
+    grant = Grant.objects.select_related("agent", "backend").get(agent__name="bob")
+    grant_update(grant=grant, policy={"rpm": 2})
+    fake_anthropic.answer_next(529, OVERLOADED)
+    assert call(proxied).status_code == 200  # two upstream attempts, one call
+    assert call(proxied).status_code == 200
+    refused = call(proxied)
+    assert refused.status_code == 429
+    assert "policy rpm" in refused.json()["error"]["message"]
+    assert len(fake_anthropic.requests) == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_key_the_upstream_refuses_is_set_aside_and_validated(
+    proxied: Proxied, fake_anthropic: FakeAnthropic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queued: list[tuple[int, int]] = []
+
+    async def queue(backend_id: int, key_id: int) -> None:
+        queued.append((backend_id, key_id))
+
+    # The live server runs in this process: its proxy queues through this module.
+    monkeypatch.setattr("proxy.keys._queue_validation_async", queue)
+    (only,) = keys_of(proxied.backend)
+    key_update(key=only, weight=1000)
+    _, second = two_keys(proxied, fake_anthropic)
+    fake_anthropic.valid_keys.discard(proxied.key)  # the fake now answers 401 for it
+    assert [call(proxied).status_code for _ in range(3)] == [200] * 3
+    assert fake_anthropic.seen_keys().count(proxied.key) == 1
+    assert queued == [(proxied.backend.pk, only.pk)]
+    assert {key for _, key, _ in served_by()} == {second}
