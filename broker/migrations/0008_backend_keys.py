@@ -16,7 +16,7 @@ from django.db import migrations, models
 def _pool_of_one(apps: Any, schema_editor: Any) -> None:
     with schema_editor.connection.cursor() as cursor:
         cursor.execute(
-            "INSERT INTO broker_backendkey (backend_id, position, secret, fingerprint, auth_scheme, "
+            'INSERT INTO broker_backendkey (backend_id, "position", secret, fingerprint, auth_scheme, '
             "weight, enabled, validation_state, validation_checked_at, validation_message, "
             "created_at) "
             "SELECT id, 0, secret, secret_fingerprint, auth_scheme, 1, %s, validation_state, "
