@@ -43,13 +43,22 @@ class WebProcess:
         """The most memory it ever held resident, in bytes (VmHWM: no sampling misses it)."""
         return self._status("VmHWM")
 
-    def open_sockets(self) -> int:
-        fds = Path(f"/proc/{self.process.pid}/fd")
-        count = 0
-        for fd in fds.iterdir():
-            with contextlib.suppress(FileNotFoundError):  # closed while we looked
-                count += os.readlink(fd).startswith("socket:")
-        return count
+    def connections(self) -> list[tuple[int, int]]:
+        """Its TCP connections, as (local port, remote port); listening sockets left out."""
+        inodes = set()
+        for fd in Path(f"/proc/{self.process.pid}/fd").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        found = []
+        for table in ("tcp", "tcp6"):
+            lines = Path(f"/proc/{self.process.pid}/net/{table}").read_text().splitlines()[1:]
+            for line in lines:
+                _, local, remote, state, *rest = line.split()
+                if rest[5] in inodes and state != "0A":  # 0A: LISTEN
+                    found.append((int(local.rsplit(":")[1], 16), int(remote.rsplit(":")[1], 16)))
+        return found
 
 
 @contextmanager
