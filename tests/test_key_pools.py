@@ -447,6 +447,23 @@ def test_the_key_endpoints_are_in_the_openapi_schema() -> None:
 
 
 @pytest.mark.django_db
+def test_the_admin_validates_one_key(fake_anthropic: FakeAnthropic) -> None:
+    alice = get_user_model().objects.create_superuser("alice", password="alice-pw-123")
+    admin = Client()
+    admin.force_login(alice)
+    good, bad = api_key(tail="Vgd1"), api_key(tail="Vbd2")
+    fake_anthropic.valid_keys.add(good)
+    backend = backend_add(name="anthropic", secret=good, base_url=fake_anthropic.url)
+    key_add(backend=backend, secret=bad)
+    _, checked = keys_of(backend)
+    page = f"/admin/broker/backend/{backend.pk}/change/"
+    shown = admin.post(f"{page}keys/{checked.pk}/validate/", follow=True).content.decode()
+    assert "Key sk-ant-api03-…Vbd2: invalid (upstream answered 401" in shown
+    assert [k.validation_state for k in keys_of(backend)] == ["unknown", "invalid"]
+    assert [seen.headers["x-api-key"] for seen in fake_anthropic.requests] == [bad]
+
+
+@pytest.mark.django_db
 def test_the_admin_lists_adds_disables_and_removes_keys_through_the_services() -> None:
     alice = get_user_model().objects.create_superuser("alice", password="alice-pw-123")
     admin = Client()

@@ -254,10 +254,13 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
                 format_html(
                     '<button type="submit" class="button" formaction="keys/{}/{}/">{}</button> '
                     '<button type="submit" class="button" formaction="keys/{}/remove/">'
-                    "remove</button>",
+                    "remove</button> "
+                    '<button type="submit" class="button" formaction="keys/{}/validate/">'
+                    "validate</button>",
                     key.pk,
                     "disable" if key.enabled else "enable",
                     "disable" if key.enabled else "enable",
+                    key.pk,
                     key.pk,
                 ),
             )
@@ -286,7 +289,7 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
     def key_action(
         self, request: HttpRequest, object_id: str, key_id: int, action: str
     ) -> HttpResponse:
-        """Enable, disable or remove one key of the pool, through its service."""
+        """Enable, disable, remove or validate one key of the pool, through its service."""
         change_page = HttpResponseRedirect("../../../")
         backend = self.get_object(request, object_id)
         if backend is None or request.method != "POST":
@@ -294,6 +297,20 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
         if not self.has_change_permission(request, backend):
             raise PermissionDenied
         key = BackendKey.objects.filter(pk=key_id, backend=backend).first()
+        if key is not None and action == "validate":
+            backend_validate(backend=backend, key=key)
+            key.refresh_from_db()
+            level = (
+                messages.SUCCESS
+                if key.validation_state == ValidationState.VALID
+                else (messages.WARNING)
+            )
+            self.message_user(
+                request,
+                f"key {key.fingerprint}: {key.validation_state} ({key.validation_message})",
+                level,
+            )
+            return change_page
         do = {"enable": key_enable, "disable": key_disable, "remove": key_remove}.get(action)
         if key is None or do is None:
             return change_page
