@@ -548,3 +548,20 @@ def test_a_key_the_upstream_refuses_is_set_aside_and_validated(
     assert fake_anthropic.seen_keys().count(proxied.key) == 1
     assert queued == [(proxied.backend.pk, only.pk)]
     assert {key for _, key, _ in served_by()} == {second}
+
+
+@pytest.mark.django_db
+def test_the_rest_rotate_names_the_key_it_replaces(admin_api: Client) -> None:
+    backend = backend_add(name="anthropic", secret=api_key(tail="Rot1"))
+    key_add(backend=backend, secret=api_key(tail="Rot2"))
+    url = "/v1/admin/backends/anthropic/rotate"
+    unnamed = admin_api.post(url, {"secret": api_key()}, content_type="application/json")
+    assert unnamed.status_code == 400
+    assert list(unnamed.json()["error"]["fields"]) == ["fingerprint"]
+    named = admin_api.post(
+        url,
+        {"secret": api_key(tail="Rot3"), "fingerprint": "sk-ant-api03-…Rot2"},
+        content_type="application/json",
+    )
+    assert named.status_code == 200, named.content
+    assert [k.fingerprint for k in keys_of(backend)] == ["sk-ant-api03-…Rot1", "sk-ant-api03-…Rot3"]

@@ -140,6 +140,11 @@ class BackendUpdateInput(StrictInputSerializer):
 
 class SecretInput(StrictInputSerializer):
     secret = StrictCharField(write_only=True, trim_whitespace=True, max_length=4096)
+    fingerprint = StrictCharField(
+        max_length=64,
+        required=False,
+        help_text="the key to replace, when the backend has several (see …/keys)",
+    )
 
 
 def _ttl(data: dict[str, Any]) -> TtlBounds | None:
@@ -226,14 +231,18 @@ class BackendRotateView(APIView):
         operation_id="admin_backends_rotate",
         request=SecretInput,
         responses=BackendOutput,
-        description="Replace the secret; agents and their live tokens keep working.",
+        description="Replace the key (the only one, or the one named by `fingerprint`); "
+        "agents and their live tokens keep working.",
     )
     def post(self, request: Request, name: str) -> Response:
         backend = backend_get(name=name)
         data = SecretInput(data=request.data)
         data.is_valid(raise_exception=True)
         backend = backend_rotate(
-            backend=backend, secret=data.validated_data["secret"], by=request.user
+            backend=backend,
+            secret=data.validated_data["secret"],
+            fingerprint=data.validated_data.get("fingerprint"),
+            by=request.user,
         )
         return Response(BackendOutput(backend).data)
 
