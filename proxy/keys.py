@@ -105,25 +105,27 @@ async def key_cool(backend: str, key: RouteKey, *, status: int, retry_after: str
     asked = retry_after_seconds(retry_after) if status in COOL_STATUSES else None
     client = async_redis_client()
     try:
-        strikes = int(await client.incr(_strikes_key(backend, key.fingerprint)))
-        await client.expire(_strikes_key(backend, key.fingerprint), STRIKES_WINDOW_SECONDS)
+        counting = client.pipeline(transaction=False)
+        counting.incr(_strikes_key(backend, key.fingerprint))
+        counting.expire(_strikes_key(backend, key.fingerprint), STRIKES_WINDOW_SECONDS)
+        strikes = int((await counting.execute())[0])
         if status in REJECTED_STATUSES:
             seconds = REJECTED_SECONDS
         elif asked is not None:
             seconds = min(max(asked, 1.0), BACKOFF_MAX_SECONDS)
         else:
             seconds = min(BACKOFF_FIRST_SECONDS * 2 ** (strikes - 1), BACKOFF_MAX_SECONDS)
-        await client.set(
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        marking = client.pipeline(transaction=False)
+        marking.set(
             key_cooldown_name(backend, key.fingerprint),
             f"{time.time() + seconds:.3f}",
             px=max(1, int(seconds * 1000)),
         )
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        await client.set(
-            key_error_name(backend, key.fingerprint),
-            f"{status} at {stamp}",
-            ex=LAST_ERROR_SECONDS,
+        marking.set(
+            key_error_name(backend, key.fingerprint), f"{status} at {stamp}", ex=LAST_ERROR_SECONDS
         )
+        await marking.execute()
     except (redis.RedisError, OSError):
         logger.warning("proxy cannot record the cooldown of a key of %s", backend)
         return 0.0
