@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -42,6 +43,9 @@ HOST = env_str("KEYBROKER_HOST", "127.0.0.1")
 PORT = env_int("KEYBROKER_PORT", default=8400, minimum=1, maximum=65535)
 # Celery worker processes `serve` starts beside uvicorn.
 WORKER_CONCURRENCY = env_int("KEYBROKER_WORKER_CONCURRENCY", default=2, minimum=1)
+# uvicorn worker processes `serve` starts: one per core, since one Python process can use
+# only one. Revocation, rates and budgets are shared through Redis whatever the count.
+WEB_WORKERS = env_int("KEYBROKER_WEB_WORKERS", default=os.cpu_count() or 1, minimum=1)
 
 
 def _public_url(raw: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from broker.runtime.serve import ServeError, serve
@@ -18,7 +19,10 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
-            "--workers", type=int, default=1, help="uvicorn worker processes (default 1)"
+            "--workers",
+            type=int,
+            default=None,
+            help="uvicorn worker processes (default KEYBROKER_WEB_WORKERS: one per core)",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -28,7 +32,7 @@ class Command(BaseCommand):
 
         try:
             serve(
-                workers=options["workers"],
+                workers=options["workers"] or settings.WEB_WORKERS,
                 say=say,
                 log=lambda line: self.stderr.write(f"keybroker: {line}"),
             )
