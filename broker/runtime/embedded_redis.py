@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 # Linux allows 107 bytes in a unix socket path (sun_path minus the terminating NUL).
 MAX_SOCKET_PATH = 107
@@ -28,10 +30,18 @@ def redis_server_executable() -> str:
 
 
 def socket_answers(socket_path: Path) -> bool:
+    """One PING, no retries: redis-py's own backoff would make each miss cost seconds."""
+    if not socket_path.exists():
+        return False
+    client = redis.Redis(
+        unix_socket_path=str(socket_path), socket_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
     try:
-        return bool(redis.Redis(unix_socket_path=str(socket_path), socket_timeout=1).ping())
+        return bool(client.ping())
     except (redis.RedisError, OSError):
         return False
+    finally:
+        client.close()
 
 
 def start_embedded_redis(
@@ -55,8 +65,9 @@ def start_embedded_redis(
         "--unixsocketperm", "700",
         "--dir", str(data_dir),
         "--dbfilename", "redis.rdb",
-        # Queued Celery tasks survive a restart of `serve`.
-        "--save", "60 1",
+        # Queued Celery tasks survive a restart of `serve`. Two arguments: one "60 1" reaches
+        # redis-server quoted, as a single word, and leaves it saving never.
+        "--save", "60", "1",
         "--appendonly", "no",
         "--daemonize", "no",
         "--loglevel", "warning",
