@@ -108,8 +108,11 @@ def process_env(**overrides: str) -> dict[str, str]:
 
 
 @contextmanager
-def uvicorn_serving(*, port: int, env: dict[str, str], timeout: float = 30) -> Iterator[str]:
-    """Run `serve`'s uvicorn command on ``port``; yields its URL once /health answers.
+def uvicorn_started(
+    *, port: int, env: dict[str, str], timeout: float = 30
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run `serve`'s uvicorn command on ``port``; yields its URL and process once /health
+    answers.
 
     The command's proxy-header options follow this process's ``settings.TRUSTED_PROXIES``,
     as `serve`'s do. Fails the test with uvicorn's last words if it dies on the way up.
@@ -137,10 +140,17 @@ def uvicorn_serving(*, port: int, env: dict[str, str], timeout: float = 30) -> I
 
         try:
             wait_until(answers, timeout=timeout, what=f"uvicorn to answer on {url}", interval=0.1)
-            yield url
+            yield url, process
         finally:
             process.terminate()
-            process.wait(timeout=10)
+            process.wait(timeout=15)
+
+
+@contextmanager
+def uvicorn_serving(*, port: int, env: dict[str, str], timeout: float = 30) -> Iterator[str]:
+    """``uvicorn_started``'s URL alone."""
+    with uvicorn_started(port=port, env=env, timeout=timeout) as (url, _):
+        yield url
 
 
 @pytest.fixture

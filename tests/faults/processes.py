@@ -9,20 +9,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
-import redis
 
-from broker.runtime.embedded_redis import redis_server_executable
-from broker.runtime.serve import uvicorn_command
-from tests.conftest import REPO, free_port
+from broker.runtime.embedded_redis import redis_server_executable, socket_answers
+from tests.conftest import free_port
+from tests.servers import uvicorn_started
 from tests.waiting import wait_until
 
 
@@ -64,44 +61,8 @@ class WebProcess:
 @contextmanager
 def web_process(env: dict[str, str], *, timeout: float = 30) -> Iterator[WebProcess]:
     """`serve`'s uvicorn command on a free port, once /health answers."""
-    port = free_port()
-    command = [
-        *uvicorn_command(sys.executable, host="127.0.0.1", port=port, workers=1),
-        "--log-level", "warning",
-    ]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr
-        )
-
-        def answers() -> bool:
-            if process.poll() is not None:
-                stderr.seek(0)
-                pytest.fail(f"uvicorn on {port} died: {stderr.read().decode()[-2000:]}")
-            try:
-                httpx.get(f"{url}/health", timeout=1)
-            except httpx.TransportError:
-                return False
-            return True
-
-        try:
-            wait_until(answers, timeout=timeout, what=f"uvicorn to answer on {url}", interval=0.1)
-            yield WebProcess(url=url, process=process)
-        finally:
-            process.terminate()
-            process.wait(timeout=15)
-
-
-def _answers(socket_path: Path) -> bool:
-    # No retries: redis-py's default backoff makes one look at a missing socket take 4 s.
-    client = redis.Redis(unix_socket_path=str(socket_path), socket_timeout=1, retry=None)
-    try:
-        return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-    finally:
-        client.close()
+    with uvicorn_started(port=free_port(), env=env, timeout=timeout) as (url, process):
+        yield WebProcess(url=url, process=process)
 
 
 class PrivateRedis:
@@ -130,7 +91,9 @@ class PrivateRedis:
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        wait_until(lambda: _answers(self.socket), timeout=10, what=f"redis-server on {self.socket}")
+        wait_until(
+            lambda: socket_answers(self.socket), timeout=10, what=f"redis-server on {self.socket}"
+        )
 
     def stop(self) -> None:
         """Down: the process ends; connecting is refused until start()."""
