@@ -1399,8 +1399,8 @@ def report(harness: Harness, data: Report) -> str:
         "Redis (a database and a Redis db of the benchmark's own), uvicorn with the README's "
         "production options (`--lifespan on --no-server-header --http "
         "broker.runtime.http_timeouts:HeaderTimeoutProtocol --proxy-headers "
-        "--forwarded-allow-ips=127.0.0.1`) and one worker process (`serve`'s default, and "
-        "nginx's below), a Celery worker beside it. Both log every request as `serve` does "
+        "--forwarded-allow-ips=127.0.0.1`) and one worker process (as nginx's below; `serve` "
+        "starts one per core), a Celery worker beside it. Both log every request as `serve` does "
         "(uvicorn's access log, to a file here).",
         "- nginx: `worker_processes 1`, `proxy_pass` with an upstream keep-alive pool"
         + (f" ({next(t.note for t in targets if t.name == NGINX_BASE)})" if has_nginx else "")
