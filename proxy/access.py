@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -96,7 +96,7 @@ class TokenAccess:
     agent_name: str
     agent_status: str
     backend: str
-    expires_at: float
+    expires_at: datetime
     revoked: bool
     has_grant: bool
     # The grant's effective policy, read with the token so enforcement needs no database.
@@ -137,7 +137,7 @@ def _read_token(digest: str) -> TokenAccess | None:
         agent_name=token.agent.name,
         agent_status=token.agent.status,
         backend=Backend.objects.values_list("name", flat=True).get(pk=token.backend_id),
-        expires_at=token.expires_at.timestamp(),
+        expires_at=token.expires_at,
         revoked=token.revoked_at is not None,
         has_grant=grant is not None,
         policy=grant_policy(grant) if grant is not None else None,
@@ -377,9 +377,8 @@ class AccessCache:
         return access, route
 
     async def _check(self, access: TokenAccess, backend: str, *, trusted: bool) -> Route:
-        expires_at = datetime.fromtimestamp(access.expires_at, UTC)
         refused = token_refusal(
-            revoked=access.revoked, expires_at=expires_at, now=timezone.now()
+            revoked=access.revoked, expires_at=access.expires_at, now=timezone.now()
         ) or agent_refusal(name=access.agent_name, status=access.agent_status)
         if refused is not None:
             raise _denied(refused)
