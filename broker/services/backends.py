@@ -17,6 +17,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from audit.services import audit_record
@@ -739,45 +740,33 @@ def backend_validate(*, backend: Backend, key: BackendKey | None = None) -> Vali
     unless the key was rotated or removed meanwhile; returns the backend's summary (a
     keyless backend: its one check)."""
     if backend.client_key or backend.federated:
-        return _validate_keyless(backend)
+        result = backend_check(backend=backend)
+        recorded = _record_validation(
+            Backend.objects.filter(
+                pk=backend.pk,
+                secret_fingerprint=backend.secret_fingerprint,
+                rotated_at=backend.rotated_at,
+            ),
+            result,
+            backend=backend,
+        )
+        if recorded:
+            backend.refresh_from_db()
+        return result
     keys = [key] if key is not None else [k for k in backend.keys.all() if k.enabled]
     for checked in keys:
-        result = backend_check(backend=backend, key=checked)
-        message = redact(result.message)[:500]
-        with transaction.atomic():
+        _record_validation(
             # A rotation anywhere in the pool drops results still on their way, as it did
             # for a backend's one key (a new key may share the old one's fingerprint).
-            updated = BackendKey.objects.filter(
+            BackendKey.objects.filter(
                 pk=checked.pk,
                 fingerprint=checked.fingerprint,
                 backend__rotated_at=backend.rotated_at,
-            ).update(
-                validation_state=result.state,
-                validation_message=message,
-                validation_checked_at=timezone.now(),
-            )
-            if not updated:
-                logger.info(
-                    "key %s of backend %s changed while being validated; result dropped",
-                    checked.fingerprint,
-                    backend.name,
-                )
-                continue
-            audit_record(
-                action=_VALIDATION_ACTIONS.get(result.state, "backend.unreachable"),
-                backend=backend.name,
-                fingerprint=checked.fingerprint,
-                message=message,
-                state=result.state,
-            )
-        if result.state != ValidationState.VALID:
-            logger.warning(
-                "key %s of backend %s is %s: %s",
-                checked.fingerprint,
-                backend.name,
-                result.state,
-                message,
-            )
+            ),
+            backend_check(backend=backend, key=checked),
+            backend=backend,
+            key=checked,
+        )
     with transaction.atomic():
         locked = Backend.objects.select_for_update().filter(pk=backend.pk).first()
         if locked is not None:
@@ -788,25 +777,35 @@ def backend_validate(*, backend: Backend, key: BackendKey | None = None) -> Vali
     return ValidationResult(ValidationState(backend.validation_state), backend.validation_message)
 
 
-def _validate_keyless(backend: Backend) -> ValidationResult:
-    result = backend_check(backend=backend)
+def _record_validation(
+    unchanged: QuerySet[Any],
+    result: ValidationResult,
+    *,
+    backend: Backend,
+    key: BackendKey | None = None,
+) -> bool:
+    """Store ``result`` on the row ``unchanged`` still selects and audit it; a row that no
+    longer matches (rotated or removed while it was being checked) keeps its state, and
+    the answer is False."""
     message = redact(result.message)[:500]
+    what = f"key {key.fingerprint} of backend {backend.name}" if key else f"backend {backend.name}"
     with transaction.atomic():
-        updated = Backend.objects.filter(
-            pk=backend.pk,
-            secret_fingerprint=backend.secret_fingerprint,
-            rotated_at=backend.rotated_at,
-        ).update(
+        updated = unchanged.update(
             validation_state=result.state,
             validation_message=message,
             validation_checked_at=timezone.now(),
         )
         if not updated:
-            logger.info("backend %s changed while being validated; result dropped", backend.name)
-            return result
-        action = _VALIDATION_ACTIONS.get(result.state, "backend.unreachable")
-        audit_record(action=action, backend=backend.name, message=message, state=result.state)
-    backend.refresh_from_db()
+            logger.info("%s changed while being validated; result dropped", what)
+            return False
+        detail: dict[str, Any] = {"fingerprint": key.fingerprint} if key else {}
+        audit_record(
+            action=_VALIDATION_ACTIONS.get(result.state, "backend.unreachable"),
+            backend=backend.name,
+            message=message,
+            state=result.state,
+            **detail,
+        )
     if result.state != ValidationState.VALID:
-        logger.warning("backend %s is %s: %s", backend.name, result.state, message)
-    return result
+        logger.warning("%s is %s: %s", what, result.state, message)
+    return True
