@@ -26,7 +26,7 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from broker.admin.history import HistoryAdmin
-from broker.admin.widgets import back, badge, may, post_only, token_badge
+from broker.admin.widgets import acted_on, back, badge, may, post_only, token_badge
 from broker.infra.errors import ServiceError
 from broker.models import Agent, AgentQuerySet, AgentStatus, Grant, IdentityGrant, Token
 from broker.selectors.agents import agent_recent_events, agent_recent_tokens
@@ -237,12 +237,7 @@ class AgentAdmin(HistoryAdmin[Agent]):
         ]
 
     def _decidable(self, request: HttpRequest, object_id: str) -> Agent:
-        if not self.has_decide_permission(request):
-            raise PermissionDenied
-        agent = self.get_object(request, unquote(object_id))
-        if agent is None:
-            raise Http404("no such agent")
-        return agent
+        return acted_on(self, request, object_id, allowed=self.has_decide_permission(request))
 
     def approve_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         agent = self._decidable(request, object_id)
@@ -291,12 +286,7 @@ class AgentAdmin(HistoryAdmin[Agent]):
         return back(request, self._change_url(grant.agent))
 
     def _identity_agent(self, request: HttpRequest, object_id: str, action: str) -> Agent:
-        if not may(request, action, IdentityGrant):
-            raise PermissionDenied
-        agent = self.get_object(request, unquote(object_id))
-        if agent is None:
-            raise Http404("no such agent")
-        return agent
+        return acted_on(self, request, object_id, allowed=may(request, action, IdentityGrant))
 
     def identity_add_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         agent = self._identity_agent(request, object_id, "add")

@@ -6,15 +6,14 @@ from typing import Any, cast
 
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
-from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse
 from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from broker.admin.history import HistoryAdmin
-from broker.admin.widgets import back, may, post_only, token_badge
+from broker.admin.widgets import acted_on, back, may, post_only, token_badge
 from broker.models import Token, TokenQuerySet, TokenState
 from broker.services.tokens import token_revoke
 
@@ -90,11 +89,7 @@ class TokenAdmin(HistoryAdmin[Token]):
         ]
 
     def revoke_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        if not self.has_revoke_permission(request):
-            raise PermissionDenied
-        token = self.get_object(request, unquote(object_id))
-        if token is None:
-            raise Http404("no such token")
+        token = acted_on(self, request, object_id, allowed=self.has_revoke_permission(request))
         already = token.revoked_at is not None
         token_revoke(token=token, by=request.user)
         text = f"token {token.display_prefix}… " + ("was already revoked" if already else "revoked")

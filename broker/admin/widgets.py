@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from typing import TypeVar
 
 from django.contrib import admin
+from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_permission_codename
+from django.core.exceptions import PermissionDenied
 from django.db.models import Model
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.utils.html import format_html
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.safestring import SafeString
@@ -23,6 +26,7 @@ TOKEN_STATE_COLOURS = {
 }
 
 View = Callable[..., HttpResponse]
+M = TypeVar("M", bound=Model)
 
 
 def badge(kind: str, value: str, colour: str, title: str = "") -> SafeString:
@@ -46,6 +50,18 @@ def may(request: HttpRequest, action: str, model: type[Model]) -> bool:
     """Whether the user holds Django's ``action`` permission on ``model``."""
     opts = model._meta
     return request.user.has_perm(f"{opts.app_label}.{get_permission_codename(action, opts)}")
+
+
+def acted_on(
+    model_admin: admin.ModelAdmin[M], request: HttpRequest, object_id: str, *, allowed: bool
+) -> M:
+    """The object a button on its page acts on: 403 unless ``allowed``, 404 if it is gone."""
+    if not allowed:
+        raise PermissionDenied
+    found = model_admin.get_object(request, unquote(object_id))
+    if found is None:
+        raise Http404(f"no such {model_admin.opts.verbose_name}")
+    return found
 
 
 def back(request: HttpRequest, default: str) -> HttpResponseRedirect:
