@@ -565,3 +565,63 @@ def test_the_rest_rotate_names_the_key_it_replaces(admin_api: Client) -> None:
     )
     assert named.status_code == 200, named.content
     assert [k.fingerprint for k in keys_of(backend)] == ["sk-ant-api03-…Rot1", "sk-ant-api03-…Rot3"]
+
+
+BAD_KEY_BODIES = [
+    ({"secret": 5}, "secret"),
+    ({"secret": "not-a-key-at-all"}, "secret"),
+    ({"secret": "sk-ant-api03-shortB@d"}, "secret"),
+    ({"secret": api_key(tail="Bad1"), "weight": 0}, "weight"),
+    ({"secret": api_key(tail="Bad2"), "weight": 1001}, "weight"),
+    ({"secret": api_key(tail="Bad3"), "weight": "heavy"}, "weight"),
+    ({"secret": api_key(tail="Bad4"), "extra": 1}, None),
+    ({"weight": 2}, "secret"),
+]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("body", "field"), BAD_KEY_BODIES)
+def test_a_bad_key_body_is_a_400_that_adds_nothing_and_echoes_no_secret(
+    admin_api: Client, body: dict[str, Any], field: str | None
+) -> None:
+    backend_add(name="anthropic", secret=api_key(tail="Good"))
+    before = list(BackendKey.objects.values_list("fingerprint", "weight", "enabled"))
+    events = AuditEvent.objects.count()
+    refused = admin_api.post(
+        "/v1/admin/backends/anthropic/keys", body, content_type="application/json"
+    )
+    assert refused.status_code == 400, refused.content
+    if field is not None:
+        assert field in refused.json()["error"]["fields"]
+    secret = body.get("secret")
+    if isinstance(secret, str):
+        assert secret.encode() not in refused.content
+    assert list(BackendKey.objects.values_list("fingerprint", "weight", "enabled")) == before
+    assert AuditEvent.objects.count() == events
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "body", [{"weight": 0}, {"weight": True}, {"enabled": "no"}, {"enabled": None}, {"colour": 1}]
+)
+def test_a_bad_key_change_is_a_400_that_changes_nothing(
+    admin_api: Client, body: dict[str, Any]
+) -> None:
+    backend_add(name="anthropic", secret=api_key(tail="Good"))
+    key_add(backend=Backend.objects.get(), secret=api_key(tail="Two2"))
+    before = list(BackendKey.objects.values_list("fingerprint", "weight", "enabled"))
+    url = f"/v1/admin/backends/anthropic/keys/{quote('sk-ant-api03-…Two2')}"
+    refused = admin_api.patch(url, body, content_type="application/json")
+    assert refused.status_code == 400, refused.content
+    assert list(BackendKey.objects.values_list("fingerprint", "weight", "enabled")) == before
+
+
+@pytest.mark.django_db
+def test_malformed_json_to_the_key_endpoints_is_a_400(admin_api: Client) -> None:
+    backend_add(name="anthropic", secret=api_key(tail="Good"))
+    url = "/v1/admin/backends/anthropic/keys"
+    for method in (admin_api.post, admin_api.patch):
+        target = url if method == admin_api.post else f"{url}/{quote('sk-ant-api03-…Good')}"
+        refused = method(target, '{"secret": ', content_type="application/json")
+        assert refused.status_code == 400
+    assert BackendKey.objects.count() == 1
