@@ -168,6 +168,9 @@ class PrivatePostgres:
     def _run(self, *command: object, check: bool = False) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*self.as_user, *map(str, command)],
+            # The cluster's own directory: the postgres user may not enter the checkout's
+            # (a clone in a 0700 mktemp directory), and psql says so on the output it returns.
+            cwd=self.directory,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
