@@ -27,8 +27,9 @@ from proxy.access import AccessCache, AccessDenied, Route
 from proxy.errors import UpstreamFailed
 from proxy.federation import federated_secret, federation_cache
 from proxy.keys import (
-    COOL_STATUSES,
+    FAILOVER_STATUSES,
     REJECTED_STATUSES,
+    SERVER_ERROR_STATUSES,
     RouteKey,
     key_choose,
     key_cool,
@@ -213,18 +214,33 @@ async def forward(
 ) -> None:
     """Send the request upstream and its answer to the client, then record the call.
 
-    An answer that says the key cannot serve now (429, 529, 401) is sent again once with
-    another key of the pool, before anything reached the client (proxy/keys.py)."""
+    An answer that says the key cannot serve now (429, 529, 500, 502, 503, 504, 401), or a
+    call that never reached the upstream, is sent again once with another key of the pool,
+    before anything reached the client (proxy/keys.py)."""
     route = request.route
     while True:
         exchange.key_fingerprint = request.key.fingerprint if request.key else ""
-        answered = await _ask(request, receive, exchange)
+        try:
+            answered = await _ask(request, receive, exchange)
+        except Unreached as unreached:
+            again = await _failover(request, exchange, status=None, error=unreached.reason)
+            if again is None:
+                raise unreached.failed from None
+            request = again
+            continue
         if answered is None:
             return
         upstream = answered
-        again = await _failover(request, upstream, exchange)
+        again = await _failover(
+            request,
+            exchange,
+            status=upstream.status,
+            retry_after=upstream.headers.get("retry-after", ""),
+            should_retry=upstream.headers.get("x-should-retry", ""),
+        )
         if again is None:
             break
+        upstream.close()
         request = again
     exchange.status = upstream.status
     if upstream.status == 401 and request.on_unauthorized is not None:
@@ -247,28 +263,49 @@ async def forward(
 
 
 async def _failover(
-    request: UpstreamRequest, upstream: aiohttp.ClientResponse, exchange: Exchange
+    request: UpstreamRequest,
+    exchange: Exchange,
+    *,
+    status: int | None,
+    retry_after: str = "",
+    should_retry: str = "",
+    error: str = "",
 ) -> UpstreamRequest | None:
-    """What this answer says of the request's key, and the request to send instead (None:
-    this answer goes to the client). Only for a pool of several keys, and once per call."""
+    """What this attempt's outcome (the upstream's ``status``, or None: not reached, for
+    ``error``) says of the request's key, and the request to send instead (None: the
+    outcome goes to the client). Only for a pool of several keys, and once per call."""
     key, route = request.key, request.route
     if key is None or len(route.keys) < 2:
         return None
-    if upstream.status in COOL_STATUSES:
-        retry_after = upstream.headers.get("retry-after", "")
-        await key_cool(route.name, key, status=upstream.status, retry_after=retry_after)
-    elif upstream.status in REJECTED_STATUSES:
+    if status is not None and status not in FAILOVER_STATUSES:
+        return None
+    if status in SERVER_ERROR_STATUSES and should_retry.strip().lower() == "false":
+        return None  # the upstream says this request would fail again: not the key's fault
+    if status in REJECTED_STATUSES:
         await key_rejected(route.name, key)
     else:
-        return None
+        await key_cool(route.name, key, status=status, retry_after=retry_after, error=error)
     if exchange.retried or request.rekey is None:
         return None
     other = await key_choose(route.name, route.keys, exclude=(key,))
     if other is None:
-        return None  # every other key is cooling down: the upstream's answer stands
-    upstream.close()
+        return None  # every other key is cooling down: this outcome stands
     exchange.retried = True
+    exchange.failed_key_fingerprint = key.fingerprint
+    exchange.failed_status = status
+    exchange.failed_error = error
     return request.rekey(other)
+
+
+class Unreached(Exception):
+    """The upstream was not reached, or dropped the connection without an answer: nothing
+    reached the client, and another key may be tried. ``failed`` is the client's answer
+    otherwise (502, or 504 for a connect timeout)."""
+
+    def __init__(self, failed: UpstreamFailed, reason: str) -> None:
+        super().__init__(reason)
+        self.failed = failed
+        self.reason = reason
 
 
 async def _ask(
@@ -304,8 +341,19 @@ async def _ask(
             return None
         if exchange.body_refused is not None:
             raise exchange.body_refused from None
+        exchange.upstream_seconds += time.perf_counter() - sent
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            failed = UpstreamFailed(f"upstream {route.name} timed out", timed_out=True)
+            raise Unreached(failed, "connect timeout") from None
         if isinstance(exc, TimeoutError):
+            # Silent for the idle timeout after the request went: it may be running
+            # upstream, and it has waited long enough. Never sent again.
             raise UpstreamFailed(f"upstream {route.name} timed out", timed_out=True) from None
+        if isinstance(exc, aiohttp.ClientConnectionError):
+            # Refused, reset, or closed with no answer: nothing came back to pass on.
+            name = type(exc).__name__
+            failed = UpstreamFailed(f"upstream {route.name} unreachable ({name})")
+            raise Unreached(failed, f"unreachable ({name})") from None
         if isinstance(exc, aiohttp.ClientError):
             raise UpstreamFailed(
                 f"upstream {route.name} unreachable ({type(exc).__name__})"

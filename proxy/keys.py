@@ -3,11 +3,13 @@ about that key.
 
 Selection is weighted among the healthy keys: enabled (the Route holds only those), not
 known invalid, and not cooling down. A key that answers 429 or 529 cools down for the time
-the upstream asked (``retry-after``) or an exponential backoff; the cooldown lives in Redis,
-so every process on every machine skips the key, and it expires by itself. A key that
-answers 401 is marked unhealthy the same way and its validation is queued, which records
-whether it is really invalid. A backend with one key never asks Redis: there is nothing to
-choose between, and the upstream's answer goes to the client as it always did.
+the upstream asked (``retry-after``) or an exponential backoff; one that answers 500, 502,
+503 or 504, or whose call never reached the upstream (refused, reset, connect timeout),
+cools down for a shorter backoff (docs/decisions.md, Key pools). The cooldown lives in
+Redis, so every process on every machine skips the key, and it expires by itself. A key
+that answers 401 is marked unhealthy the same way and its validation is queued, which
+records whether it is really invalid. A backend with one key never asks Redis: there is
+nothing to choose between, and the upstream's answer goes to the client as it always did.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ COOL_STATUSES = frozenset({429, 529})
 REJECTED_STATUSES = frozenset({401})
 BACKOFF_FIRST_SECONDS = 5.0
 BACKOFF_MAX_SECONDS = 300.0
+# An upstream's own failure: usually one request's or one server's, seldom the key's, so
+# the key is set aside briefly (long enough that a key failing every call stops costing
+# each call a second round trip, short enough that a blip moves little load).
+SERVER_ERROR_STATUSES = frozenset({500, 502, 503, 504})
+SERVER_ERROR_FIRST_SECONDS = 1.0
+SERVER_ERROR_MAX_SECONDS = 30.0
+FAILOVER_STATUSES = COOL_STATUSES | SERVER_ERROR_STATUSES | REJECTED_STATUSES
 # A 401 keeps the key out until its validation (queued at once) has had time to say more.
 REJECTED_SECONDS = 60.0
 # Consecutive cooldowns of a key within this long double its backoff.
@@ -99,22 +108,34 @@ async def key_choose(
     return random.choices(healthy, weights=[key.weight for key in healthy])[0]  # noqa: S311
 
 
-async def key_cool(backend: str, key: RouteKey, *, status: int, retry_after: str) -> float:
+def cooldown_seconds(*, status: int | None, retry_after: str, strikes: int) -> float:
+    """How long a key stays out after this answer (``status``; None: the upstream was not
+    reached), its ``strikes``-th cooldown in a row."""
+    if status in REJECTED_STATUSES:
+        return REJECTED_SECONDS
+    if status in COOL_STATUSES:
+        first, longest = BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS
+    else:
+        first, longest = SERVER_ERROR_FIRST_SECONDS, SERVER_ERROR_MAX_SECONDS
+    asked = retry_after_seconds(retry_after) if status is not None else None
+    if asked is not None:
+        return min(max(asked, 1.0), longest)
+    return min(first * 2.0 ** (strikes - 1), longest)
+
+
+async def key_cool(
+    backend: str, key: RouteKey, *, status: int | None, retry_after: str = "", error: str = ""
+) -> float:
     """Keep ``key`` out of every process' choice for as long as the upstream asked, or a
-    backoff that doubles with each cooldown in a row; returns the seconds."""
-    asked = retry_after_seconds(retry_after) if status in COOL_STATUSES else None
+    backoff that doubles with each cooldown in a row; returns the seconds. ``status`` None
+    is a call that never reached the upstream, ``error`` says why."""
     client = async_redis_client()
     try:
         counting = client.pipeline(transaction=False)
         counting.incr(_strikes_key(backend, key.fingerprint))
         counting.expire(_strikes_key(backend, key.fingerprint), STRIKES_WINDOW_SECONDS)
         strikes = int((await counting.execute())[0])
-        if status in REJECTED_STATUSES:
-            seconds = REJECTED_SECONDS
-        elif asked is not None:
-            seconds = min(max(asked, 1.0), BACKOFF_MAX_SECONDS)
-        else:
-            seconds = min(BACKOFF_FIRST_SECONDS * 2 ** (strikes - 1), BACKOFF_MAX_SECONDS)
+        seconds = cooldown_seconds(status=status, retry_after=retry_after, strikes=strikes)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         marking = client.pipeline(transaction=False)
         marking.set(
@@ -123,7 +144,9 @@ async def key_cool(backend: str, key: RouteKey, *, status: int, retry_after: str
             px=max(1, int(seconds * 1000)),
         )
         marking.set(
-            key_error_name(backend, key.fingerprint), f"{status} at {stamp}", ex=LAST_ERROR_SECONDS
+            key_error_name(backend, key.fingerprint),
+            f"{status if status is not None else error} at {stamp}",
+            ex=LAST_ERROR_SECONDS,
         )
         await marking.execute()
     except (redis.RedisError, OSError):

@@ -43,7 +43,12 @@ class Exchange:
     batch_results: str = ""  # the id of the message batch whose results this call read
     upstream_seconds: float = 0.0  # spent waiting on the upstream, left out of Server-Timing
     key_fingerprint: str = ""  # the pool's key that served (or was last tried)
-    retried: bool = False  # sent again with another key after a 429, 529 or 401
+    retried: bool = False  # sent again with another key (proxy/forwarding.py, _failover)
+    # The first attempt of a retried call: its key, and the upstream's status or, when the
+    # upstream was not reached, why ("unreachable (ClientConnectorError)", "connect timeout").
+    failed_key_fingerprint: str = ""
+    failed_status: int | None = None
+    failed_error: str = ""
 
     def server_timing(self) -> tuple[bytes, bytes]:
         """keybroker's own time so far, upstream excluded (docs/decisions.md, Server-Timing)."""
@@ -100,6 +105,11 @@ class Exchange:
             fields["key_fingerprint"] = self.key_fingerprint  # which key served (issue 15)
         if self.retried:
             fields["retried"] = True
+            fields["failed_key_fingerprint"] = self.failed_key_fingerprint
+            if self.failed_status is not None:
+                fields["failed_status"] = self.failed_status
+            if self.failed_error:
+                fields["failed_error"] = self.failed_error
         if self.access is not None:
             fields["token_id"] = self.access.token_id
             fields["token"] = self.access.token_prefix
