@@ -1,17 +1,20 @@
 """Who may call through the proxy, answered from memory when it safely can.
 
-A token seen recently is checked without the database. Every process reads one Redis
-counter (``access:generation``) for each request, sent after the request arrived (requests
-arriving while a read is on its way share the next one); any revocation, unenrollment,
-backend change or rotation increments it, and a process that sees a new value, or cannot
-read it, drops its cache. So a revoked token is refused on the very next request
-everywhere, and expiry is checked against the clock on every request whatever the cache
-holds.
+A token seen recently is checked without the database or Redis. Any revocation,
+unenrollment, backend change or rotation sets a new access generation in Redis and
+publishes it (broker/services/access.py); each process listens, drops its cache when news
+comes and confirms it, and the change waits for those confirmations before it answers. So
+a revoked token is refused on the very next request everywhere, with no Redis round trip
+per request. While a process is not listening (starting, or Redis unreachable), it reads
+the generation for each request instead, sent after the request arrived (requests arriving
+while a read is on its way share the next one), and a process that cannot read it asks the
+database. Expiry is checked against the clock on every request whatever the cache holds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -37,7 +40,10 @@ from broker.models import (
     touch_last_used,
 )
 from broker.services.access import (
+    ACCESS_ACK,
+    ACCESS_CHANNEL,
     ACCESS_GENERATION,
+    ACK_KEEP_SECONDS,
     Refusal,
     agent_refusal,
     refusal,
@@ -56,6 +62,10 @@ CACHE_SIZE = 10_000
 LAST_USED_RESOLUTION_SECONDS = LAST_USED_RESOLUTION.total_seconds()
 # While calls are open, how often each process looks for a change that withdraws them.
 WATCH_INTERVAL_SECONDS = 0.25
+# While listening, the generation is still read after this long without news: a backstop
+# for news that never came, and how a frozen Redis is noticed.
+LISTEN_CHECK_SECONDS = 1.0
+LISTEN_RETRY_SECONDS = 0.5
 
 
 class AccessDenied(ProxyError):
@@ -222,6 +232,77 @@ class AccessCache:
         self._watched_generation: bytes | str | None = None
         self._reading = False  # a generation read is on its way to Redis
         self._next_read: asyncio.Future[bool] | None = None  # shared by who arrived since
+        self._listener: asyncio.Task[None] | None = None
+        # Subscribed to access changes, with the generation read since: no read per request.
+        self.listening = False
+
+    async def _trusted(self) -> bool:
+        """True when the cache may be trusted for this request: at once while listening,
+        otherwise after a generation read (which also starts the listener)."""
+        if self.listening:
+            return True
+        self.listen()
+        return await self._fresh()
+
+    def listen(self) -> None:
+        """Start following access changes (at startup, or with the first request)."""
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.ensure_future(self._listen())
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+
+    async def _listen(self) -> None:
+        """Follow access changes for as long as the event loop runs; after a failure, read
+        per request (``_fresh``) until subscribed again."""
+        failing = False
+        while True:
+            pubsub = async_redis_client().pubsub()
+            try:
+                await pubsub.subscribe(redis_key(ACCESS_CHANNEL))
+                # Confirmed before the generation is read, so no change falls in between.
+                while await pubsub.get_message(timeout=LISTEN_CHECK_SECONDS) is None:
+                    pass
+                if not await self._read_generation():
+                    raise ConnectionError("cannot read the access generation")
+                # Whatever was read while not listening could predate a change that was
+                # never announced: start afresh.
+                self.clear()
+                self.listening, failing = True, False
+                logger.info("proxy follows access changes over Redis")
+                while True:
+                    message = await pubsub.get_message(timeout=LISTEN_CHECK_SECONDS)
+                    if message is None:
+                        if not await self._read_generation():
+                            raise ConnectionError("cannot read the access generation")
+                    elif message["type"] == "message":
+                        await self._changed(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except (redis.RedisError, OSError) as exc:
+                if not failing:
+                    logger.warning(
+                        "proxy stopped following access changes (%s); reading per request",
+                        type(exc).__name__,
+                    )
+                failing = True
+            finally:
+                self.listening = False
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(LISTEN_RETRY_SECONDS)
+
+    async def _changed(self, generation: bytes) -> None:
+        self.clear()
+        self._generation = generation
+        acks = redis_key(ACCESS_ACK, generation.decode("ascii", "replace"))
+        confirming = async_redis_client().pipeline(transaction=False)
+        confirming.rpush(acks, b"1")
+        confirming.expire(acks, ACK_KEEP_SECONDS)
+        await confirming.execute()
 
     async def _fresh(self) -> bool:
         """True when the cache may be trusted for this request.
@@ -364,7 +445,7 @@ class AccessCache:
         """The checks on a crd_ token (by its ``secret_digest``), in order: known, not
         expired, not revoked, agent approved, grant for this backend, backend enabled.
         Each refusal says which."""
-        trusted = await self._fresh()
+        trusted = await self._trusted()
         access = await self.token(digest, trusted=trusted)
         if access is None:
             raise _denied(token_unknown())

@@ -144,6 +144,13 @@ class ProxyApp:
     def access_cache(self) -> AccessCache:
         return self._caches.get()
 
+    def startup(self) -> None:
+        """Follow access changes from the start, so no request waits on a Redis read."""
+        self.access_cache().listen()
+
+    async def shutdown(self) -> None:
+        await self.access_cache().close()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client")
         exchange = Exchange(

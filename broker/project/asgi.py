@@ -44,8 +44,10 @@ async def _lifespan(receive: Receive, send: Send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            proxy_application.startup()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
+            await proxy_application.shutdown()
             await audit_flush()
             await upstream_close()
             await send({"type": "lifespan.shutdown.complete"})

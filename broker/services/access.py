@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -26,6 +27,15 @@ logger = logging.getLogger(__name__)
 # backends; any change to who may call what (or to a secret) sets it to a new random value.
 # Random rather than a counter, so a Redis that lost its data can never repeat an old value.
 ACCESS_GENERATION = "access:generation"
+# Where the new value is also published: proxy processes listen instead of reading the
+# generation on every request, and each says it has dropped its cache by pushing onto
+# ``access:ack:<generation>`` (docs/decisions.md, "Access changes are pushed").
+ACCESS_CHANNEL = "access:changed"
+ACCESS_ACK = "access:ack"
+# How long an announcement waits for every listening process to have dropped its cache:
+# a process that does not answer in time (frozen, or gone) falls back by itself.
+ACK_WAIT_SECONDS = 0.5
+ACK_KEEP_SECONDS = 10
 
 
 # Anthropic's names for the statuses the proxy refuses with, so SDKs raise the right class.
@@ -105,13 +115,38 @@ def agent_require_approved(agent: Agent) -> None:
 
 
 def access_changed() -> None:
-    """After commit, make every proxy process drop what it cached about tokens and backends."""
+    """After commit, make every proxy process drop what it cached about tokens and backends,
+    and return once each listening process has (or ACK_WAIT_SECONDS have passed), so that a
+    revocation is in force everywhere when the command or page that made it answers."""
+    transaction.on_commit(_announce)
 
-    def bump() -> None:
-        try:
-            redis_client().set(redis_key(ACCESS_GENERATION), secrets.token_hex(8))
-        except redis.RedisError:
-            # The proxy treats an unreadable counter as "changed" and asks the database.
-            logger.error("could not announce an access change over Redis")
 
-    transaction.on_commit(bump)
+def _announce() -> None:
+    generation = secrets.token_hex(8)
+    client = redis_client()
+    try:
+        with client.pipeline(transaction=True) as announcing:  # the value and the news
+            announcing.set(redis_key(ACCESS_GENERATION), generation)
+            announcing.publish(redis_key(ACCESS_CHANNEL), generation)
+            listeners = int(announcing.execute()[1])
+        _await_acks(client, generation, listeners)
+    except redis.RedisError:
+        # The proxy treats an unreadable generation as "changed" and asks the database.
+        logger.error("could not announce an access change over Redis")
+
+
+def _await_acks(client: redis.Redis, generation: str, listeners: int) -> None:
+    acks = redis_key(ACCESS_ACK, generation)
+    deadline = time.monotonic() + ACK_WAIT_SECONDS
+    try:
+        for answered in range(listeners):
+            left = deadline - time.monotonic()
+            if left <= 0 or client.blpop([acks], timeout=left) is None:
+                logger.warning(
+                    "%d of %d proxy processes did not confirm an access change in time",
+                    listeners - answered,
+                    listeners,
+                )
+                return
+    finally:
+        client.delete(acks)

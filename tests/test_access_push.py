@@ -1,0 +1,156 @@
+"""Access changes are pushed to the proxy processes (issue 13): a listening process reads
+nothing from Redis per request, and a change answers only once every listening process
+has dropped what it cached, so a revocation is in force everywhere when it returns."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from django.conf import settings
+
+from broker.infra.redis import redis_client, redis_key
+from broker.models import Token
+from broker.services.access import ACCESS_ACK, ACCESS_CHANNEL, ACCESS_GENERATION, access_changed
+from broker.services.tokens import token_revoke
+from tests.fake_anthropic import FakeAnthropic
+from tests.proxy_cast import Proxied
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class GenerationReads:
+    """Every GET of the access generation Redis receives while it runs, from any client
+    (Redis's MONITOR), so a test counts reads rather than trusting the code that sends them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._key = redis_key(ACCESS_GENERATION)
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1)
+        with client.monitor() as monitor:  # type: ignore[no-untyped-call]
+            self._ready.set()
+            while not self._stop.is_set():
+                try:
+                    command = monitor.next_command()["command"]
+                except redis.TimeoutError:
+                    continue
+                if command.split()[:2] == ["GET", self._key]:
+                    self.count += 1
+
+    def __enter__(self) -> GenerationReads:
+        self._thread.start()
+        self._ready.wait(timeout=5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # A last command, so the monitor wakes to see the stop.
+        self._stop.set()
+        redis_client().ping()
+        self._thread.join(timeout=5)
+
+
+def listeners() -> int:
+    return int(redis_client().pubsub_numsub(redis_key(ACCESS_CHANNEL))[0][1])
+
+
+def test_a_listening_process_reads_no_generation_per_request(
+    proxied: Proxied, fake_anthropic: FakeAnthropic, second_process: str
+) -> None:
+    url = f"{second_process}/v1/proxy/anthropic/v1/models"
+    headers = {"x-api-key": proxied.token}
+    assert httpx.get(url, headers=headers).status_code == 200
+    wait_until(lambda: listeners() >= 1, timeout=10, what="the proxy to listen for changes")
+    calls = 40
+    with GenerationReads() as reads, httpx.Client(headers=headers) as client:
+        started = time.monotonic()
+        for _ in range(calls):
+            assert client.get(url).status_code == 200
+        elapsed = time.monotonic() - started
+    # What remains is the listeners' backstop: about one read a second per process.
+    backstop = 2 * (int(elapsed) + 2)
+    assert reads.count <= backstop < calls, (reads.count, elapsed)
+    assert len(fake_anthropic.requests) == calls + 1
+
+
+def test_a_revocation_holds_on_the_next_request_of_a_listening_process(
+    proxied: Proxied, fake_anthropic: FakeAnthropic, second_process: str
+) -> None:
+    url = f"{second_process}/v1/proxy/anthropic/v1/models"
+    headers = {"x-api-key": proxied.token}
+    assert httpx.get(url, headers=headers).status_code == 200
+    wait_until(lambda: listeners() >= 1, timeout=10, what="the proxy to listen for changes")
+    assert httpx.get(url, headers=headers).status_code == 200  # from its cache, no read
+
+    token_revoke(token=Token.objects.get())
+
+    refused = httpx.get(url, headers=headers)
+    assert (refused.status_code, refused.json()["error"]["message"]) == (401, "token revoked")
+
+
+class SlowListener:
+    """A process listening for access changes that confirms each one after ``delay``
+    seconds (never, with None), recording when it did."""
+
+    def __init__(self, delay: float | None) -> None:
+        self.delay = delay
+        self.confirmed: list[str] = []
+        self._pubsub = redis_client().pubsub()  # type: ignore[no-untyped-call]
+        self._pubsub.subscribe(redis_key(ACCESS_CHANNEL))
+        self._pubsub.get_message(timeout=5)  # the subscription is confirmed
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            message: Any = self._pubsub.get_message(timeout=0.1)
+            if message is None or message["type"] != "message":
+                continue
+            if self.delay is None:
+                continue
+            time.sleep(self.delay)
+            generation = message["data"].decode()
+            self.confirmed.append(generation)
+            redis_client().rpush(redis_key(ACCESS_ACK, generation), b"1")
+
+    def __enter__(self) -> SlowListener:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._pubsub.close()
+
+
+def test_a_change_returns_only_once_every_listener_confirmed_it() -> None:
+    with SlowListener(delay=0.2) as listener:
+        access_changed()  # outside a transaction: announced at once
+        announced = redis_client().get(redis_key(ACCESS_GENERATION))
+        assert isinstance(announced, bytes)
+        assert listener.confirmed == [announced.decode()], "returned before the confirmation"
+
+
+def test_a_listener_that_never_confirms_delays_a_change_only_briefly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with SlowListener(delay=None) as listener, caplog.at_level(logging.WARNING):
+        access_changed()
+        assert listener.confirmed == []
+    # Any proxy of this test session listening too has confirmed; only the mute one is late.
+    assert re.search(r"\b1 of \d+ proxy processes did not confirm an access change", caplog.text)
+    # Nothing is left behind for the change that was not confirmed.
+    generation = redis_client().get(redis_key(ACCESS_GENERATION))
+    assert isinstance(generation, bytes)
+    assert not redis_client().exists(redis_key(ACCESS_ACK, generation.decode()))
