@@ -8,7 +8,6 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.actions import delete_selected as django_delete_selected
-from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
@@ -17,6 +16,7 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from broker.admin.forms import service_checked
+from broker.admin.widgets import acted_on, may, post_only
 from broker.infra.errors import ServiceError
 from broker.kinds import PROVIDERS
 from broker.models import Backend, BackendKey, ValidationState
@@ -63,14 +63,16 @@ FEDERATION_HELP = {
 # (min <= default <= max); its message goes on the first of them.
 SERVICE_FIELDS = {
     "secret": "new_secret",
+    "fingerprint": "rotate_fingerprint",
     "audience": "federation_audience",
     "federation": "federation_rule_id",
     "ttl": "token_ttl_min",
 }
 
-KEY_POOL_FIELDS = ("key_pool", "add_key", "add_key_weight")
+KEY_POOL_FIELDS = ("key_pool", "rotate_fingerprint", "add_key", "add_key_weight")
 BACKEND_FIELDS = (
-    "name", "kind", "base_url", "client_key", "new_secret", *FEDERATION_FORM_FIELDS,
+    "name", "kind", "base_url", "client_key", "new_secret", "rotate_fingerprint",
+    *FEDERATION_FORM_FIELDS,
     "token_ttl_min", "token_ttl_default", "token_ttl_max", "enabled", "secret_fingerprint",
     "auth_scheme", "status", "validation_message", "validation_checked_at", "created_at",
     "rotated_at", "key_pool", "add_key", "add_key_weight",
@@ -100,7 +102,14 @@ class BackendForm(forms.ModelForm[Backend]):
         widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
         help_text="sk-ant-api… or sk-ant-oat…. Write-only: it is never shown again.",
     )
-    # The change page only: another key for the backend's pool (issue 15).
+    # The change page only: which key of the pool the Secret replaces (backend rotate
+    # --fingerprint), and another key for the pool (issue 15).
+    rotate_fingerprint = forms.ChoiceField(
+        label="Key it replaces",
+        required=False,
+        help_text="The key of the pool a new Secret replaces (its place and weight stay); "
+        "with one key, that one.",
+    )
     add_key = forms.CharField(
         label="Add a key",
         required=False,
@@ -130,9 +139,18 @@ class BackendForm(forms.ModelForm[Backend]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.instance.pk:
-            self.fields[
-                "new_secret"
-            ].help_text = "Leave blank to keep the current secret; a new one rotates it."
+            self.fields["new_secret"].help_text = (
+                "Leave blank to keep the keys as they are; a new one replaces the key chosen "
+                "below, validated like an added key."
+            )
+            fingerprints = [key.fingerprint for key in keys_of(self.instance)]
+            only = len(fingerprints) == 1
+            choosing = self.fields["rotate_fingerprint"]
+            assert isinstance(choosing, forms.ChoiceField)
+            choosing.choices = [
+                ("", "the only key" if only else "(choose the key to replace)"),
+                *[(fingerprint, fingerprint) for fingerprint in fingerprints],
+            ]
         for name, text in FEDERATION_HELP.items():
             if name in self.fields:  # read-only on a keyed backend's page
                 self.fields[name].help_text = text
@@ -166,6 +184,11 @@ class BackendForm(forms.ModelForm[Backend]):
             return FederationSettings(**{name: value or "" for name, value in values.items()})
         return FederationSettings(**{name: value or None for name, value in values.items()})
 
+    def rotated_fingerprint(self) -> str | None:
+        """The key a new Secret replaces; None: the only one (the service refuses to guess
+        when there are several)."""
+        return self.cleaned_data.get("rotate_fingerprint") or None
+
     def validate_unique(self) -> None:
         """A name that is taken is the service's refusal (backend_add_check), in its words."""
 
@@ -196,7 +219,9 @@ class BackendForm(forms.ModelForm[Backend]):
                 )
         if secret:  # a new key rotates the backend to it first
             with service_checked(self, SERVICE_FIELDS):
-                backend_rotate_check(backend=backend, secret=secret)
+                backend_rotate_check(
+                    backend=backend, secret=secret, fingerprint=self.rotated_fingerprint()
+                )
         with service_checked(self, SERVICE_FIELDS):
             backend_update_check(
                 backend=backend,
@@ -280,7 +305,7 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
         own = [
             path(
                 "<path:object_id>/change/keys/<int:key_id>/<str:action>/",
-                self.admin_site.admin_view(self.key_action),
+                post_only(self.admin_site, self.key_action),
                 name="broker_backend_key_action",
             )
         ]
@@ -290,12 +315,8 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
         self, request: HttpRequest, object_id: str, key_id: int, action: str
     ) -> HttpResponse:
         """Enable, disable, remove or validate one key of the pool, through its service."""
+        backend = acted_on(self, request, object_id, allowed=may(request, "change", Backend))
         change_page = HttpResponseRedirect("../../../")
-        backend = self.get_object(request, object_id)
-        if backend is None or request.method != "POST":
-            return change_page
-        if not self.has_change_permission(request, backend):
-            raise PermissionDenied
         key = BackendKey.objects.filter(pk=key_id, backend=backend).first()
         if key is not None and action == "validate":
             backend_validate(backend=backend, key=key)
@@ -376,7 +397,12 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
         secret = data.get("new_secret") or None
         if secret:
             # First, so that the key entered is the one a move to a new host sends there.
-            backend_rotate(backend=current, secret=secret, by=request.user)
+            backend_rotate(
+                backend=current,
+                secret=secret,
+                fingerprint=form.rotated_fingerprint(),
+                by=request.user,
+            )
         backend_update(
             backend=current,
             base_url=data.get("base_url") or None,

@@ -30,14 +30,18 @@ class KeyValidationOutput(serializers.Serializer[Any]):
 
 
 class KeyHealthOutput(serializers.Serializer[Any]):
-    state = serializers.CharField(help_text="ok, cooling (rate limited or refused) or unknown")
+    state = serializers.CharField(
+        help_text="ok, cooling (rate limited, refused, failing or unreachable) or unknown"
+    )
     until = serializers.FloatField(allow_null=True, help_text="when a cooldown ends (epoch s)")
     last_error = serializers.CharField(
         help_text='the last answer that set the key aside ("429 at …"), within a day'
     )
 
 
-class BackendKeyOutput(serializers.Serializer[Any]):
+class PoolKeyOutput(serializers.Serializer[Any]):
+    """A key of the pool as a backend's own output lists it."""
+
     fingerprint = serializers.CharField()
     position = serializers.IntegerField()
     auth_scheme = serializers.CharField()
@@ -45,33 +49,35 @@ class BackendKeyOutput(serializers.Serializer[Any]):
     enabled = serializers.BooleanField()
     validation = KeyValidationOutput()
     health = KeyHealthOutput()
+
+
+class BackendKeyOutput(PoolKeyOutput):
+    """A key as …/keys shows it: with its calls, counted from the audit trail."""
+
     calls = serializers.IntegerField(help_text="calls it served in the last 24 hours")
     created_at = serializers.DateTimeField()
 
 
+def _key_fields(key: BackendKey, health: KeyHealth) -> dict[str, Any]:
+    return {
+        "fingerprint": key.fingerprint,
+        "position": key.position,
+        "auth_scheme": key.auth_scheme,
+        "weight": key.weight,
+        "enabled": key.enabled,
+        "validation": {
+            "state": key.validation_state,
+            "checked_at": key.validation_checked_at,
+            "message": key.validation_message,
+        },
+        "health": {"state": health.state, "until": health.until, "last_error": health.last_error},
+    }
+
+
 def key_output(key: BackendKey, health: KeyHealth, calls: int = 0) -> dict[str, Any]:
     """A key as the API, the CLI's --json and the admin show it: never the key itself."""
-    return BackendKeyOutput(
-        {
-            "fingerprint": key.fingerprint,
-            "position": key.position,
-            "auth_scheme": key.auth_scheme,
-            "weight": key.weight,
-            "enabled": key.enabled,
-            "validation": {
-                "state": key.validation_state,
-                "checked_at": key.validation_checked_at,
-                "message": key.validation_message,
-            },
-            "health": {
-                "state": health.state,
-                "until": health.until,
-                "last_error": health.last_error,
-            },
-            "calls": calls,
-            "created_at": key.created_at,
-        }
-    ).data
+    fields = {**_key_fields(key, health), "calls": calls, "created_at": key.created_at}
+    return BackendKeyOutput(fields).data
 
 
 def keys_output(backend: Backend) -> list[dict[str, Any]]:
@@ -81,6 +87,16 @@ def keys_output(backend: Backend) -> list[dict[str, Any]]:
     return [
         key_output(key, health.get(key.pk, KeyHealth("ok")), calls.get(key.fingerprint, 0))
         for key in keys
+    ]
+
+
+def pool_output(backend: Backend) -> list[dict[str, Any]]:
+    """The backend's keys for its own output (inspect, the REST backend): each key's state
+    and health, without the calls, which cost a scan of the audit trail."""
+    keys = keys_of(backend)
+    health = keys_health(backend, keys)
+    return [
+        PoolKeyOutput(_key_fields(key, health.get(key.pk, KeyHealth("ok")))).data for key in keys
     ]
 
 

@@ -11,6 +11,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from broker.api.auth import admin_permissions
+from broker.api.backend_keys import PoolKeyOutput, pool_output
 from broker.api.serializers import StrictBooleanField, StrictCharField, StrictInputSerializer
 from broker.kinds import DEFAULT_KIND
 from broker.models import Backend
@@ -44,13 +45,21 @@ class BackendOutput(serializers.ModelSerializer[Backend]):
     federation = serializers.SerializerMethodField(
         help_text="workload identity settings (kind anthropic-wif), else null"
     )
+    keys = serializers.SerializerMethodField(
+        help_text="the pool's keys in order (fingerprint, weight, enabled, validation, "
+        "health), never a secret; empty for a backend that stores none"
+    )
 
     class Meta:
         model = Backend
         fields = [
             "name", "kind", "base_url", "fingerprint", "auth_scheme", "client_key", "enabled",
-            "ttl", "validation", "federation", "created_at", "rotated_at",
+            "ttl", "validation", "federation", "keys", "created_at", "rotated_at",
         ]  # fmt: skip
+
+    @extend_schema_field(PoolKeyOutput(many=True))
+    def get_keys(self, backend: Backend) -> list[dict[str, Any]]:
+        return pool_output(backend)
 
     @extend_schema_field(FederationOutput(allow_null=True))
     def get_federation(self, backend: Backend) -> dict[str, str] | None:

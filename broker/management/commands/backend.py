@@ -143,10 +143,29 @@ class Command(BaseCommand):
         if options["json"]:
             self.stdout.write(as_json(data))
             return
+        now = time.time()
         for key, value in data.items():
+            if key == "keys":
+                self._inspect_keys(value, now)
+                continue
             if isinstance(value, dict):
                 value = ", ".join(f"{k}={v}" for k, v in value.items())
             self.stdout.write(f"{key:12} {value}")
+
+    def _inspect_keys(self, keys: list[dict[str, Any]], now: float) -> None:
+        """One line per key of the pool: fingerprint, state, weight, enabled, health."""
+        if not keys:
+            self.stdout.write(f"{'keys':12} none stored")
+            return
+        rows = [
+            (k["fingerprint"], k["validation"]["state"], f"weight {k['weight']}",
+             "enabled" if k["enabled"] else "disabled",
+             KeyHealth(k["health"]["state"], k["health"]["until"]).describe(now))
+            for k in keys
+        ]  # fmt: skip
+        lines = table(rows, ["FINGERPRINT", "STATE", "WEIGHT", "ENABLED", "HEALTH"])
+        for number, line in enumerate(lines.splitlines()[1:]):
+            self.stdout.write(f"{'keys' if number == 0 else '':12} {line}")
 
     def do_validate(self, **options: Any) -> None:
         backend = backend_get(name=options["name"])
