@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from typing import Any
 from unittest import mock
 from urllib.parse import quote
@@ -20,13 +21,20 @@ from django.db.migrations.executor import MigrationExecutor
 from django.test import Client
 
 from audit.models import AuditEvent
+from broker.celery import app as celery_app
 from broker.infra.errors import Conflict, NotFound, ServiceError
 from broker.models import Backend, BackendKey, Grant, ValidationState
 from broker.selectors.backend_keys import key_get, keys_enabled, keys_of
 from broker.services.admin_tokens import admintoken_create
 from broker.services.backend_keys import key_add, key_disable, key_enable, key_remove, key_update
-from broker.services.backends import backend_add, backend_rotate, backend_validate
+from broker.services.backends import (
+    VALIDATE_TASK,
+    backend_add,
+    backend_rotate,
+    backend_validate,
+)
 from broker.services.policy import grant_update
+from broker.tasks import backend_validate_task, backends_validate_all
 from tests.fake_anthropic import FakeAnthropic
 from tests.keys import api_key, oauth_token
 from tests.proxy_cast import Proxied, audit_drained
@@ -145,6 +153,50 @@ def test_each_key_is_validated_and_the_backend_is_valid_while_one_is(
         ("backend.invalid", "sk-ant-api03-…Badd"),
         ("backend.validated", "sk-ant-api03-…Good"),
     ]
+
+
+@pytest.mark.django_db
+def test_an_added_key_is_validated_alone_by_the_worker_once_it_is_committed(
+    fake_anthropic: FakeAnthropic, django_capture_on_commit_callbacks: Any
+) -> None:
+    first, added = api_key(tail="Add1"), api_key(tail="Add2")
+    fake_anthropic.valid_keys.update({first, added})
+    backend = backend_add(name="anthropic", secret=first, base_url=fake_anthropic.url)
+    assert backend_validate_task.name == VALIDATE_TASK  # the task the service queues, by name
+    celery_app.conf.task_always_eager = True
+    try:
+        with django_capture_on_commit_callbacks() as callbacks:
+            key_add(backend=backend, secret=added)
+        assert [k.validation_state for k in keys_of(backend)] == ["unknown", "unknown"]
+        for callback in callbacks:
+            callback()
+    finally:
+        celery_app.conf.task_always_eager = False
+    assert [k.validation_state for k in keys_of(backend)] == ["unknown", "valid"]
+    assert [seen.headers["x-api-key"] for seen in fake_anthropic.requests] == [added]
+
+
+@pytest.mark.django_db
+def test_the_schedule_validates_each_enabled_key_of_a_pool(fake_anthropic: FakeAnthropic) -> None:
+    good, bad, off = api_key(tail="Sch1"), api_key(tail="Sch2"), api_key(tail="Sch3")
+    fake_anthropic.valid_keys.update({good, off})
+    backend = backend_add(name="anthropic", secret=good, base_url=fake_anthropic.url)
+    key_add(backend=backend, secret=bad)
+    key_disable(key=key_add(backend=backend, secret=off))
+    celery_app.conf.task_always_eager = True
+    try:
+        backends_validate_all.delay()  # what beat runs every KEYBROKER_VALIDATE_INTERVAL
+    finally:
+        celery_app.conf.task_always_eager = False
+    assert [(k.fingerprint, k.validation_state) for k in keys_of(backend)] == [
+        ("sk-ant-api03-…Sch1", "valid"),
+        ("sk-ant-api03-…Sch2", "invalid"),
+        ("sk-ant-api03-…Sch3", "unknown"),  # disabled: not checked
+    ]
+    assert sorted(seen.headers["x-api-key"] for seen in fake_anthropic.requests) == sorted(
+        [good, bad]
+    )
+    assert Backend.objects.get().validation_message.startswith("1 of 2 enabled keys valid")
 
 
 @pytest.mark.django_db
@@ -323,8 +375,12 @@ def test_a_stream_cut_after_its_first_byte_is_never_sent_again(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_disabled_key_serves_no_next_call_in_another_process(
-    proxied: Proxied, fake_anthropic: FakeAnthropic, second_process: str
+@pytest.mark.parametrize("withdraw", [key_disable, key_remove], ids=["disabled", "removed"])
+def test_a_disabled_or_removed_key_serves_no_next_call_in_another_process(
+    proxied: Proxied,
+    fake_anthropic: FakeAnthropic,
+    second_process: str,
+    withdraw: Callable[..., object],
 ) -> None:
     # The first key weighs 1000 to the other's 1: before, it serves (nearly) every call.
     (first,) = keys_of(proxied.backend)
@@ -333,7 +389,7 @@ def test_a_disabled_key_serves_no_next_call_in_another_process(
     there = second_process + "/v1/proxy/anthropic"
     assert [call(proxied, there).status_code for _ in range(3)] == [200] * 3
     assert proxied.key in fake_anthropic.seen_keys()
-    key_disable(key=BackendKey.objects.get(pk=first.pk))
+    withdraw(key=BackendKey.objects.get(pk=first.pk))
     fake_anthropic.requests.clear()
     assert [call(proxied, there).status_code for _ in range(5)] == [200] * 5
     assert proxied.key not in fake_anthropic.seen_keys()
