@@ -29,19 +29,30 @@ class Figures:
     def add(self, figure: Figure) -> None:
         self.rows[figure.case] = figure
 
-    def table(self) -> str:
-        lines = [
+    def table(self, kept: dict[str, str] | None = None) -> str:
+        """The table: ``kept`` rows (by case, as written before) with this session's rows
+        in place of theirs, and its new cases after them."""
+        lines = dict(kept or {})
+        lines.update(
+            (f.case, f"| {f.case} | {f.load} | {f.faults} | {f.refused} | {f.lost} | {f.holds} |")
+            for f in self.rows.values()
+        )
+        header = [
             "| Case | Load | Faults injected | Calls refused | Events lost | What holds |",
             "|---|---|---|---|---|---|",
         ]
-        lines += [
-            f"| {f.case} | {f.load} | {f.faults} | {f.refused} | {f.lost} | {f.holds} |"
-            for f in self.rows.values()
-        ]
-        return "\n".join(lines)
+        return "\n".join(header + list(lines.values()))
 
     def write(self, path: Path) -> None:
-        """Replace the table between the markers in ``path``, leaving the prose alone."""
-        table = f"{TABLE_START}\n{self.table()}\n{TABLE_END}"
-        pattern = re.compile(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), re.DOTALL)
-        path.write_text(pattern.sub(lambda _: table, path.read_text()))
+        """Replace the table between the markers in ``path``, leaving the prose alone, and
+        the rows of cases that did not run this session (a case run alone rewrites its own
+        rows only; a case removed from the suite has its row removed by hand)."""
+        pattern = re.compile(re.escape(TABLE_START) + "(.*?)" + re.escape(TABLE_END), re.DOTALL)
+        text = path.read_text()
+        found = pattern.search(text)
+        kept = {}
+        for line in (found[1] if found else "").splitlines()[3:]:  # "", header, rule
+            if line.startswith("| "):
+                kept[line[2:].split(" | ", 1)[0]] = line
+        table = f"{TABLE_START}\n{self.table(kept)}\n{TABLE_END}"
+        path.write_text(pattern.sub(lambda _: table, text))
