@@ -516,12 +516,16 @@ def error(error_type: str, message: str) -> dict[str, Any]:
 
 
 def serve_in_thread(
-    app: Any, port: int, *, lifespan: Literal["auto", "on", "off"] = "off"
+    app: Any,
+    port: int,
+    *,
+    lifespan: Literal["auto", "on", "off"] = "off",
+    host: str = "127.0.0.1",
 ) -> uvicorn.Server:
     server = uvicorn.Server(
         uvicorn.Config(
             app,
-            host="127.0.0.1",
+            host=host,
             port=port,
             lifespan=lifespan,
             log_level="warning",

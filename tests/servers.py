@@ -7,7 +7,7 @@ import asyncio
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -109,19 +109,26 @@ def process_env(**overrides: str) -> dict[str, str]:
 
 @contextmanager
 def uvicorn_started(
-    *, port: int, env: dict[str, str], timeout: float = 30
+    *,
+    port: int,
+    env: dict[str, str],
+    timeout: float = 30,
+    host: str = "127.0.0.1",
+    prefix: Sequence[str] = (),
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Run `serve`'s uvicorn command on ``port``; yields its URL and process once /health
-    answers.
+    """Run `serve`'s uvicorn command on ``host``:``port``; yields its URL and process once
+    /health answers. ``prefix`` goes before the command (``ip netns exec NAME`` runs it on
+    another host's network: tests/faults/netns.py).
 
     The command's proxy-header options follow this process's ``settings.TRUSTED_PROXIES``,
     as `serve`'s do. Fails the test with uvicorn's last words if it dies on the way up.
     """
     command = [
-        *uvicorn_command(sys.executable, host="127.0.0.1", port=port, workers=1),
+        *prefix,
+        *uvicorn_command(sys.executable, host=host, port=port, workers=1),
         "--log-level", "warning",
     ]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     # A file, not a pipe: nobody reads a pipe while the server runs, and a full one blocks it.
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(

@@ -9,8 +9,9 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from broker.runtime.embedded_redis import redis_server_executable, socket_answers
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 from tests.servers import uvicorn_started
 from tests.waiting import wait_until
 
@@ -59,20 +60,45 @@ class WebProcess:
 
 
 @contextmanager
-def web_process(env: dict[str, str], *, timeout: float = 30) -> Iterator[WebProcess]:
-    """`serve`'s uvicorn command on a free port, once /health answers."""
-    with uvicorn_started(port=free_port(), env=env, timeout=timeout) as (url, process):
+def web_process(
+    env: dict[str, str],
+    *,
+    timeout: float = 30,
+    host: str = "127.0.0.1",
+    prefix: Sequence[str] = (),
+) -> Iterator[WebProcess]:
+    """`serve`'s uvicorn command on a free port, once /health answers; on ``host``, and
+    behind ``prefix`` (`ip netns exec NAME`: on another host's network), when given."""
+    with uvicorn_started(port=free_port(), env=env, timeout=timeout, host=host, prefix=prefix) as (
+        url,
+        process,
+    ):
         yield WebProcess(url=url, process=process)
+
+
+def manage(env: dict[str, str], *args: str) -> str:
+    """`manage.py` with these arguments in ``env`` (another database than the test's); its
+    output. Fails the test with the command's last words when it fails."""
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if done.returncode:
+        pytest.fail(f"manage.py {args[0]} failed: {done.stderr[-2000:]}")
+    return done.stdout
 
 
 class PrivateRedis:
     """A redis-server of this test's own on a unix socket: the binary `serve` embeds, keeping
-    no keys across a restart (as the embedded one does: see docs/reliability.md)."""
+    no keys across a restart (as the embedded one does: see docs/reliability.md). With
+    ``tcp_host``, also on TCP there, on a free port, for processes on other hosts."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tcp_host: str | None = None) -> None:
         # Short: a unix socket path has at most 107 bytes.
         self.directory = Path(tempfile.mkdtemp(prefix="kbf-", dir="/tmp"))
         self.socket = self.directory / "redis.sock"
+        self.tcp_host = tcp_host
+        self.port = free_port() if tcp_host else 0
         self.process: subprocess.Popen[bytes] | None = None
         self.frozen = False
 
@@ -80,10 +106,16 @@ class PrivateRedis:
     def url(self) -> str:
         return f"unix://{self.socket}"
 
+    @property
+    def tcp_url(self) -> str:
+        assert self.tcp_host is not None, "a PrivateRedis made without tcp_host"
+        return f"redis://{self.tcp_host}:{self.port}/0"
+
     def start(self) -> None:
+        tcp = ["--bind", self.tcp_host] if self.tcp_host else []
         command = [
             redis_server_executable(),
-            "--port", "0",
+            "--port", str(self.port), *tcp,
             "--unixsocket", str(self.socket), "--unixsocketperm", "700",
             "--dir", str(self.directory), "--save", "", "--appendonly", "no",
             "--daemonize", "no", "--loglevel", "warning",
@@ -136,9 +168,12 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 class PrivatePostgres:
     """A PostgreSQL cluster of this test's own (initdb in a temporary directory, on a free
     port), run as the ``postgres`` user when this process is root, as PostgreSQL requires.
-    Raises pytest's skip with the reason when one cannot be made here."""
+    Raises pytest's skip with the reason when one cannot be made here.
 
-    def __init__(self) -> None:
+    With ``also_on`` (an address of this machine) and ``clients`` (a network, CIDR), it
+    also listens there and lets that network in, for processes on other hosts."""
+
+    def __init__(self, *, also_on: str | None = None, clients: str | None = None) -> None:
         if not (PG_BIN / "initdb").exists():
             pytest.skip(
                 f"no PostgreSQL server binaries in {PG_BIN}: the PostgreSQL case needs them"
@@ -146,6 +181,7 @@ class PrivatePostgres:
         self.directory = Path(tempfile.mkdtemp(prefix="kbf-pg-", dir="/tmp"))
         self.data = self.directory / "data"
         self.port = free_port()
+        self.listen = ",".join(["127.0.0.1", *([also_on] if also_on else [])])
         self.as_user: list[str] = []
         if os.geteuid() == 0:
             if shutil.which("runuser") is None:
@@ -157,13 +193,19 @@ class PrivatePostgres:
         if made.returncode:
             self.close()
             pytest.skip(f"initdb could not make a private cluster: {made.stdout[-300:]!r}")
+        if clients:
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                hba.write(f"host all all {clients} trust\n")
         self.start()
         self._run(PG_BIN / "createdb", "-h", "127.0.0.1", "-p", self.port, "-U", "keybroker",
                   "keybroker", check=True)  # fmt: skip
 
     @property
     def url(self) -> str:
-        return f"postgres://keybroker@127.0.0.1:{self.port}/keybroker"
+        return self.url_on("127.0.0.1")
+
+    def url_on(self, address: str) -> str:
+        return f"postgres://keybroker@{address}:{self.port}/keybroker"
 
     def _run(self, *command: object, check: bool = False) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -179,7 +221,9 @@ class PrivatePostgres:
         )
 
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options = (
+            f"-p {self.port} -k {self.directory} -c listen_addresses={self.listen} -c fsync=off"
+        )
         self._run(PG_BIN / "pg_ctl", "-D", self.data, "-o", options, "-l",
                   self.directory / "log", "-w", "start", check=True)  # fmt: skip
 

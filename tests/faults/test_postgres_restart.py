@@ -8,8 +8,6 @@ machine's is shared with other runs and must never be stopped.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +16,11 @@ import pytest
 from django.conf import settings
 
 from audit.recorder import SPILL_FILE
-from tests.conftest import REPO, clean_env
+from tests.conftest import clean_env
 from tests.fake_anthropic import FakeAnthropic
 from tests.faults.cast import ANSWER_BOUND_SECONDS, Answer, call
 from tests.faults.figures import Figure, Figures
-from tests.faults.processes import PrivatePostgres, WebProcess, web_process
+from tests.faults.processes import PrivatePostgres, WebProcess, manage, web_process
 from tests.keys import api_key
 from tests.waiting import wait_until
 
@@ -59,13 +57,6 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         yield postgres
     finally:
         postgres.close()
-
-
-def manage(env: dict[str, str], *args: str) -> str:
-    return subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=120,
-    ).stdout  # fmt: skip
 
 
 def test_postgres_restarted_under_load(
