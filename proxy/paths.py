@@ -10,8 +10,9 @@ from keybroker.wire import PROXY_PREFIX
 
 PREFIX = PROXY_PREFIX.encode()
 _BACKEND = re.compile(rb"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-# Encoded slashes, backslashes and dots would let a path be read differently upstream.
-_SMUGGLING = re.compile(r"%(2f|5c|2e|00)|\\", re.IGNORECASE)
+# Encoded slashes, backslashes and dots would let a path be read differently upstream; a
+# ? or # in the path would start the URL's query or fragment and drop the client's query.
+_SMUGGLING = re.compile(r"%(2f|5c|2e|00)|[\\?#]", re.IGNORECASE)
 
 
 class PathRefused(ValueError):
@@ -44,7 +45,9 @@ def upstream_url(base_url: str, path: str, query: bytes) -> str:
     if not path.startswith("/") or path.startswith("//"):
         raise PathRefused("the path after the backend name must start with a single /")
     if _SMUGGLING.search(path) or any(ord(c) < 0x21 or ord(c) == 0x7F for c in path):
-        raise PathRefused("the path holds encoded slashes, dots, backslashes or control bytes")
+        raise PathRefused(
+            "the path holds encoded slashes, dots, backslashes, ? or # or control bytes"
+        )
     if any(segment in {".", ".."} for segment in path.split("/")):
         raise PathRefused("the path must not hold . or .. segments")
     base = urlsplit(base_url)
@@ -54,6 +57,8 @@ def upstream_url(base_url: str, path: str, query: bytes) -> str:
             url += "?" + query.decode("ascii")
         except UnicodeDecodeError:
             raise PathRefused("the query must be ASCII") from None
+        if b"#" in query:
+            raise PathRefused("the query must not hold # (it would end the query upstream)")
     parsed = urlsplit(url)
     if (parsed.scheme, parsed.netloc) != (base.scheme, base.netloc):
         raise PathRefused("the path would leave the backend's host")
