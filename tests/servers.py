@@ -9,7 +9,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -115,10 +115,13 @@ def uvicorn_started(
     timeout: float = 30,
     host: str = "127.0.0.1",
     prefix: Sequence[str] = (),
+    log_level: str = "warning",
+    stdout: IO[bytes] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Run `serve`'s uvicorn command on ``host``:``port``; yields its URL and process once
     /health answers. ``prefix`` goes before the command (``ip netns exec NAME`` runs it on
-    another host's network: tests/faults/netns.py).
+    another host's network: tests/faults/netns.py). uvicorn's stdout (its access log, at
+    ``log_level`` info) goes to ``stdout``, or nowhere.
 
     The command's proxy-header options follow this process's ``settings.TRUSTED_PROXIES``,
     as `serve`'s do. Fails the test with uvicorn's last words if it dies on the way up.
@@ -126,13 +129,13 @@ def uvicorn_started(
     command = [
         *prefix,
         *uvicorn_command(sys.executable, host=host, port=port, workers=1),
-        "--log-level", "warning",
+        "--log-level", log_level,
     ]  # fmt: skip
     url = f"http://{host}:{port}"
     # A file, not a pipe: nobody reads a pipe while the server runs, and a full one blocks it.
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr
+            command, cwd=REPO, env=env, stdout=stdout or subprocess.DEVNULL, stderr=stderr
         )
 
         def answers() -> bool:

@@ -65,13 +65,18 @@ def listeners() -> int:
     return int(redis_client().pubsub_numsub(redis_key(ACCESS_CHANNEL))[0][1])
 
 
+def both_listen() -> None:
+    """The live server of this session and the second process both follow changes."""
+    wait_until(lambda: listeners() >= 2, timeout=10, what="both processes to listen")
+
+
 def test_a_listening_process_reads_no_generation_per_request(
     proxied: Proxied, fake_anthropic: FakeAnthropic, second_process: str
 ) -> None:
     url = f"{second_process}/v1/proxy/anthropic/v1/models"
     headers = {"x-api-key": proxied.token}
     assert httpx.get(url, headers=headers).status_code == 200
-    wait_until(lambda: listeners() >= 1, timeout=10, what="the proxy to listen for changes")
+    both_listen()
     calls = 40
     with GenerationReads() as reads, httpx.Client(headers=headers) as client:
         started = time.monotonic()
@@ -90,7 +95,7 @@ def test_a_revocation_holds_on_the_next_request_of_a_listening_process(
     url = f"{second_process}/v1/proxy/anthropic/v1/models"
     headers = {"x-api-key": proxied.token}
     assert httpx.get(url, headers=headers).status_code == 200
-    wait_until(lambda: listeners() >= 1, timeout=10, what="the proxy to listen for changes")
+    both_listen()
     assert httpx.get(url, headers=headers).status_code == 200  # from its cache, no read
 
     token_revoke(token=Token.objects.get())
@@ -110,16 +115,15 @@ class SlowListener:
         self._pubsub.subscribe(redis_key(ACCESS_CHANNEL))
         self._pubsub.get_message(timeout=5)  # the subscription is confirmed
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._stop = threading.Event()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            message: Any = self._pubsub.get_message(timeout=0.1)
-            if message is None or message["type"] != "message":
+        message: Any
+        for message in self._pubsub.listen():
+            if message["type"] == "unsubscribe":
+                return
+            if message["type"] != "message" or self.delay is None:
                 continue
-            if self.delay is None:
-                continue
-            time.sleep(self.delay)
+            time.sleep(self.delay)  # a process slow to confirm, on purpose
             generation = message["data"].decode()
             self.confirmed.append(generation)
             redis_client().rpush(redis_key(ACCESS_ACK, generation), b"1")
@@ -129,7 +133,7 @@ class SlowListener:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
+        self._pubsub.unsubscribe()
         self._thread.join(timeout=5)
         self._pubsub.close()
 

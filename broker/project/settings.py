@@ -377,6 +377,8 @@ HEADER_TIMEOUT_SECONDS = env_int("KEYBROKER_HEADER_TIMEOUT", default=10, minimum
 BODY_READ_TIMEOUT_SECONDS = env_int("KEYBROKER_BODY_READ_TIMEOUT", default=30, minimum=1)
 # Each open stream holds one upstream connection; beyond this many, new calls queue.
 PROXY_MAX_CONNECTIONS = env_int("KEYBROKER_PROXY_MAX_CONNECTIONS", default=10_000, minimum=1)
+# Proxied calls are in the audit trail; uvicorn's access log line for each is opt-in.
+PROXY_ACCESS_LOG = env_bool("KEYBROKER_PROXY_ACCESS_LOG", default=False)
 # A backstop: cached token state is re-read at least this often even without a change signal.
 PROXY_CACHE_SECONDS = env_int("KEYBROKER_PROXY_CACHE_SECONDS", default=30, minimum=0)
 # Redis connections per web process for the proxy's access and policy checks, shared by all
