@@ -92,18 +92,22 @@ X_FRAME_OPTIONS = "DENY"
 
 
 # --- Database -------------------------------------------------------------------------
+# The web server and the Celery worker write from separate processes: WAL lets readers go
+# on during a write, IMMEDIATE avoids lock-upgrade deadlocks ("database is locked" at once,
+# whatever the timeout), for a sqlite:// DATABASE_URL as for the default file.
+SQLITE_OPTIONS = {
+    "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    "transaction_mode": "IMMEDIATE",
+    "timeout": 20,
+}
+
+
 def _database(url: str) -> dict[str, object]:
     if not url:
         return {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": str(DATA_DIR / "keybroker.sqlite3"),
-            # The web server and the Celery worker write from separate processes: WAL lets
-            # readers go on during a write, IMMEDIATE avoids lock-upgrade deadlocks.
-            "OPTIONS": {
-                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-                "transaction_mode": "IMMEDIATE",
-                "timeout": 20,
-            },
+            "OPTIONS": dict(SQLITE_OPTIONS),
         }
     # Never echo the URL itself: it usually carries a password.
     malformed = ImproperlyConfigured("DATABASE_URL is malformed (check host, port and name)")
@@ -121,6 +125,8 @@ def _database(url: str) -> dict[str, object]:
         raise malformed from None
     if not config.get("NAME"):
         raise ImproperlyConfigured("DATABASE_URL names no database")
+    if scheme == "sqlite":
+        config["OPTIONS"] = {**SQLITE_OPTIONS, **config.get("OPTIONS", {})}
     return dict(config)
 
 

@@ -243,7 +243,9 @@ def agent_ungrant(*, agent: Agent, backend: Backend, by: User = None) -> int:
     """Take a backend away: the grant goes and the agent's live tokens for it die at once.
 
     Returns how many tokens were revoked. The agent may ask for the backend again.
+    Locks the agent first, as token_issue does, so no mint slips in between.
     """
+    _lock(agent)
     grant = Grant.objects.filter(agent=agent, backend=backend).first()
     if grant is None:
         raise NotFound(f"agent {agent.name} holds no grant for backend {backend.name}")

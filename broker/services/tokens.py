@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
@@ -16,13 +15,10 @@ from django.utils import timezone
 from audit.services import audit_record
 from broker.infra.errors import NotFound, NotPermitted, ServiceError
 from broker.infra.secrets import secret_issue
-from broker.models import Backend, Token
+from broker.models import Agent, Backend, Token
 from broker.services.access import access_changed, agent_require_approved
 from keybroker import wire
 from keybroker.wire import duration_format
-
-if TYPE_CHECKING:
-    from broker.models import Agent
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +84,12 @@ def ttl_for(*, backend: Backend, requested: object | None, max_ttl: int | None =
 def token_issue(
     *, agent: Agent, backend_name: str, ttl: object | None = None, address: str | None = None
 ) -> IssuedToken:
-    """Mint a token; only an approved agent with a grant for an enabled backend gets one."""
+    """Mint a token; only an approved agent with a grant for an enabled backend gets one.
+
+    The agent is read again, locked: the caller's copy may predate an unenrollment or a
+    grant's removal that revoked every live token, and a mint after it must not leave one.
+    """
+    agent = Agent.objects.select_for_update().get(pk=agent.pk)
     agent_require_approved(agent)
     backend = Backend.objects.filter(name=backend_name).first()
     if backend is None:
