@@ -18,7 +18,7 @@ from django.http import StreamingHttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import serializers
+from rest_framework import exceptions, serializers
 from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -33,6 +33,7 @@ from broker.infra.db import db_call
 from broker.infra.errors import ServiceError
 
 EXPORT_CHUNK = 1000
+PAGE_SIZE_MAX = 1000
 # Cells a spreadsheet would run as a formula; agents choose paths and models, so quote them.
 CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -62,7 +63,8 @@ class AuditQuery(StrictInputSerializer):
     since = serializers.CharField(required=False, allow_blank=True)
     until = serializers.CharField(required=False, allow_blank=True)
     cursor = serializers.CharField(required=False)
-    page_size = serializers.CharField(required=False)
+    # Checked here: the paginator quietly answers 100 rows for a page_size it cannot read.
+    page_size = serializers.IntegerField(required=False, min_value=1, max_value=PAGE_SIZE_MAX)
 
 
 def _filter_of(request: Request) -> AuditFilter:
@@ -87,7 +89,14 @@ class AuditCursorPagination(CursorPagination):
     ordering = ("-created_at", "-id")
     page_size = 100
     page_size_query_param = "page_size"
-    max_page_size = 1000
+    max_page_size = PAGE_SIZE_MAX
+
+    def decode_cursor(self, request: Request) -> Any:
+        # DRF answers a cursor it cannot read with 404; it is bad input, not a missing page.
+        try:
+            return super().decode_cursor(request)
+        except exceptions.NotFound:
+            raise ServiceError("not a cursor from `next` or `previous`", "cursor") from None
 
 
 class AuditListView(APIView):
@@ -98,7 +107,11 @@ class AuditListView(APIView):
         parameters=[
             *FILTER_PARAMETERS,
             OpenApiParameter("cursor", description="from `next` or `previous`"),
-            OpenApiParameter("page_size", int, description="1 to 1000 (default 100)"),
+            OpenApiParameter(
+                "page_size",
+                {"type": "integer", "minimum": 1, "maximum": PAGE_SIZE_MAX},
+                description=f"1 to {PAGE_SIZE_MAX} (default 100)",
+            ),
         ],
         responses=AuditPageOutput,
         description="Audit events, newest first, filtered; cursor pagination.",

@@ -128,7 +128,7 @@ class AgentListView(APIView):
     def get(self, request: Request) -> Response:
         agents = _agents()
         wanted = request.query_params.get("status")
-        if wanted:
+        if wanted is not None:
             if wanted not in AgentStatus.values:
                 raise ServiceError(f"status: one of {', '.join(AgentStatus.values)}")
             agents = agents.filter(status=wanted)

@@ -41,7 +41,7 @@ class JwksView(PublicView):
 
 
 class OAuthTokenInput(serializers.Serializer[Any]):
-    grant_type = serializers.CharField()
+    grant_type = serializers.ChoiceField(choices=["client_credentials"])
     client_id = serializers.CharField(required=False)
     client_secret = serializers.CharField(required=False)
     audience = serializers.CharField(required=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.extensions import OpenApiSerializerExtension
 from rest_framework import serializers
 
 
@@ -16,6 +17,23 @@ class StrictInputSerializer(serializers.Serializer[Any]):
             if unknown:
                 raise serializers.ValidationError({name: ["unknown field"] for name in unknown})
         return super().to_internal_value(data)
+
+
+class StrictInputScheme(OpenApiSerializerExtension):  # type: ignore[no-untyped-call]
+    """The schema says what StrictInputSerializer does: a field it does not know is refused."""
+
+    target_class = StrictInputSerializer
+    match_subclasses = True
+
+    def map_serializer(self, auto_schema: Any, direction: Any) -> Any:
+        schema = auto_schema._map_serializer(self.target, direction, bypass_extensions=True)
+        schema["additionalProperties"] = False
+        # drf-spectacular leaves out allow_empty=False, which refuses [] as surely as max_length.
+        properties = schema.get("properties", {})
+        for name, field in self.target.fields.items():
+            if isinstance(field, serializers.ListField) and not field.allow_empty:
+                properties.get(name, {}).setdefault("minItems", 1)
+        return schema
 
 
 class StrictCharField(serializers.CharField):
