@@ -83,7 +83,13 @@ CANDIDATES = {
         "project",
         "Django view, aiohttp, keybroker's 7 middleware",
     ),
-    "asgi-aiohttp": ("raw_asgi", "aiohttp", "none", "raw ASGI callable, aiohttp"),
+    "asgi-aiohttp": (
+        "raw_asgi",
+        "aiohttp",
+        "none",
+        "the floor for a Python proxy: a bare ASGI callable on uvicorn relaying with aiohttp, "
+        "none of keybroker's checks, audit or metering (1 worker)",
+    ),
     "asgi-httpx": ("raw_asgi", "httpx", "none", "raw ASGI callable, httpx.AsyncClient"),
     "asgi-httpx-aiohttp": (
         "raw_asgi",
@@ -101,11 +107,21 @@ KEYBROKER = {
     "uvicorn, Celery worker + beat",
     "keybroker-prod": "production topology: PostgreSQL and Redis from DATABASE_URL / "
     "REDIS_URL, uvicorn with the README's options, a Celery worker beside it",
+    "keybroker-granian": "the production topology with granian in place of uvicorn: measured "
+    "for the choice of server, not what keybroker ships",
     "keybroker-bare": "uvicorn broker.asgi:application alone with a private Redis and no "
     "worker (the previous harness's set-up)",
 }
 ALL_TARGETS = ["direct", *NGINX, "litellm", *CANDIDATES, *KEYBROKER]
-DEFAULT_TARGETS = ["direct", "nginx", "litellm", "keybroker-serve", "keybroker-prod"]
+FLOOR_TARGET = "asgi-aiohttp"
+DEFAULT_TARGETS = [
+    "direct",
+    "nginx",
+    "asgi-aiohttp",
+    "litellm",
+    "keybroker-serve",
+    "keybroker-prod",
+]
 # The machine's own PostgreSQL and Redis stand in for the production services; a database
 # and a Redis db number of the benchmark's own keep the test suite's data out of reach.
 PROD_DATABASE = os.environ.get(
@@ -455,6 +471,17 @@ def prod_uvicorn_argv(port: int) -> list[str]:
     ]  # fmt: skip
 
 
+def prod_granian_argv(port: int) -> list[str]:
+    """granian as a production topology would run it: one worker, uvloop, the same app;
+    header timeouts are its own (``--http1-header-read-timeout``), not uvicorn's protocol."""
+    return [
+        "-m", "granian", "--interface", "asgi", "--host", HOST, "--port", str(port),
+        "--workers", "1", "--loop", "uvloop", "--runtime-mode", "st",
+        "--http1-header-read-timeout", "10000", "--no-ws",
+        "broker.asgi:application",
+    ]  # fmt: skip
+
+
 def nginx_conf(tmp: Path, port: int, upstream_port: int, *, keepalive: bool) -> str:
     temp = "\n".join(
         f"    {kind}_temp_path {tmp}/{kind};"
@@ -631,6 +658,8 @@ class Harness:
                 await self._keybroker_serve(target)
             elif name == "keybroker-prod":
                 await self._keybroker_prod(target)
+            elif name == "keybroker-granian":
+                await self._keybroker_prod(target, server="granian")
             else:
                 await self._keybroker_bare(target)
         except (RuntimeError, OSError, TimeoutError, subprocess.SubprocessError) as exc:
@@ -744,11 +773,13 @@ class Harness:
         target.rss_pids = roles["uvicorn"] + roles.get("Redis (embedded)", [])
         target.note = "manage.py serve, " + ", ".join(f"{r} pid {p[0]}" for r, p in roles.items())
 
-    async def _keybroker_prod(self, target: Target) -> None:
+    async def _keybroker_prod(self, target: Target, *, server: str = "uvicorn") -> None:
         """The README's production topology on one machine: the machine's PostgreSQL and
         Redis (a database and a db number of the benchmark's own), uvicorn with the options
-        the README gives, a Celery worker beside it."""
-        database = PROD_DATABASE
+        the README gives (or granian, to compare), a Celery worker beside it."""
+        if server == "granian" and importlib.util.find_spec("granian") is None:
+            raise RuntimeError("granian is not installed (pip install -e '.[bench]')")
+        database = PROD_DATABASE + ("_granian" if server == "granian" else "")
         name = database.rsplit("/", 1)[1]
         try:
             import psycopg
@@ -781,14 +812,14 @@ class Harness:
         )
         self._backend_add(target, env)
         target.env = env
-        uvicorn = self.spawn(
-            "keybroker-prod",
-            [sys.executable, *prod_uvicorn_argv(target.port)],
-            env=env,
-            stop_timeout=30,
+        argv = (
+            prod_granian_argv(target.port)
+            if server == "granian"
+            else prod_uvicorn_argv(target.port)
         )
+        uvicorn = self.spawn(target.name, [sys.executable, *argv], env=env, stop_timeout=30)
         celery = self.spawn(
-            "keybroker-prod-celery",
+            f"{target.name}-celery",
             [sys.executable, "-m", "celery", "-A", "broker", "worker", "--loglevel", "INFO",
              "--without-mingle", "--without-gossip"],
             env=env,
@@ -799,7 +830,7 @@ class Harness:
         uvicorn.adopt()
         celery.adopt()
         target.cpu_pids = [uvicorn.pid, celery.pid]
-        target.parts = {"uvicorn": [uvicorn.pid], "Celery worker": [celery.pid]}
+        target.parts = {server: [uvicorn.pid], "Celery worker": [celery.pid]}
         redis_pid = listening_pid(PROD_REDIS)
         if redis_pid:
             target.parts["Redis (shared)"] = [redis_pid]
@@ -1465,6 +1496,21 @@ def report(harness: Harness, data: Report) -> str:
                 lost = max(0, a.upstream_calls - a.events)
                 cells.append(f"{lost} of {a.upstream_calls:,} {verdict(lost == 0)}")
             lines.append("| " + " | ".join(cells) + " |")
+        floor = FLOOR_TARGET if any(t.name == FLOOR_TARGET for t in harness.targets) else None
+        if floor and has_nginx and has_direct:
+            shares = " / ".join(
+                f"{rps(floor, key) / rps(NGINX_BASE, key):.0%}" for key in ("json-c32", "wrk-c32")
+            )
+            added_p50 = " / ".join(
+                f"{signed_ms(added(floor, key, 50))} ms" for key in ("json-c1", "wrk-c1")
+            )
+            lines += [
+                "",
+                f"For scale, in the same run: `{floor}`, a bare ASGI relay on uvicorn and "
+                "aiohttp with none of keybroker's work, adds "
+                f"{added_p50} at p50 (c=1) and reaches {shares} of nginx's requests/s at "
+                "c=32. That is the floor for a Python proxy on this machine.",
+            ]
 
     lines += [
         "",
