@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,6 @@ from django.contrib.auth.models import AbstractBaseUser
 from drf_spectacular.generators import SchemaGenerator
 from drf_spectacular.renderers import OpenApiJsonRenderer
 from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
 from schemathesis.core.parameters import ParameterLocation
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -40,7 +40,7 @@ from tests.keys import api_key
 
 pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True)]
 
-EXAMPLES = 4  # fuzzed requests per operation, past the coverage phase's: 47 in 30-60 s
+EXAMPLES = 4  # fuzzed per operation, after the coverage phase: the 47 take about a minute
 
 
 def openapi_spec() -> dict[str, Any]:
@@ -64,6 +64,7 @@ class Cast:
     """What the requests authenticate with, and the objects their path parameters may name."""
 
     admin: str
+    agent: str
     objects: dict[str, list[str]]
     secrets: list[str]
 
@@ -84,6 +85,7 @@ def cast(alice: AbstractBaseUser, fake_anthropic: FakeAnthropic, settings: Any) 
     admin = admintoken_create(name="schemathesis", username="alice").plaintext
     return Cast(
         admin=admin,
+        agent=bob.vend_token,
         objects={
             "agent_id": [str(bob.agent.pk), str(carol.agent.pk)],
             "backend": ["anthropic"],
@@ -97,36 +99,47 @@ def cast(alice: AbstractBaseUser, fake_anthropic: FakeAnthropic, settings: Any) 
 
 
 def credential_for(case: schemathesis.Case, cast: Cast, alice: AbstractBaseUser) -> str | None:
-    """The admin token, or the vend token of an agent approved for this request alone (an
-    unenroll must not leave the next request without one); None for public operations."""
+    """The admin token, or bob's vend token, or for an unenrollment (which would leave the
+    next request without an agent) the vend token of an agent approved for it alone; None
+    for public operations."""
     security = case.operation.definition.raw.get("security") or [{}]
     schemes = {name for requirement in security for name in requirement}
     if "adminToken" in schemes:
         return cast.admin
     if "agentCredential" not in schemes:
         return None
+    if case.operation.definition.raw.get("operationId") != "agent_unenroll":
+        return cast.agent
     agent = agent_enroll(
         name=f"fuzz-{uuid.uuid4().hex[:12]}", scopes=["anthropic"], approved_by=alice
     )
-    mine = token_issue(agent=agent.agent, backend_name="anthropic")
-    cast.objects["token_id"].append(str(mine.token.pk))
-    cast.secrets += [agent.vend_token, mine.plaintext]
+    cast.secrets.append(agent.vend_token)
     return agent.vend_token
 
 
+def name_real_objects(case: schemathesis.Case, cast: Cast) -> None:
+    """Half the cases with valid path parameters get existing objects in their place, chosen
+    by a hash of what was generated, so that a failing case replays as it ran."""
+    named = case.path_parameters or {}
+    negative_path = case.meta is not None and case.meta.is_negative_at(ParameterLocation.PATH)
+    if not named or negative_path:
+        return
+    digest = zlib.crc32(json.dumps(named, sort_keys=True, default=str).encode())
+    if digest % 2:
+        return
+    for shift, name in enumerate(sorted(named), start=1):
+        choices = cast.objects[name]
+        named[name] = choices[(digest >> shift) % len(choices)]
+
+
 @schema.parametrize()
-@schema.given(data=st.data())
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_operation_answers_5xx_or_outside_its_schema(
-    case: schemathesis.Case, data: st.DataObject, cast: Cast, alice: AbstractBaseUser, live_url: str
+    case: schemathesis.Case, cast: Cast, alice: AbstractBaseUser, live_url: str
 ) -> None:
     credential = credential_for(case, cast, alice)
     headers = {"Authorization": f"Bearer {credential}"} if credential else {}
-    named = case.path_parameters or {}
-    negative_path = case.meta is not None and case.meta.is_negative_at(ParameterLocation.PATH)
-    if named and not negative_path and data.draw(st.booleans(), label="name real objects"):
-        for name in named:
-            named[name] = data.draw(st.sampled_from(cast.objects[name]), label=name)
+    name_real_objects(case, cast)
     # Schema-valid is not always acceptable: no schema says "the name of a backend that
     # exists" or "min <= default <= max", so positive_data_acceptance would fail on honest
     # 400s. Every other check runs, not_a_server_error and the conformance checks among them.

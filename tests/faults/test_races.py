@@ -80,7 +80,7 @@ def events(action: str, agent: Agent | None = None, **detail: str) -> int:
 def test_one_decision_on_a_pending_agent_wins_and_is_audited_once(
     servers: list[str], backend: Backend, admin: str, figures: Figures
 ) -> None:
-    outcomes = Counter()
+    outcomes: Counter[str] = Counter()
     for round_ in range(ROUNDS):
         agent = agent_enroll(name=f"carol-{round_}", scopes=["anthropic"]).agent
         decisions = [
@@ -97,6 +97,7 @@ def test_one_decision_on_a_pending_agent_wins_and_is_audited_once(
         assert events("agent.approved", agent) + events("agent.rejected", agent) == 1
         assert events(f"agent.{won}", agent) == 1
         assert agent.grants.exists() is (won == "approved")
+    won_by = ", ".join(f"{count} {how}" for how, count in sorted(outcomes.items()))
     figures.add(
         Figure(
             case="Races: approve and reject of one pending agent at once",
@@ -104,7 +105,7 @@ def test_one_decision_on_a_pending_agent_wins_and_is_audited_once(
             faults="-",
             refused=f"{ROUNDS * (RACERS - 1)} (409: already decided)",
             lost=0,
-            holds=f"one decision each ({dict(outcomes)}); audited once; grants only if approved",
+            holds=f"one decision each ({won_by}); audited once; grants only if approved",
         )
     )
 
