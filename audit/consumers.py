@@ -13,13 +13,22 @@ The socket is refused during the handshake (HTTP 403) for anonymous users, non-s
 staff without ``audit.view_auditevent`` (the admin's own rule for the trail);
 ``SameOriginOnly`` (audit/routing.py, wired in broker/project/asgi.py) refuses before that any
 ``Origin`` that is not the broker's own scheme, host and port, and a missing one.
+
+When the channel layer fails under an open socket (Redis stopped, or frozen past the
+client's read timeout), the socket is closed with 1013 (try again later) instead of dying
+with a traceback: the page reconnects with backoff and reloads what it missed meanwhile
+(docs/decisions.md, "The live feed across a Redis outage").
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 from typing import Any
 
+import redis
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
@@ -27,11 +36,37 @@ from audit.publish import ACTIVITY_GROUP
 from audit.selectors import FILTER_TEXT_LIMIT, FeedFilter, audit_viewer
 
 FILTER_FIELDS = ("agent", "backend", "action")
+# "Try again later": the page reconnects on any close, a client reading codes knows why.
+CLOSE_LAYER_FAILED = 1013
+# Leaving the group is best effort once the layer has failed: a frozen Redis must not hold
+# the closing socket.
+DISCARD_TIMEOUT_SECONDS = 1.0
+LAYER_ERRORS = (redis.RedisError, OSError, TimeoutError)
+
+logger = logging.getLogger(__name__)
 
 
 class ActivityConsumer(AsyncJsonWebsocketConsumer):
     filters: FeedFilter
     joined: bool = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except LAYER_ERRORS as exc:
+            # Raised by the layer's receive (or group_add during connect). The socket's group
+            # membership may be gone with it (a restarted Redis keeps no keys), so staying
+            # open would be silently dead: close, and let the page reconnect and catch up.
+            logger.warning(
+                "live feed: channel layer failed (%s); closing the socket so the page reconnects",
+                type(exc).__name__,
+            )
+            with contextlib.suppress(OSError, RuntimeError):  # the client may be gone too
+                await self.close(code=CLOSE_LAYER_FAILED)
+            if self.joined:
+                with contextlib.suppress(*LAYER_ERRORS):
+                    async with asyncio.timeout(DISCARD_TIMEOUT_SECONDS):
+                        await self.channel_layer.group_discard(ACTIVITY_GROUP, self.channel_name)
 
     async def connect(self) -> None:
         if not await database_sync_to_async(audit_viewer)(self.scope.get("user")):
