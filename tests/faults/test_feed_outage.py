@@ -180,7 +180,8 @@ def test_a_page_like_feed_receives_events_again_once_redis_is_back(
     figures.add(
         Figure(
             case=f"The live feed while Redis is {fault}, a page-like client on it",
-            load=f"{len(statuses)} calls, 1 every {CALL_EVERY_SECONDS} s, 1 web process",
+            load=f"{len(statuses)} calls one at a time, {CALL_EVERY_SECONDS} s apart, "
+            "1 web process",
             faults=f"Redis {'frozen (SIGSTOP)' if fault == 'frozen' else 'stopped'} "
             f"{OUTAGE_SECONDS:.0f} s",
             refused="0",

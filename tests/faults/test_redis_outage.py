@@ -34,7 +34,7 @@ from tests.waiting import wait_until
 pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True)]
 
 TICK_SECONDS = 0.2  # one call of each kind per tick
-OUTAGE_TICKS = 15  # 3 s of each fault
+OUTAGE_TICKS = 50  # 10 s of each fault (issue 14)
 CALM_TICKS = 10
 
 
