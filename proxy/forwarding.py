@@ -14,7 +14,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,79 +75,6 @@ class AccessWithdrawn(UpstreamBroke):
     """The token of an open call was revoked (or its agent, grant or backend withdrawn)."""
 
     outcome = "revoked"
-
-
-class CallCut(Exception):
-    """The client hung up (``withdrawn`` empty) or the call's access was withdrawn (why)
-    while the call waited on the upstream."""
-
-    def __init__(self, withdrawn: str = "") -> None:
-        super().__init__(withdrawn or "the client hung up")
-        self.withdrawn = withdrawn
-
-
-class Cut:
-    """What ends a call early, the client hanging up or its access being withdrawn, as a
-    cancellation of the call's own task while it waits in an ``armed()`` block.
-
-    One watcher task per call (the client's disconnect) instead of a task for the upstream
-    request, one for the relay and a wait on them in each phase (docs/decisions.md, "One
-    task per call"). A callback only ever runs while the call's task is suspended, so when
-    one finds the block armed the task is waiting inside it, and the cancellation lands
-    there; ``uncancel`` tells it from a cancellation of the whole request (a shutdown)."""
-
-    def __init__(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
-        self._hangup: asyncio.Task[None] | None = None
-        self._armed = False
-        self._cancelled = False
-        self.why: CallCut | None = None
-
-    def watch_hangup(self, receive: Receive) -> None:
-        """From now on receive() is the watcher's: only once the request body is read."""
-        if self._hangup is None:
-            self._hangup = asyncio.ensure_future(_wait_for_disconnect(receive))
-            self._hangup.add_done_callback(self._on_hangup)
-
-    def watch_withdrawn(self, withdrawn: asyncio.Future[str]) -> None:
-        withdrawn.add_done_callback(self._on_withdrawn)
-
-    def _on_hangup(self, hangup: asyncio.Task[None]) -> None:
-        if not hangup.cancelled():
-            hangup.exception()  # a receive() that failed is a client gone too
-            self._cut(CallCut())
-
-    def _on_withdrawn(self, withdrawn: asyncio.Future[str]) -> None:
-        if not withdrawn.cancelled():
-            self._cut(CallCut(withdrawn.result()))
-
-    def _cut(self, why: CallCut) -> None:
-        if self.why is None:
-            self.why = why
-            if self._armed:
-                self._cancelled = True
-                self._task.cancel()
-
-    @contextlib.contextmanager
-    def armed(self) -> Iterator[None]:
-        """Within: a hang-up or withdrawal raises CallCut where the call waits."""
-        if self.why is not None:
-            raise self.why
-        self._armed = True
-        try:
-            yield
-        except asyncio.CancelledError:
-            if self._cancelled and self.why is not None and self._task.uncancel() == 0:
-                raise self.why from None
-            raise
-        finally:
-            self._armed = False
-
-    def close(self) -> None:
-        if self._hangup is not None:
-            self._hangup.cancel()
 
 
 def header_value(headers: Headers, name: bytes) -> str:
@@ -290,26 +217,11 @@ async def forward(
     An answer that says the key cannot serve now (429, 529, 500, 502, 503, 504, 401), or a
     call that never reached the upstream, is sent again once with another key of the pool,
     before anything reached the client (proxy/keys.py)."""
-    cut = Cut()
-    try:
-        await _forward(request, receive, send, exchange, access_cache, cut)
-    finally:
-        cut.close()
-
-
-async def _forward(
-    request: UpstreamRequest,
-    receive: Receive,
-    send: Send,
-    exchange: Exchange,
-    access_cache: AccessCache,
-    cut: Cut,
-) -> None:
     route = request.route
     while True:
         exchange.key_fingerprint = request.key.fingerprint if request.key else ""
         try:
-            answered = await _ask(request, receive, exchange, cut)
+            answered = await _ask(request, receive, exchange)
         except Unreached as unreached:
             again = await _failover(request, exchange, status=None, error=unreached.reason)
             if again is None:
@@ -339,7 +251,7 @@ async def _forward(
         if request.rewritten and _is_json(upstream):
             await _send_rewritten(send, upstream, route, exchange)
         else:
-            await _stream(receive, send, upstream, exchange, access_cache, cut)
+            await _stream(receive, send, upstream, exchange, access_cache)
     finally:
         if exchange.body_complete:
             upstream.release()  # read to the end: the connection goes back to the pool
@@ -397,7 +309,7 @@ class Unreached(Exception):
 
 
 async def _ask(
-    request: UpstreamRequest, receive: Receive, exchange: Exchange, cut: Cut
+    request: UpstreamRequest, receive: Receive, exchange: Exchange
 ) -> aiohttp.ClientResponse | None:
     """The upstream's answer (its headers), or None when the client hung up first (the
     call is recorded then)."""
@@ -414,18 +326,14 @@ async def _ask(
     )
     try:
         if isinstance(request.body, bytes):
-            # A client that hangs up before the answer closes the upstream request (aiohttp
-            # closes the connection as it is cancelled), so a long call nobody waits for
-            # does not go on, and bill.
-            cut.watch_hangup(receive)
-            with cut.armed():
-                upstream = await asking
+            answered = await _unless_client_gone(asyncio.ensure_future(asking), receive)
+            if answered is None:
+                exchange.outcome = "client_gone"
+                exchange.record("the client hung up before the upstream answered")
+                return None
+            upstream = answered
         else:
             upstream = await asking  # receive() is the body's until it is sent
-    except CallCut:
-        exchange.outcome = "client_gone"
-        exchange.record("the client hung up before the upstream answered")
-        return None
     except Exception as exc:
         # A streamed request body can fail the request from the client's side too.
         if exchange.outcome == "client_gone":
@@ -455,6 +363,28 @@ async def _ask(
     return upstream
 
 
+async def _unless_client_gone(
+    asking: asyncio.Future[aiohttp.ClientResponse], receive: Receive
+) -> aiohttp.ClientResponse | None:
+    """The upstream's answer, or None once the client hung up before it came: the upstream
+    request is closed then, so a long call nobody waits for does not go on (and bill).
+    Only for a body read whole: a streamed one is read through receive() while it is sent."""
+    hangup = asyncio.ensure_future(_wait_for_disconnect(receive))
+    waiting: set[asyncio.Future[Any]] = {asking, hangup}
+    try:
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        asking.cancel()
+        raise
+    finally:
+        hangup.cancel()
+    if asking.done():
+        return asking.result()
+    asking.cancel()
+    await asyncio.wait({asking})  # aiohttp closes the connection as it is cancelled
+    return None
+
+
 def _response_headers(upstream: aiohttp.ClientResponse) -> Headers:
     return [
         (name.lower(), value)
@@ -470,7 +400,6 @@ async def _stream(
     upstream: aiohttp.ClientResponse,
     exchange: Exchange,
     access_cache: AccessCache,
-    cut: Cut,
 ) -> None:
     headers = _response_headers(upstream)
     content_type = upstream.headers.get("content-type", "")
@@ -483,19 +412,27 @@ async def _stream(
         jsonl=bool(exchange.batch_results) and upstream.status == 200,
     )
     await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
-    cut.watch_hangup(receive)
+    pump = asyncio.ensure_future(_pump(send, upstream, exchange))
+    hangup = asyncio.ensure_future(_wait_for_disconnect(receive))
     withdrawn = access_cache.watch(exchange.token_digest, exchange.backend)
-    cut.watch_withdrawn(withdrawn)
+    waiting: set[asyncio.Future[Any]] = {pump, hangup, withdrawn}
     try:
-        with cut.armed():
-            await _pump(send, upstream, exchange)
-    except CallCut as stopped:
-        # The client hung up or its access was withdrawn: reading upstream has stopped.
-        exchange.outcome = "revoked" if stopped.withdrawn else "client_gone"
-        if stopped.withdrawn:
-            await _close_withdrawn(send, content_type, exchange, stopped.withdrawn)
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        hangup.cancel()
+        reason = withdrawn.result() if withdrawn.done() and not withdrawn.cancelled() else ""
         access_cache.unwatch(exchange.token_digest, withdrawn)
+        if not pump.done():
+            # The client hung up, its access was withdrawn, or this task was cancelled:
+            # stop reading upstream.
+            pump.cancel()
+            exchange.outcome = "revoked" if reason else "client_gone"
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+    if exchange.outcome == "revoked":
+        await _close_withdrawn(send, content_type, exchange, reason)
+    elif exchange.outcome != "client_gone":
+        pump.result()  # re-raises UpstreamBroke
 
 
 async def _close_withdrawn(send: Send, content_type: str, exchange: Exchange, reason: str) -> None:
