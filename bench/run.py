@@ -1431,8 +1431,9 @@ def report(harness: Harness, data: Report) -> str:
         "production options (`--lifespan on --no-server-header --http "
         "broker.runtime.http_timeouts:HeaderTimeoutProtocol --proxy-headers "
         "--forwarded-allow-ips=127.0.0.1`) and one worker process (as nginx's below; `serve` "
-        "starts one per core), a Celery worker beside it. Both log every request as `serve` does "
-        "(uvicorn's access log, to a file here).",
+        "starts one per core), a Celery worker beside it. Both log as `serve` does "
+        "(uvicorn's access log, to a file here, for every path but the proxy's, whose calls "
+        "are in the audit trail: `KEYBROKER_PROXY_ACCESS_LOG` is off).",
         "- nginx: `worker_processes 1`, `proxy_pass` with an upstream keep-alive pool"
         + (f" ({next(t.note for t in targets if t.name == NGINX_BASE)})" if has_nginx else "")
         + ". The fake upstream (bench/upstream.py), bench/load.py and `wrk -t1` share the "
