@@ -521,6 +521,7 @@ def serve_in_thread(
     *,
     lifespan: Literal["auto", "on", "off"] = "off",
     host: str = "127.0.0.1",
+    keep_alive: int = 5,  # uvicorn's default, as many upstreams close idle connections
 ) -> uvicorn.Server:
     server = uvicorn.Server(
         uvicorn.Config(
@@ -528,6 +529,7 @@ def serve_in_thread(
             host=host,
             port=port,
             lifespan=lifespan,
+            timeout_keep_alive=keep_alive,
             log_level="warning",
             # As serve runs it by default: no forwarded headers are believed.
             proxy_headers=False,

@@ -79,8 +79,8 @@ def live_url() -> Iterator[str]:
     live = LiveServer(application)
     port = free_port()
     # With its lifespan, as in production: shutdown drains the audit queue and closes the
-    # upstream connection pool.
-    server = serve_in_thread(live, port, lifespan="on")
+    # upstream connection pool. Idle connections are kept as `serve` keeps them.
+    server = serve_in_thread(live, port, lifespan="on", keep_alive=settings.KEEP_ALIVE_SECONDS)
     _live.append(live)
     yield f"http://127.0.0.1:{port}"
     _live.clear()

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import socket
 import time
 from collections.abc import Iterator
 
+import anthropic
 import pytest
 from django.contrib.auth.models import AbstractBaseUser
 from django.test import override_settings
@@ -102,6 +104,25 @@ def test_complete_requests_on_a_kept_alive_connection_are_served(server: tuple[s
                     length = int(line.split(b":")[1])
             reader.read(length)
             time.sleep(TIMEOUT * 0.6)  # idle between requests is keep-alive's business
+
+
+def test_an_idle_connection_outlives_the_sdks_own_keep_alive(server: tuple[str, int]) -> None:
+    """The SDK reuses an idle connection until its keepalive_expiry; a server that closed it
+    sooner would race the SDK's next call (docs/decisions.md, "Idle connections")."""
+    sdk_expiry = anthropic.DEFAULT_CONNECTION_LIMITS.keepalive_expiry
+    assert sdk_expiry is not None
+    connection = http.client.HTTPConnection(*server, timeout=5)
+    try:
+        connection.request("GET", "/health")
+        assert connection.getresponse().read()
+        kept = connection.sock
+        time.sleep(sdk_expiry + 0.5)
+        # http.client sends on the socket it holds: had the server closed it, this raises.
+        connection.request("GET", "/health")
+        response = connection.getresponse()
+        assert (response.status, connection.sock) == (200, kept)
+    finally:
+        connection.close()
 
 
 def stalled_post(server: tuple[str, int], path: str, headers: str, partial: bytes) -> bytes:

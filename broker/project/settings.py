@@ -386,6 +386,11 @@ PROXY_CONNECT_TIMEOUT_SECONDS = env_int("KEYBROKER_PROXY_CONNECT_TIMEOUT", defau
 # chunks (408 after).
 HEADER_TIMEOUT_SECONDS = env_int("KEYBROKER_HEADER_TIMEOUT", default=10, minimum=1)
 BODY_READ_TIMEOUT_SECONDS = env_int("KEYBROKER_BODY_READ_TIMEOUT", default=30, minimum=1)
+# How long an idle client connection is kept open. Longer than any client's own idle expiry
+# (the Anthropic SDK's httpx 5 s, aiohttp 15 s, Go 90 s is the outlier), as nginx's 75 s is:
+# a server that closes first races the client's next request on that connection, and the
+# call fails before keybroker reads it (docs/decisions.md, "Idle connections").
+KEEP_ALIVE_SECONDS = env_int("KEYBROKER_KEEP_ALIVE", default=75, minimum=1)
 # Each open stream holds one upstream connection; beyond this many, new calls queue.
 PROXY_MAX_CONNECTIONS = env_int("KEYBROKER_PROXY_MAX_CONNECTIONS", default=10_000, minimum=1)
 # Proxied calls are in the audit trail; uvicorn's access log line for each is opt-in.

@@ -95,6 +95,7 @@ def uvicorn_command(python: str, *, host: str, port: int, workers: int) -> list[
         # Closes connections whose request headers never finish (issue 19, 14).
         "--http", "broker.runtime.http_timeouts:HeaderTimeoutProtocol",
         "--timeout-graceful-shutdown", "10",
+        "--timeout-keep-alive", str(settings.KEEP_ALIVE_SECONDS),
     ]  # fmt: skip
 
 
