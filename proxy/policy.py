@@ -36,7 +36,7 @@ import redis.asyncio
 from django.conf import settings
 
 from broker.infra.loops import LoopLocal
-from broker.infra.redis import async_redis_client
+from broker.infra.redis import async_counting_client, async_redis_client
 from broker.selectors.policy import USAGE_CLOCK, seconds_until, usage_key
 from broker.services.policy import Policy, path_allowed
 from proxy.access import AccessDenied
@@ -596,13 +596,13 @@ class PolicyGate:
 
     async def _hold(self, key: str, held: str) -> None:
         try:
-            await async_redis_client().set(key, held, ex=BATCH_HOLD_SECONDS)
+            await async_counting_client().set(key, held, ex=BATCH_HOLD_SECONDS)
         except (redis.RedisError, OSError) as exc:
             logger.error("policy could not hold a batch's reservation (%s)", type(exc).__name__)
 
     async def _run(self, script: str, args: list[Any], what: str) -> None:
         try:
-            await self._script(script)(keys=[], args=args)
+            await self._script(script)(keys=[], args=args, client=async_counting_client())
         except (redis.RedisError, OSError) as exc:
             # Lost, not queued: a limit that undercounts during an outage beats a proxy that
             # holds calls open for Redis.

@@ -10,7 +10,9 @@ import pytest
 from django.test import Client
 
 from audit.models import AuditEvent
+from broker.infra.redis import async_redis_client
 from broker.models import Agent, Backend, Grant
+from broker.selectors.policy import policy_left
 from broker.services.agents import agent_approve
 from broker.services.policy import grant_policy, grant_update, grant_values
 from proxy.policy import PolicyDenied, PolicyGate
@@ -164,6 +166,32 @@ def test_bob_reads_his_limits_and_what_is_left(bob: tuple[Agent, str]) -> None:
     assert 1 <= rpm["resets_in"] <= 60
     assert (daily["limit"], daily["used"], daily["remaining"]) == (100, 55, 45)
     assert 1 <= daily["resets_in"] <= 86_400
+
+
+def test_a_call_is_counted_while_a_burst_holds_every_request_path_connection(
+    bob: tuple[Agent, str], settings: Any
+) -> None:
+    settings.PROXY_REDIS_CONNECTIONS = 3
+    grant_update(grant=bobs_grant(), policy={"daily_tokens": 1000})
+    policy = grant_policy(bobs_grant())
+
+    async def call() -> None:
+        gate = PolicyGate()
+        ticket = await gate.admit(policy, agent="bob", backend="anthropic")
+        assert ticket is not None
+        pool = async_redis_client().connection_pool
+        # What a burst of admissions does: every connection of the request path is taken.
+        held = [await pool.get_connection() for _ in range(settings.PROXY_REDIS_CONNECTIONS)]
+        try:
+            counting = gate.settle(ticket, {"input_tokens": 99, "output_tokens": 1})
+            assert counting is not None
+            await counting
+        finally:
+            for connection in held:
+                await pool.release(connection)
+
+    asyncio.run(call())
+    assert policy_left(policy)["daily_tokens"]["used"] == 100
 
 
 def test_the_gate_refuses_once_the_budget_is_spent(bob: tuple[Agent, str]) -> None:

@@ -400,6 +400,7 @@ PROXY_CACHE_SECONDS = env_int("KEYBROKER_PROXY_CACHE_SECONDS", default=30, minim
 # Redis connections per web process for the proxy's access and policy checks, shared by all
 # agents. A call finds one free within microseconds; when all are busy it waits up to
 # PROXY_REDIS_WAIT_SECONDS (then 503), never failing open and never failing other agents.
+# Counting usage after a call has a small pool of its own (broker/infra/redis.py).
 PROXY_REDIS_CONNECTIONS = env_int("KEYBROKER_PROXY_REDIS_CONNECTIONS", default=64, minimum=1)
 PROXY_REDIS_WAIT_SECONDS = 2
 # Request bodies held in memory at once by one web process (all calls together): a call
