@@ -427,6 +427,20 @@ class SigningKey(models.Model):
         return f"<SigningKey {self.kid}>"
 
 
+class AccessGeneration(models.Model):
+    """One row: a value every change to who may call what sets anew, in the change's own
+    transaction (broker/services/access.py, access_changed).
+
+    The same news goes over Redis at once; this copy is what proxy processes read each
+    second in case that news was lost (the announcing process could not reach Redis).
+    """
+
+    value = models.CharField(max_length=32)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 # How often a "last used" or "last seen" time is written at most: often enough to answer
 # "is this still in use?", rare enough that a busy credential does not write on every call.
 LAST_USED_RESOLUTION = timedelta(seconds=60)

@@ -44,8 +44,10 @@ from broker.services.access import (
     ACCESS_CHANNEL,
     ACCESS_GENERATION,
     ACK_KEEP_SECONDS,
+    GENERATION_CHECK_SECONDS,
     Refusal,
     agent_refusal,
+    recorded_generation,
     refusal,
     token_refusal,
     token_unknown,
@@ -64,7 +66,7 @@ LAST_USED_RESOLUTION_SECONDS = LAST_USED_RESOLUTION.total_seconds()
 WATCH_INTERVAL_SECONDS = 0.25
 # While listening, the generation is still read after this long without news: a backstop
 # for news that never came, and how a frozen Redis is noticed.
-LISTEN_CHECK_SECONDS = 1.0
+LISTEN_CHECK_SECONDS = GENERATION_CHECK_SECONDS
 LISTEN_RETRY_SECONDS = 0.5
 
 
@@ -210,6 +212,9 @@ _read_token_async = db_call(_read_token)
 _read_route_async = db_call(_read_route)
 _touch_async = db_call(_touch)
 _withdrawn_async = db_call(_withdrawn)
+_recorded_generation_async = db_call(recorded_generation)
+# Compares equal to no generation: the next watch looks at every open call.
+_UNKNOWN = object()
 
 
 def _denied(refused: Refusal) -> AccessDenied:
@@ -229,7 +234,8 @@ class AccessCache:
         # Open calls by token digest: their backend and the futures that cut them.
         self._open: dict[str, tuple[str, set[asyncio.Future[str]]]] = {}
         self._watcher: asyncio.Task[None] | None = None
-        self._watched_generation: bytes | str | None = None
+        self._watched_generation: bytes | str | object | None = None
+        self._recorded_generation: str | None = None  # the database's copy, once read
         self._reading = False  # a generation read is on its way to Redis
         self._next_read: asyncio.Future[bool] | None = None  # shared by who arrived since
         self._listener: asyncio.Task[None] | None = None
@@ -268,6 +274,7 @@ class AccessCache:
                     pass
                 if not await self._read_generation():
                     raise ConnectionError("cannot read the access generation")
+                await self._read_recorded_generation()
                 # Whatever was read while not listening could predate a change that was
                 # never announced: start afresh.
                 self.clear()
@@ -278,6 +285,7 @@ class AccessCache:
                     if message is None:
                         if not await self._read_generation():
                             raise ConnectionError("cannot read the access generation")
+                        await self._read_recorded_generation()
                     elif message["type"] == "message":
                         await self._changed(message["data"])
             except asyncio.CancelledError:
@@ -294,6 +302,22 @@ class AccessCache:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(LISTEN_RETRY_SECONDS)
+
+    async def _read_recorded_generation(self) -> None:
+        """The database's copy of the generation: it moves without news over Redis when the
+        process that made a change could not reach Redis. A database that cannot be read
+        leaves the cache as it is (it is what serves calls then)."""
+        try:
+            recorded = await _recorded_generation_async()
+        except Exception as exc:  # whatever the database says, the listener goes on
+            logger.debug("access generation unread in the database (%s)", type(exc).__name__)
+            return
+        if recorded != self._recorded_generation:
+            if self._recorded_generation is not None:
+                logger.info("proxy saw an access change in the database that Redis never told")
+                self.clear()
+                self._watched_generation = _UNKNOWN  # open calls are checked again too
+            self._recorded_generation = recorded
 
     async def _changed(self, generation: bytes) -> None:
         self.clear()

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import redis
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from broker.infra.errors import NotPermitted, ServiceError, Unauthenticated
 from broker.infra.redis import redis_client, redis_key
-from broker.models import Agent, AgentStatus, TokenState, token_state_at
+from broker.models import AccessGeneration, Agent, AgentStatus, TokenState, token_state_at
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,12 @@ ACCESS_ACK = "access:ack"
 # a process that does not answer in time (frozen, or gone) falls back by itself.
 ACK_WAIT_SECONDS = 0.5
 ACK_KEEP_SECONDS = 10
+# Listening proxy processes read the generation (Redis's, then the database's copy) after
+# this long without news: a backstop for news that never came.
+GENERATION_CHECK_SECONDS = 1.0
+# An announcement that could not reach Redis waits this long before the change's command
+# or page answers, so every listening process has read the database's copy meanwhile.
+UNANNOUNCED_WAIT_SECONDS = GENERATION_CHECK_SECONDS * 1.5
 
 
 # Anthropic's names for the statuses the proxy refuses with, so SDKs raise the right class.
@@ -115,14 +121,35 @@ def agent_require_approved(agent: Agent) -> None:
 
 
 def access_changed() -> None:
-    """After commit, make every proxy process drop what it cached about tokens and backends,
-    and return once each listening process has (or ACK_WAIT_SECONDS have passed), so that a
-    revocation is in force everywhere when the command or page that made it answers."""
-    transaction.on_commit(_announce)
+    """Make every proxy process drop what it cached about tokens and backends once this
+    transaction commits, and return (after commit) once each listening process has, so
+    that a revocation is in force everywhere when the command or page that made it answers.
 
-
-def _announce() -> None:
+    The news goes over Redis; the generation is also written in this transaction, so a
+    process that never got the news (the announcer could not reach Redis) sees the change
+    at its next check (docs/decisions.md, "Access changes are pushed").
+    """
     generation = secrets.token_hex(8)
+    _record_generation(generation)
+    transaction.on_commit(lambda: _announce(generation))
+
+
+def _record_generation(generation: str) -> None:
+    if AccessGeneration.objects.filter(pk=1).update(value=generation):
+        return
+    try:
+        with transaction.atomic():
+            AccessGeneration.objects.create(pk=1, value=generation)
+    except IntegrityError:  # another change created the row meanwhile: it is ours now
+        AccessGeneration.objects.filter(pk=1).update(value=generation)
+
+
+def recorded_generation() -> str:
+    """The database's copy of the access generation ("" before the first change)."""
+    return AccessGeneration.objects.filter(pk=1).values_list("value", flat=True).first() or ""
+
+
+def _announce(generation: str) -> None:
     client = redis_client()
     try:
         with client.pipeline(transaction=True) as announcing:  # the value and the news
@@ -131,8 +158,14 @@ def _announce() -> None:
             listeners = int(announcing.execute()[1])
         _await_acks(client, generation, listeners)
     except redis.RedisError:
-        # The proxy treats an unreadable generation as "changed" and asks the database.
-        logger.error("could not announce an access change over Redis")
+        # Processes that cannot read Redis either ask the database on each request; those
+        # that can find the database's copy changed at their next check.
+        logger.error(
+            "could not announce an access change over Redis; proxy processes see it in "
+            "the database within %.1f s",
+            UNANNOUNCED_WAIT_SECONDS,
+        )
+        time.sleep(UNANNOUNCED_WAIT_SECONDS)
 
 
 def _await_acks(client: redis.Redis, generation: str, listeners: int) -> None:

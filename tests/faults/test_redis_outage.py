@@ -204,20 +204,7 @@ def test_redis_down_then_frozen_under_load(
     )
 
 
-IDLE_FAULTS = [
-    "stopped",
-    "frozen",
-    pytest.param(
-        "cut",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="issue 14: a revocation announced while the announcing process cannot "
-            "reach Redis is lost, and a proxy process that made no call meanwhile trusts its "
-            "cache for up to KEYBROKER_PROXY_CACHE_SECONDS (broker/services/access.py, "
-            "access_changed)",
-        ),
-    ),
-]
+IDLE_FAULTS = ["stopped", "frozen", "cut"]
 
 
 @pytest.mark.parametrize("fault", IDLE_FAULTS)
@@ -235,7 +222,8 @@ def test_a_token_revoked_during_an_outage_is_refused_by_a_process_that_was_idle(
     Stopped: the restarted Redis (which keeps no keys) has lost the generation too, so it
     reads as changed. Frozen: the announcement waits in the socket and lands at SIGCONT.
     Cut (new connections refused, keys and open connections kept, as behind a partition
-    between the admin's process and Redis): the announcement is lost.
+    between the admin's process and Redis): the announcement is lost, and the process finds
+    the change in the database's copy of the generation, which the revocation waited for.
     """
     settings.REDIS_URL = private_redis.url
     key = api_key(tail="1dle")
@@ -267,8 +255,7 @@ def test_a_token_revoked_during_an_outage_is_refused_by_a_process_that_was_idle(
                 "frozen": "Redis frozen (SIGSTOP) and thawed",
                 "cut": "new connections to Redis refused, open ones kept",
             }[fault],
-            refused=f"the call after: {after.status}"
-            + ("" if after.status == 401 else " (should be 401: known gap)"),
+            refused=f"the call after: {after.status}",
             lost=2 - calls.count(),
             holds="refused on the next request" if after.status == 401 else "**gap**",
         )
