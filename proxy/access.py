@@ -28,7 +28,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from broker.infra.db import db_call
-from broker.infra.redis import async_redis_client, redis_key
+from broker.infra.redis import async_redis_client, redis_breaker, redis_key
 from broker.kinds import SCHEMES, AuthScheme
 from broker.models import (
     LAST_USED_RESOLUTION,
@@ -279,6 +279,7 @@ class AccessCache:
                 # never announced: start afresh.
                 self.clear()
                 self.listening, failing = True, False
+                redis_breaker().close()
                 logger.info("proxy follows access changes over Redis")
                 while True:
                     message = await pubsub.get_message(timeout=LISTEN_CHECK_SECONDS)
@@ -293,10 +294,12 @@ class AccessCache:
             except (redis.RedisError, OSError) as exc:
                 if not failing:
                     logger.warning(
-                        "proxy stopped following access changes (%s); reading per request",
+                        "proxy stopped following access changes (%s); asking the database "
+                        "until Redis answers again",
                         type(exc).__name__,
                     )
                 failing = True
+                redis_breaker().trip()  # this loop keeps trying, off the request path
             finally:
                 self.listening = False
                 with contextlib.suppress(Exception):
@@ -335,6 +338,9 @@ class AccessCache:
         it did, so a request arriving while one is on its way waits for the next, which
         every request arriving meanwhile shares: one Redis round trip per wave of requests
         under load rather than one per request (docs/decisions.md, issue 13)."""
+        if redis_breaker().open:
+            self.clear()  # the generation is unknown: the database says what holds
+            return False
         if self._reading:
             if self._next_read is None:
                 self._next_read = asyncio.get_running_loop().create_future()
@@ -371,8 +377,9 @@ class AccessCache:
     async def _read_generation(self) -> bool:
         try:
             generation = await async_redis_client().get(redis_key(ACCESS_GENERATION))
-        except (redis.RedisError, OSError):
+        except (redis.RedisError, OSError) as exc:
             logger.warning("proxy cannot read the access generation; checking the database")
+            redis_breaker().trip_on(exc)
             self.clear()
             return False
         if generation != self._generation:
@@ -434,8 +441,10 @@ class AccessCache:
         while self._open:
             await asyncio.sleep(WATCH_INTERVAL_SECONDS)
             try:
+                redis_breaker().check()
                 generation = await async_redis_client().get(redis_key(ACCESS_GENERATION))
-            except (redis.RedisError, OSError):
+            except (redis.RedisError, OSError) as exc:
+                redis_breaker().trip_on(exc)
                 generation = None  # unknown: ask the database
             else:
                 if generation == self._watched_generation:

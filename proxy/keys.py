@@ -24,7 +24,7 @@ import redis
 from celery import signature
 
 from broker.infra.db import db_call
-from broker.infra.redis import async_redis_client, redis_key
+from broker.infra.redis import async_redis_client, redis_breaker, redis_key
 from broker.kinds import AuthScheme
 from broker.selectors.backend_keys import LAST_ERROR_SECONDS, key_cooldown_name, key_error_name
 from broker.services.backends import VALIDATE_TASK
@@ -89,10 +89,12 @@ async def key_choose(
     if len(keys) == 1:
         return candidates[0]
     try:
+        redis_breaker().check()
         ends = await async_redis_client().mget(
             [key_cooldown_name(backend, key.fingerprint) for key in candidates]
         )
-    except (redis.RedisError, OSError):
+    except (redis.RedisError, OSError) as exc:
+        redis_breaker().trip_on(exc)
         logger.warning("proxy cannot read key cooldowns of %s; choosing among all", backend)
         ends = [None] * len(candidates)
     now = time.time()
@@ -131,6 +133,7 @@ async def key_cool(
     is a call that never reached the upstream, ``error`` says why."""
     client = async_redis_client()
     try:
+        redis_breaker().check()
         counting = client.pipeline(transaction=False)
         counting.incr(_strikes_key(backend, key.fingerprint))
         counting.expire(_strikes_key(backend, key.fingerprint), STRIKES_WINDOW_SECONDS)
@@ -149,7 +152,8 @@ async def key_cool(
             ex=LAST_ERROR_SECONDS,
         )
         await marking.execute()
-    except (redis.RedisError, OSError):
+    except (redis.RedisError, OSError) as exc:
+        redis_breaker().trip_on(exc)
         logger.warning("proxy cannot record the cooldown of a key of %s", backend)
         return 0.0
     return seconds

@@ -36,7 +36,7 @@ import redis.asyncio
 from django.conf import settings
 
 from broker.infra.loops import LoopLocal
-from broker.infra.redis import async_counting_client, async_redis_client
+from broker.infra.redis import async_counting_client, async_redis_client, redis_breaker
 from broker.selectors.policy import USAGE_CLOCK, seconds_until, usage_key
 from broker.services.policy import Policy, path_allowed
 from proxy.access import AccessDenied
@@ -521,6 +521,7 @@ class PolicyGate:
         key = usage_key(policy)
         reserve = demand.tokens if policy.metered else 0
         try:
+            redis_breaker().check()
             rule, wait_ms, window, day, used = await self._script("admit")(
                 keys=[],
                 args=[
@@ -530,6 +531,7 @@ class PolicyGate:
                 ],
             )  # fmt: skip
         except (redis.RedisError, OSError) as exc:
+            redis_breaker().trip_on(exc)
             if settings.POLICY_FAIL_OPEN:
                 logger.warning(
                     "policy limits of %s on %s unchecked, Redis unreachable (%s); "

@@ -10,7 +10,7 @@ import pytest
 from django.test import Client
 
 from audit.models import AuditEvent
-from broker.infra.redis import async_redis_client
+from broker.infra.redis import async_redis_client, redis_breaker
 from broker.models import Agent, Backend, Grant
 from broker.selectors.policy import policy_left
 from broker.services.agents import agent_approve
@@ -192,6 +192,28 @@ def test_a_call_is_counted_while_a_burst_holds_every_request_path_connection(
 
     asyncio.run(call())
     assert policy_left(policy)["daily_tokens"]["used"] == 100
+
+
+def test_a_busy_pool_refuses_the_call_but_does_not_take_redis_for_gone(
+    bob: tuple[Agent, str], settings: Any
+) -> None:
+    settings.PROXY_REDIS_CONNECTIONS, settings.PROXY_REDIS_WAIT_SECONDS = 2, 0.2
+    grant_update(grant=bobs_grant(), policy={"rpm": 100})
+    policy = grant_policy(bobs_grant())
+
+    async def call() -> bool:
+        pool = async_redis_client().connection_pool
+        held = [await pool.get_connection() for _ in range(settings.PROXY_REDIS_CONNECTIONS)]
+        try:
+            with pytest.raises(PolicyDenied) as refused:
+                await PolicyGate().admit(policy, agent="bob", backend="anthropic")
+            assert (refused.value.status, refused.value.rule) == (503, "unavailable")
+        finally:
+            for connection in held:
+                await pool.release(connection)
+        return redis_breaker().open
+
+    assert asyncio.run(call()) is False  # the next call asks Redis again
 
 
 def test_the_gate_refuses_once_the_budget_is_spent(bob: tuple[Agent, str]) -> None:

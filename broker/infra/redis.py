@@ -4,6 +4,7 @@ that talks to Redis directly."""
 from __future__ import annotations
 
 import functools
+import time
 
 import redis
 import redis.asyncio
@@ -61,6 +62,59 @@ def async_counting_client() -> redis.asyncio.Redis:
     lost, and it took connections the admissions were waiting for.
     """
     return _pooled_client(COUNTING_CONNECTIONS, COUNTING_WAIT_SECONDS)
+
+
+# How long the request path skips Redis after it stopped answering, unless the access
+# listener, which keeps trying in the background, hears from it sooner (or fails again).
+# Longer than one of the listener's attempts on a frozen Redis (0.5 s + two 1 s timeouts).
+BREAKER_SECONDS = 3.0
+
+
+class RedisSkipped(redis.ConnectionError):
+    """Redis was not asked: it stopped answering moments ago (RedisBreaker)."""
+
+
+class RedisBreaker:
+    """Per event loop: whether the proxy's request path should skip Redis for now.
+
+    A frozen Redis answers nothing and refuses nothing, so without this every call waited
+    out the socket timeout before falling back (docs/reliability.md). Open, calls go
+    straight to their fallback: the database for access, a 503 (or fail-open) for limits.
+    Opened by a timeout on the request path or a failure of the access listener; closed by
+    the listener once Redis answers it again.
+    """
+
+    def __init__(self) -> None:
+        self._open_until = 0.0
+
+    @property
+    def open(self) -> bool:
+        return time.monotonic() < self._open_until
+
+    def check(self) -> None:
+        """Raise RedisSkipped while open: where the call would have failed on Redis, and
+        its caller's fallback is the same."""
+        if self.open:
+            raise RedisSkipped("skipped: Redis stopped answering")
+
+    def trip(self) -> None:
+        self._open_until = time.monotonic() + BREAKER_SECONDS
+
+    def trip_on(self, exc: BaseException) -> None:
+        """Open when ``exc`` says Redis did not answer in time; a refused connection fails
+        fast by itself, and a pool with no free connection is this process being busy."""
+        if isinstance(exc, redis.TimeoutError):
+            self.trip()
+
+    def close(self) -> None:
+        self._open_until = 0.0
+
+
+_breakers: LoopLocal[RedisBreaker] = LoopLocal(RedisBreaker)
+
+
+def redis_breaker() -> RedisBreaker:
+    return _breakers.get()
 
 
 def redis_key(*parts: str) -> str:

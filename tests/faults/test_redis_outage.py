@@ -36,6 +36,9 @@ pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True)]
 TICK_SECONDS = 0.2  # one call of each kind per tick
 OUTAGE_TICKS = 50  # 10 s of each fault (issue 14)
 CALM_TICKS = 10
+REDIS_TIMEOUT_SECONDS = 1.0  # the proxy's socket timeout (broker/infra/redis.py)
+# A frozen Redis is noticed by the first call, or backstop read, that times out on it.
+NOTICED_WITHIN_SECONDS = 2 * REDIS_TIMEOUT_SECONDS
 
 
 def revoke_in_thread(issued: IssuedToken) -> None:
@@ -146,6 +149,14 @@ def test_redis_down_then_frozen_under_load(
     # Every call was answered, and in bounded time: nothing hung on the dead Redis.
     slow = [a for a in answers + probes if a.status == 0 or a.seconds > ANSWER_BOUND_SECONDS]
     assert slow == []
+    # Once a process has seen Redis stop answering (a call's or its listener's first
+    # timeout, within about a second), its calls skip Redis: only calls that began before
+    # then waited out the 1 s socket timeout; none does afterwards.
+    waited = [
+        a for a in answers if frozen <= a.started < thawed and a.seconds >= REDIS_TIMEOUT_SECONDS
+    ]
+    late = [a for a in waited if a.started >= frozen + NOTICED_WITHIN_SECONDS]
+    assert late == [], [(round(a.started - frozen, 2), round(a.seconds, 2), a.kind) for a in late]
     # Calls that need no Redis kept working from the database throughout.
     assert {a.status for a in answers if a.kind == "free"} == {200}
     assert {a.status for a in answers if a.kind == "limited-fail-open"} == {200}
@@ -198,8 +209,9 @@ def test_redis_down_then_frozen_under_load(
             f"{OUTAGE_TICKS * TICK_SECONDS:.0f} s; a token revoked during each",
             refused=f"{len(refused)} limited calls (503, fail closed); 0 with fail-open",
             lost=sent - calls.count(),
-            holds="no call over 5 s; grants without rates all 200; both revocations refused "
-            "(401) at once after",
+            holds=f"no call over 5 s; {len(waited)} calls waited out the frozen Redis's "
+            f"timeout, none {NOTICED_WITHIN_SECONDS:.0f} s into the freeze; grants without rates "
+            "all 200; both revocations refused (401) at once after",
         )
     )
 
