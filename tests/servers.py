@@ -4,6 +4,7 @@ processes running the uvicorn that `serve` starts, on the test's database and Re
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 import tempfile
@@ -135,7 +136,12 @@ def uvicorn_started(
     # A file, not a pipe: nobody reads a pipe while the server runs, and a full one blocks it.
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=stdout or subprocess.DEVNULL, stderr=stderr
+            command,
+            cwd=REPO,
+            # Its threads' tracebacks on SIGABRT: what it was doing if it will not stop.
+            env={**env, "PYTHONFAULTHANDLER": "1"},
+            stdout=stdout or subprocess.DEVNULL,
+            stderr=stderr,
         )
 
         def answers() -> bool:
@@ -153,7 +159,13 @@ def uvicorn_started(
             yield url, process
         finally:
             process.terminate()
-            process.wait(timeout=15)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGABRT)
+                process.wait(timeout=15)
+                stderr.seek(0)
+                pytest.fail(f"uvicorn on {port} did not stop: {stderr.read().decode()[-6000:]}")
 
 
 @contextmanager
