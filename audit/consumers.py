@@ -7,7 +7,10 @@ Protocol (JSON text frames):
 - client → server ``{"type": "filter", "agent": "bob", "backend": "", "action": "token.*"}``
   to narrow the feed (empty or missing means "any"); answered with
   ``{"type": "filter", ...}`` echoing what is now in force;
-- server → client ``{"type": "error", "message": "..."}`` for a frame it cannot use.
+- server → client ``{"type": "error", "message": "..."}`` for a frame it cannot use;
+- server → client ``{"type": "missed", "since": "<ISO time>"}`` when a process could not
+  publish events made since then (Redis failed for a moment under a socket that stayed
+  open): they are in the trail, and the page reloads it (audit/publish.py).
 
 The socket is refused during the handshake (HTTP 403) for anonymous users, non-staff and
 staff without ``audit.view_auditevent`` (the admin's own rule for the trail);
@@ -103,6 +106,10 @@ class ActivityConsumer(AsyncJsonWebsocketConsumer):
             return
         self.filters = FeedFilter(**{name: value.strip() for name, value in chosen.items()})
         await self.send_json({"type": "filter", **chosen})
+
+    async def audit_missed(self, message: dict[str, Any]) -> None:
+        """A group message from audit/publish.py: events since then were not published."""
+        await self.send_json({"type": "missed", "since": message.get("since", "")})
 
     async def audit_event(self, message: dict[str, Any]) -> None:
         """A group message from audit/publish.py: one or more new events."""

@@ -5,14 +5,19 @@ a burst of thousands of calls is a handful of messages, and a viewer's channel (
 100 messages in channels-redis) never overflows and drops part of it.
 
 Publishing is best effort by design: the row is already committed and the feed is a view
-of it. A channel layer that is down or slow is logged and skipped, never raised.
+of it. A channel layer that is down or slow is logged and skipped, never raised. What was
+skipped is not forgotten: the process's next message that goes out is preceded by an
+``audit.missed`` one saying since when events are missing, and the page reloads them. A
+feed socket that survived a short Redis freeze would otherwise never learn of the gap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -31,8 +36,35 @@ PUBLISH_TIMEOUT_SECONDS = 2.0
 EVENTS_PER_MESSAGE = 200
 
 
-def _messages(events: Sequence[AuditEvent | dict[str, Any]]) -> list[dict[str, Any]]:
-    payloads = [event_json(event) for event in events]
+MISSED_TYPE = "audit.missed"
+
+
+class _Missed:
+    """The time of the oldest event this process could not publish, until it has said so."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # sync publishers run in many threads
+        self._since: datetime | None = None
+
+    def note(self, since: datetime) -> None:
+        with self._lock:
+            if self._since is None or since < self._since:
+                self._since = since
+
+    def pending(self) -> datetime | None:
+        with self._lock:
+            return self._since
+
+    def said(self, since: datetime) -> None:
+        with self._lock:
+            if self._since == since:  # not if an older gap was noted meanwhile
+                self._since = None
+
+
+_missed = _Missed()
+
+
+def _messages(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {"type": EVENT_TYPE, "events": payloads[start : start + EVENTS_PER_MESSAGE]}
         for start in range(0, len(payloads), EVENTS_PER_MESSAGE)
@@ -44,12 +76,22 @@ async def audit_publish_async(events: Sequence[AuditEvent | dict[str, Any]]) -> 
     layer = get_channel_layer()
     if layer is None or not events:
         return True
+    payloads = [event_json(event) for event in events]
+
+    async def send(message: dict[str, Any]) -> None:
+        await asyncio.wait_for(
+            layer.group_send(ACTIVITY_GROUP, message), timeout=PUBLISH_TIMEOUT_SECONDS
+        )
+
     try:
-        for message in _messages(events):
-            await asyncio.wait_for(
-                layer.group_send(ACTIVITY_GROUP, message), timeout=PUBLISH_TIMEOUT_SECONDS
-            )
+        since = _missed.pending()
+        if since is not None:
+            await send({"type": MISSED_TYPE, "since": since.isoformat()})
+            _missed.said(since)
+        for message in _messages(payloads):
+            await send(message)
     except Exception as exc:
+        _missed.note(min(datetime.fromisoformat(p["created_at"]) for p in payloads))
         logger.warning(
             "live feed: %d audit event(s) not published (%s); they are stored all the same",
             len(events),

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.contrib.auth import get_user_model
 
+from audit.models import ActorType, AuditEvent
+from audit.publish import ACTIVITY_GROUP, MISSED_TYPE
 from tests.browser import ARTIFACTS, log_in
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import audit_drained, proxied_for
@@ -95,3 +100,31 @@ def test_alice_watches_calls_arrive_pauses_filters_and_sees_her_approval(
     admin.screenshot(path=str(ARTIFACTS / "admin-audit-events.png"), full_page=True)
     admin.close()
     audit_drained()
+
+
+def test_a_missed_notice_makes_the_page_reload_what_was_not_sent_live(
+    page: Any, live_url: str, settings: Any
+) -> None:
+    settings.PUBLIC_URL = live_url
+    sockets: list[Any] = []
+    page.on("websocket", lambda socket: sockets.append(socket))
+    log_in(page, live_url)
+    page.click("#kb-activity-link")
+    page.wait_for_selector("#kb-connection.kb-live")
+    # Stored while the channel layer failed: in the trail, never published.
+    unpublished = AuditEvent.objects.create(
+        action="agent.approved", actor_type=ActorType.ADMIN, actor="alice", agent="ghost"
+    )
+    row = page.locator("#kb-feed tbody tr.kb-event", has_text="ghost")
+    assert row.count() == 0
+    # What the publishing process sends once the layer works again (audit/publish.py); from
+    # another thread, as this one runs Playwright's event loop.
+    notice = {"type": MISSED_TYPE, "since": unpublished.created_at.isoformat()}
+    with ThreadPoolExecutor(1) as thread:
+        send = async_to_sync(get_channel_layer().group_send)
+        thread.submit(send, ACTIVITY_GROUP, notice).result(timeout=10)
+    row.wait_for()
+    assert row.get_attribute("data-action") == "agent.approved"
+    # Reloaded over the open socket's notice, not by reconnecting after it broke.
+    assert len(sockets) == 1
+    assert not sockets[0].is_closed()

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -64,6 +65,7 @@ class PageLikeFeed:
     opened: int = 0
     close_codes: list[int | None] = field(default_factory=list)
     failed_handshakes: int = 0
+    missed_since: list[str] = field(default_factory=list)  # the "missed" notices' times
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
@@ -98,6 +100,8 @@ class PageLikeFeed:
                 continue
             if message["type"] == "audit.event":
                 self.events.append(message["event"])
+            elif message["type"] == "missed":  # the page reloads the trail then
+                self.missed_since.append(message["since"])
         socket.close()
 
     def agents_seen(self) -> set[str]:
@@ -189,5 +193,71 @@ def test_a_page_like_feed_receives_events_again_once_redis_is_back(
             holds=f"socket closed {len(feed.close_codes)}x (1013), reopened; live again "
             f"{delivered_after:.0f} s after Redis; {missed_live} of the outage's {during} "
             "events not live (the page reloads them on reconnect; all in the trail)",
+        )
+    )
+
+
+SHORT_FREEZE_SECONDS = 3.0  # under the channel layer's read timeout: the socket stays open
+
+
+def test_a_feed_that_outlives_a_short_freeze_is_told_what_it_missed(
+    feed_web: WebProcess, private_redis: PrivateRedis, alice: AbstractBaseUser, figures: Figures
+) -> None:
+    """The events of a short freeze cannot be published (publishing gives up after 2 s) and
+    the socket survives it, so nothing would make the page reload: the publishing process
+    says since when events are missing once it can publish again."""
+    web = feed_web
+    tokens = {
+        moment: agent_token(f"{moment}-short", alice).plaintext for moment in ("during", "after")
+    }
+    feed = PageLikeFeed(web, session_cookie(alice))
+    reader = threading.Thread(target=feed.run, daemon=True)
+    reader.start()
+    statuses: list[int] = []
+    try:
+        wait_until(lambda: feed.opened == 1, timeout=10, what="the feed to open")
+        private_redis.freeze()
+        ends = time.monotonic() + SHORT_FREEZE_SECONDS
+        while time.monotonic() < ends:
+            statuses.append(call(web.url, tokens["during"], "during").status)
+            time.sleep(CALL_EVERY_SECONDS)
+        private_redis.thaw()
+
+        def an_event_after_is_received() -> bool:
+            statuses.append(call(web.url, tokens["after"], "after").status)
+            return "after-short" in feed.agents_seen()
+
+        wait_until(
+            an_event_after_is_received,
+            timeout=BACK_WITHIN_SECONDS,
+            interval=CALL_EVERY_SECONDS,
+            what="an event made after the freeze on the feed",
+        )
+    finally:
+        feed.stopping.set()
+        reader.join(timeout=10)
+
+    assert set(statuses) == {200}
+    assert (feed.opened, feed.close_codes) == (1, [])  # the socket lived through the freeze
+    calls = AuditEvent.objects.filter(action="proxy.request")
+    wait_until(lambda: calls.count() >= len(statuses), timeout=10, what="every call's event")
+    live = {event["id"] for event in feed.events}
+    not_live = [e for e in calls.filter(agent="during-short") if e.pk not in live]
+    assert not_live, "the freeze kept no event from the feed: it proves nothing"
+    # The notice came, and from a time no later than the first event the feed missed: the
+    # page's reload covers every one of them.
+    assert feed.missed_since, "no notice of the events the feed missed"
+    since = min(datetime.fromisoformat(value) for value in feed.missed_since)
+    assert since <= min(e.created_at for e in not_live)
+    figures.add(
+        Figure(
+            case="The live feed through a short Redis freeze, a page-like client on it",
+            load=f"{len(statuses)} calls one at a time, {CALL_EVERY_SECONDS} s apart, "
+            "1 web process",
+            faults=f"Redis frozen (SIGSTOP) {SHORT_FREEZE_SECONDS:.0f} s",
+            refused="0",
+            lost=len(statuses) - calls.count(),
+            holds=f"socket kept open; {len(not_live)} events not sent live, and a notice "
+            "since the first of them (the page reloads them)",
         )
     )
