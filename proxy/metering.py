@@ -11,6 +11,13 @@ The upstream is not trusted to be small or well formed: the meter decompresses i
 steps, keeps at most ``LINE_LIMIT`` of a line and ``DECODED_LIMIT`` of decompressed body,
 and when it cannot read the usage it says why in ``Usage.unmetered`` instead of raising.
 Forwarding never depends on it.
+
+OpenAI's answers (``dialect="openai"``) are read the same way, in OpenAI's words: a JSON
+answer's ``usage`` (chat completions, Responses, embeddings), a chat completions stream's
+data-only chunks (usage only in the last one, and only when the client asked for
+``stream_options.include_usage``), and a Responses stream's ``response.completed`` (or
+``.failed``, ``.incomplete``) event. Their usage is stored under the Anthropic names, so
+policy and audit read every provider alike (Usage.take_openai).
 """
 
 from __future__ import annotations
@@ -31,6 +38,14 @@ USAGE_FIELDS = (
 # passed through unmetered rather than held.
 JSON_METER_LIMIT = 4 * 1024 * 1024
 INTERESTING_EVENTS = {b"message_start", b"message_delta", b"error"}
+# A Responses stream's events that carry the final usage; chat completions streams have no
+# event names at all.
+OPENAI_INTERESTING_EVENTS = {
+    b"response.completed",
+    b"response.failed",
+    b"response.incomplete",
+    b"error",
+}
 # Codings the meter can decompress; a client's Accept-Encoding is cut down to these
 # (meterable_accept_encoding) so that the upstream's answer stays readable.
 METERABLE_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity"})
@@ -63,9 +78,26 @@ _QUIET_FRAME = re.compile(
     rb"(?:data:[^\r\n]*\r?\n)*+\r?\n",
     re.MULTILINE,
 )
+# What makes an OpenAI data line worth parsing: a usage object (not ``"usage": null``, which
+# every chunk carries once include_usage is set), a finish reason, or an error. Inside a JSON
+# string the quotes would be escaped, so text or tool arguments cannot match.
+_OPENAI_CARRIES = rb'"(?:usage"\s*+:\s*+\{|finish_reason"\s*+:\s*+"|error"\s*+:\s*+\{)'
+_OPENAI_WANTED_DATA = re.compile(_OPENAI_CARRIES)
+# _QUIET_FRAME for OpenAI: a Responses event that carries no usage (output_text.delta and the
+# like), or a chat chunk that carries none of the above. A chunk has no event line to tell
+# where its frame starts, so it is dropped only after a blank line: a data line at the start
+# of a chunk's whole lines may continue the frame before it (it then reaches Python, which
+# filters it with _OPENAI_WANTED_DATA).
+_OPENAI_QUIET_FRAME = re.compile(
+    rb"^event:[ ]*+(?!(?:response\.completed|response\.failed|response\.incomplete|error)"
+    rb"[ \t]*\r?\n)[^\r\n]*\r?\n(?:data:[^\r\n]*\r?\n)*+\r?\n"
+    rb"|^(?:(?<=\n\n)|(?<=\n\r\n))data:(?![^\r\n]*?" + _OPENAI_CARRIES + rb")[^\r\n]*+\r?\n\r?\n",
+    re.MULTILINE,
+)
 _JSONL_LINE = re.compile(rb"^[ \t\r]*\S[^\n]*", re.MULTILINE)
 _RESULT_TYPE = re.compile(rb'"result"\s*:\s*\{\s*"type"\s*:\s*"([a-z_]{1,40})"')
 _MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,100})"')
+_STATUS = re.compile(rb'"status"\s*:\s*"([a-z_]{1,40})"')
 # ``usage`` holds flat counters and objects one level deep (cache_creation,
 # server_tool_use); inside a JSON string its quotes would be escaped, so it cannot match.
 _USAGE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
@@ -96,6 +128,36 @@ class Usage:
                 value = usage.get(name)
                 if isinstance(value, int):
                     self.tokens[name] = self.tokens.get(name, 0) + value
+
+    def take_openai(self, usage: Any) -> None:
+        """OpenAI's usage under the Anthropic names: chat completions and embeddings say
+        ``prompt_tokens``/``completion_tokens``, Responses ``input_tokens``/``output_tokens``.
+        """
+        if not isinstance(usage, dict):
+            return
+        if isinstance(usage.get("prompt_tokens"), int):
+            # Embeddings have no completion_tokens: they write nothing.
+            prompt, output = usage["prompt_tokens"], usage.get("completion_tokens", 0)
+            details = usage.get("prompt_tokens_details")
+        elif isinstance(usage.get("input_tokens"), int):
+            prompt, output = usage["input_tokens"], usage.get("output_tokens")
+            details = usage.get("input_tokens_details")
+        else:
+            return
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        # OpenAI's prompt count includes its cache hits; Anthropic's input_tokens excludes
+        # them (cache_read_input_tokens is apart), and policy and audit add the fields up.
+        # So the hits move to cache_read_input_tokens and input_tokens keeps the rest: the
+        # sum stays what OpenAI bills as prompt + completion, and the audit's cache column
+        # means the same for both providers. Hits above the prompt are not believed.
+        if isinstance(cached, int):
+            cached = min(max(cached, 0), max(prompt, 0))
+            self.tokens["input_tokens"] = prompt - cached
+            self.tokens["cache_read_input_tokens"] = cached
+        else:
+            self.tokens["input_tokens"] = prompt
+        if isinstance(output, int):
+            self.tokens["output_tokens"] = output
 
 
 def meterable_accept_encoding(value: bytes | None) -> bytes:
@@ -146,13 +208,25 @@ class UsageMeter:
     """Feed it every chunk of a response body; read ``usage`` at the end.
 
     ``jsonl=True`` reads the body as a message batch's results whatever its content type
-    (Anthropic serves them as application/binary or application/x-jsonl).
+    (Anthropic serves them as application/binary or application/x-jsonl). ``dialect`` is
+    the provider whose wire format the body is in (broker/kinds.py's dialect); OpenAI's
+    batch results are not read (``jsonl`` is Anthropic's).
     """
 
     def __init__(
-        self, *, content_type: str, content_encoding: str = "", jsonl: bool = False
+        self,
+        *,
+        content_type: str,
+        content_encoding: str = "",
+        jsonl: bool = False,
+        dialect: Literal["anthropic", "openai"] = "anthropic",
     ) -> None:
         self.usage = Usage()
+        self._openai = dialect == "openai"
+        self._interesting = OPENAI_INTERESTING_EVENTS if self._openai else INTERESTING_EVENTS
+        self._quiet_frame = _OPENAI_QUIET_FRAME if self._openai else _QUIET_FRAME
+        self._typed_events = False  # an OpenAI stream with event names: the Responses API
+        self._long_chunk_unread = False
         self._kind: Literal["sse", "json", "jsonl", ""] = (
             "jsonl"
             if jsonl
@@ -216,14 +290,30 @@ class UsageMeter:
             return
         if self._kind == "json" and self._body:
             try:
-                self._take_message(json.loads(b"".join(self._body)))
+                body = json.loads(b"".join(self._body))
             except (ValueError, UnicodeDecodeError):
                 self._stop("json body not readable")
+                return
+            if self._openai:
+                self._take_openai(body)
+            else:
+                self._take_message(body)
         elif self._kind in {"sse", "jsonl"}:
             if self._parts or self._long is not None:
                 self._end_line()  # a last line without its newline
             if self._kind == "sse":
                 self._line(b"")
+            if self._kind == "sse" and self._openai and self._active and not self.usage.tokens:
+                self._stop(self._why_no_usage())
+
+    def _why_no_usage(self) -> str:
+        if self.usage.error_type:
+            return "the stream ended in an error without usage"
+        if self._long_chunk_unread:
+            return f"the stream carried no usage (a line over {LINE_LIMIT // 2**20} MB not read)"
+        if self._typed_events:
+            return "the stream carried no usage (no response.completed event)"
+        return "the stream carried no usage (stream_options.include_usage not set)"
 
     def _stop(self, reason: str) -> None:
         self._active = False
@@ -289,7 +379,11 @@ class UsageMeter:
             pattern = _JSONL_LINE
         else:
             pattern = _SSE_LINE
-            data = _QUIET_FRAME.sub(b"", data[start:end])
+            if self._openai and not self._typed_events:
+                self._typed_events = data.startswith(b"event:", start) or (
+                    data.find(b"\nevent:", start, end) >= 0
+                )
+            data = self._quiet_frame.sub(b"", data[start:end])
             start, end = 0, len(data)
         for match in pattern.finditer(data, start, end):
             self._lines_seen += 1
@@ -321,8 +415,12 @@ class UsageMeter:
     def _overlong(self, line: bytes) -> None:
         if self._kind == "jsonl":
             self._long = (line[:LONG_LINE_ENDS], line[-LONG_LINE_ENDS:])
-        elif line.startswith(b"data:") and self._event and self._event not in INTERESTING_EVENTS:
+        elif line.startswith(b"data:") and self._event and self._event not in self._interesting:
             self._skipping = True  # a huge text delta, say: it carries no usage
+        elif line.startswith(b"data:") and self._openai:
+            # A chat chunk (no event name) or a Responses final event can hold a whole
+            # answer; their usage ends them, their model leads: keep the two ends.
+            self._long = (line[:LONG_LINE_ENDS], line[-LONG_LINE_ENDS:])
         else:
             self._stop(f"a line over {LINE_LIMIT // 2**20} MB")
 
@@ -333,7 +431,10 @@ class UsageMeter:
         if self._long is not None:
             head, tail = self._long
             self._long = None
-            self._long_result(head, tail)
+            if self._kind == "jsonl":
+                self._long_result(head, tail)
+            else:
+                self._long_event(head, tail)
             return
         line = b"".join(self._parts)
         self._parts, self._part_size = [], 0
@@ -350,13 +451,20 @@ class UsageMeter:
             return
         if line.startswith(b"event:"):
             self._event = line[6:].strip()
-        elif line.startswith(b"data:") and (not self._event or self._event in INTERESTING_EVENTS):
+            self._typed_events = True
+        elif line.startswith(b"data:") and self._wanted(line):
             data = line[5:].lstrip(b" ")
             self._data_size += len(data) + 1  # empty data lines must count too
             if self._data_size > LINE_LIMIT:
                 self._stop(f"an event over {LINE_LIMIT // 2**20} MB")
             else:
                 self._data.append(data)
+
+    def _wanted(self, line: bytes) -> bool:
+        if self._event:
+            return self._event in self._interesting
+        # A chat chunk that the quiet-frame regex did not see whole (split across chunks).
+        return not self._openai or _OPENAI_WANTED_DATA.search(line) is not None
 
     def _dispatch(self) -> None:
         data, self._data, self._data_size, self._event = self._data, [], 0, b""
@@ -367,6 +475,9 @@ class UsageMeter:
         except (ValueError, UnicodeDecodeError):
             return
         if not isinstance(event, dict):
+            return
+        if self._openai:
+            self._openai_event(event)
             return
         kind = event.get("type")
         if kind == "message_start":
@@ -393,7 +504,60 @@ class UsageMeter:
     def _take_error(self, payload: dict[str, Any]) -> None:
         error = payload.get("error")
         if isinstance(error, dict):
-            self.usage.error_type = str(error.get("type", "error"))[:100]
+            if self._openai:  # a type, a code or both (a failed response has only a code)
+                kind = error.get("type") or error.get("code") or "error"
+            else:
+                kind = error.get("type", "error")
+            self.usage.error_type = str(kind)[:100]
+
+    def _openai_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind in {"response.completed", "response.failed", "response.incomplete"}:
+            self._take_openai(event.get("response"))
+        elif kind == "error" and not isinstance(event.get("error"), dict):
+            # A Responses stream's error event: its fields are at the top level, and its
+            # type is the event's.
+            self.usage.error_type = str(event.get("code") or "error")[:100]
+        else:  # a chat completions chunk, or the error frame that ends a chat stream
+            self._take_openai(event)
+
+    def _take_openai(self, body: Any) -> None:
+        """A chat completion, a response, an embeddings answer, a chunk or an error."""
+        if not isinstance(body, dict):
+            return
+        if isinstance(body.get("model"), str):
+            self.usage.model = body["model"][:100]
+        choices = body.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            if isinstance(choices[0].get("finish_reason"), str):
+                self.usage.stop_reason = choices[0]["finish_reason"]
+        elif isinstance(body.get("status"), str) and body.get("object") == "response":
+            # "incomplete" says less than why (max_output_tokens, content_filter).
+            details = body.get("incomplete_details")
+            reason = details.get("reason") if isinstance(details, dict) else None
+            self.usage.stop_reason = reason if isinstance(reason, str) else body["status"]
+        self.usage.take_openai(body.get("usage"))
+        self._take_error(body)
+
+    def _long_event(self, head: bytes, tail: bytes) -> None:
+        """An OpenAI data line too long to hold: a huge chunk or a Responses final event."""
+        found = list(_USAGE.finditer(tail))
+        try:
+            usage = json.loads(found[-1].group(1)) if found else None
+        except (ValueError, UnicodeDecodeError):
+            usage = None
+        if usage is None:
+            if self._event:  # a final event whose usage cannot be read: say so
+                self._stop(f"a long {self._event.decode('latin-1')[:40]} without readable usage")
+            self._long_chunk_unread = True  # text, if the usage comes later
+            return
+        self.usage.take_openai(usage)
+        model = _MODEL.search(head)
+        if model:
+            self.usage.model = model.group(1).decode("utf-8", "replace")
+        status = _STATUS.search(head) if self._event else None
+        if status:
+            self.usage.stop_reason = status.group(1).decode()
 
     def _result(self, line: bytes) -> None:
         """One line of batch results: ``{"custom_id": …, "result": {"type": …, …}}``."""
