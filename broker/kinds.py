@@ -19,17 +19,14 @@ class ProviderError(ValueError):
 
 @dataclass(frozen=True)
 class AuthScheme:
-    """How a secret travels upstream: ``x-api-key`` or ``bearer``."""
+    """How a secret travels upstream: in ``x-api-key``, or as ``Authorization: Bearer``."""
 
     name: str
+    bearer: bool = False
     beta_flag: str | None = None
 
     def headers(self, secret: str, *, anthropic_beta: str | None = None) -> dict[str, str]:
-        headers = (
-            {"authorization": f"Bearer {secret}"}
-            if self.name == "bearer"
-            else {"x-api-key": secret}
-        )
+        headers = {"authorization": f"Bearer {secret}"} if self.bearer else {"x-api-key": secret}
         if self.beta_flag:
             flags = [f.strip() for f in (anthropic_beta or "").split(",") if f.strip()]
             if self.beta_flag not in flags:
@@ -39,8 +36,10 @@ class AuthScheme:
 
 
 API_KEY = AuthScheme("x-api-key")
-OAUTH_BEARER = AuthScheme("bearer", beta_flag=OAUTH_BETA)
-SCHEMES = {scheme.name: scheme for scheme in (API_KEY, OAUTH_BEARER)}
+OAUTH_BEARER = AuthScheme("bearer", bearer=True, beta_flag=OAUTH_BETA)
+# An API key sent as ``Authorization: Bearer``, with no flag: OpenAI's way.
+BEARER_KEY = AuthScheme("bearer-key", bearer=True)
+SCHEMES = {scheme.name: scheme for scheme in (API_KEY, OAUTH_BEARER, BEARER_KEY)}
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,12 @@ class Provider:
     # gets by exchanging its own signed JWT (workload identity federation).
     federated: bool = False
     default_audience: str = ""
+
+    # The proxy's wire format for this kind: how its errors look, where usage is read
+    # (proxy/providers.py). Anthropic's unless a kind says otherwise.
+    dialect: str = "anthropic"
+    # What the provider's SDKs add after the host in their base URL (OpenAI's: /v1).
+    sdk_path: str = ""
 
     def auth_scheme(self, secret: str) -> AuthScheme:
         raise NotImplementedError
@@ -108,6 +113,31 @@ class AnthropicWifProvider(Provider):
         return {"anthropic-version": ANTHROPIC_VERSION, **OAUTH_BEARER.headers(secret)}
 
 
+# sk-… (older user keys), sk-proj-… (project keys), sk-svcacct-… (service accounts); never
+# an Anthropic key, which also starts with sk-.
+_OPENAI_SECRET = re.compile(r"^(sk-(?!ant-)(?:proj-|svcacct-|admin-)?)[A-Za-z0-9_-]{20,}$")
+
+
+@dataclass(frozen=True)
+class OpenAIProvider(Provider):
+    def _match(self, secret: str) -> re.Match[str]:
+        match = _OPENAI_SECRET.match(secret)
+        if match is None:
+            raise ProviderError("an OpenAI secret is an API key (sk-… or sk-proj-…)")
+        return match
+
+    def auth_scheme(self, secret: str) -> AuthScheme:
+        if secret:
+            self._match(secret)
+        return BEARER_KEY
+
+    def fingerprint(self, secret: str) -> str:
+        return f"{self._match(secret)[1]}…{secret[-4:]}"
+
+    def validation_headers(self, secret: str) -> dict[str, str]:
+        return BEARER_KEY.headers(secret)
+
+
 # What a backend is when nobody says: the model, the admin form, the API and the CLI agree.
 DEFAULT_KIND = "anthropic"
 
@@ -125,6 +155,14 @@ PROVIDERS: dict[str, Provider] = {
         models_path="/v1/models",
         federated=True,
         default_audience="https://api.anthropic.com",
+    ),
+    "openai": OpenAIProvider(
+        kind="openai",
+        label="OpenAI",
+        default_base_url="https://api.openai.com",
+        models_path="/v1/models",
+        dialect="openai",
+        sdk_path="/v1",
     ),
 }
 

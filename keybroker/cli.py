@@ -442,11 +442,17 @@ def cmd_get(args: argparse.Namespace, path: Path) -> int:
 def cmd_env(args: argparse.Namespace, path: Path) -> int:
     data = mint(require_config(path), args.backend, args.ttl)
     print(f"# keybroker: {args.backend} token, expires {data.get('expires_at')}")
+    base_url, token = shlex.quote(data["base_url"]), shlex.quote(data["token"])
+    if data.get("kind") == "openai":
+        # What the OpenAI SDKs (and the tools built on them) read.
+        print(f"export OPENAI_BASE_URL={base_url}")
+        print(f"export OPENAI_API_KEY={token}")
+        return EXIT_OK
     # The SDKs and Claude Code send ANTHROPIC_API_KEY as x-api-key next to the bearer token,
     # so a real key left in the environment would travel to keybroker and shadow the token.
     print("unset ANTHROPIC_API_KEY")
-    print(f"export ANTHROPIC_BASE_URL={shlex.quote(data['base_url'])}")
-    print(f"export ANTHROPIC_AUTH_TOKEN={shlex.quote(data['token'])}")
+    print(f"export ANTHROPIC_BASE_URL={base_url}")
+    print(f"export ANTHROPIC_AUTH_TOKEN={token}")
     return EXIT_OK
 
 
@@ -678,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, handler, what in (
         ("get", cmd_get, "mint a token and print only the token"),
-        ("env", cmd_env, "mint a token and print shell exports for the Anthropic SDK"),
+        ("env", cmd_env, "mint a token and print shell exports for the backend's SDK"),
     ):
         sub = command(name, handler, what)
         sub.add_argument("backend", metavar="BACKEND")

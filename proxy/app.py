@@ -40,15 +40,15 @@ from proxy.forwarding import (
 )
 from proxy.paths import PathRefused, proxy_path_parse, upstream_url
 from proxy.policy import policy_check_request, policy_demand, policy_gate, process_load
+from proxy.providers import ANTHROPIC, Wire, wire_for
 from proxy.record import Exchange
 
-METERED_REQUEST_PATHS = ("/v1/messages",)
 # A body nothing needs to read is held up to this much, then streamed upstream.
 STREAM_BODY_AFTER = 1024 * 1024
 
 
-async def respond_error(send: Send, error: ProxyError) -> None:
-    body = error.body
+async def respond_error(send: Send, error: ProxyError, wire: Wire) -> None:
+    body = error.body_in(wire)
     await send(
         {
             "type": "http.response.start",
@@ -77,10 +77,10 @@ def credential_of(headers: Headers) -> str | None:
     return None
 
 
-def request_facts(path: str, body: bytes) -> dict[str, Any]:
+def request_facts(path: str, body: bytes, wire: Wire = ANTHROPIC) -> dict[str, Any]:
     """Model, streaming, whether a system prompt was sent, a batch's size: never the
     content itself. Read by content, as policy reads it, whatever the Content-Type says."""
-    if not path.startswith(METERED_REQUEST_PATHS) or not body:
+    if not path.startswith(wire.metered_paths) or not body:
         return {}
     try:
         payload = json.loads(body)
@@ -92,8 +92,9 @@ def request_facts(path: str, body: bytes) -> dict[str, Any]:
     if isinstance(payload.get("model"), str):
         facts["model"] = payload["model"][:100]
     facts["stream"] = payload.get("stream") is True
-    if _whole_number(payload.get("max_tokens")):
-        facts["max_tokens"] = payload["max_tokens"]
+    max_tokens = wire.max_tokens(payload)
+    if _whole_number(max_tokens):
+        facts["max_tokens"] = max_tokens
     requests = payload.get("requests")
     if isinstance(requests, list):
         params = [item.get("params") for item in requests if isinstance(item, dict)]
@@ -163,7 +164,7 @@ class ProxyApp:
             await self._handle(scope, receive, send, exchange)
         except ProxyError as error:
             exchange.answered_by(error)
-            await respond_error(send, error)
+            await respond_error(send, error, await self._wire_of(exchange))
             exchange.record(error.message)
         except UpstreamBroke as broke:
             exchange.outcome = broke.outcome
@@ -171,6 +172,17 @@ class ProxyApp:
             raise
         finally:
             usage_settle(exchange)
+
+    async def _wire_of(self, exchange: Exchange) -> Wire:
+        """The shape of an answer of keybroker's own: its backend's provider's, when the
+        backend is known even if the call was refused before its route was read."""
+        if exchange.wire is not ANTHROPIC or not exchange.backend:
+            return exchange.wire
+        try:
+            route = await self.access_cache().route(exchange.backend, trusted=True)
+        except Exception:  # the database is down: the refusal still goes out
+            return exchange.wire
+        return wire_for(route.kind) if route is not None else exchange.wire
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
         try:
@@ -203,7 +215,7 @@ class ProxyApp:
                 "retry shortly",
                 headers=[(b"retry-after", b"1")],
             ) from None
-        exchange.access = access
+        exchange.access, exchange.wire = access, wire_for(route.kind)
         try:
             url = upstream_url(route.base_url, target.path, scope.get("query_string", b""))
         except PathRefused as refused:
@@ -228,7 +240,7 @@ class ProxyApp:
         headers: Headers = scope["headers"]
         # Held whole only when something must read it: policy, or the audit's facts and
         # the reservation of a messages call. Anything else (file uploads) streams through.
-        must_read = path.startswith(METERED_REQUEST_PATHS) or (
+        must_read = path.startswith(exchange.wire.metered_paths) or (
             access.policy is not None and access.policy.reads_body
         )
         body = await self._read_body(headers, receive, exchange, whole=must_read)
@@ -237,7 +249,7 @@ class ProxyApp:
             exchange.record("the client hung up while sending its request")
             return
         whole = body if isinstance(body, bytes) else b""
-        exchange.facts = request_facts(path, whole)
+        exchange.facts = request_facts(path, whole, exchange.wire)
         results = BATCH_RESULTS_PATH.match(path)
         if results and scope["method"] == "GET":
             exchange.batch_results = results[1]
@@ -250,6 +262,7 @@ class ProxyApp:
                 body=whole,
                 agent=access.agent_name,
                 backend=route.name,
+                wire=exchange.wire,
             )
             exchange.ticket = await policy_gate().admit(
                 access.policy,

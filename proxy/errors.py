@@ -1,7 +1,8 @@
 """What keybroker answers in the upstream's place, and what that answer says happened.
 
-Each answer has a status, an Anthropic error type, a message and perhaps headers, and goes
-out in Anthropic's error shape so SDKs raise it as they would the upstream's own. The class
+Each answer has a status, an error type (Anthropic's names), a message and perhaps headers,
+and goes out in the backend's provider's error shape (proxy/providers.py) so SDKs raise it
+as they would the upstream's own. The class
 says what happened, and so how the call is audited: keybroker refused the caller
 (``AccessDenied`` in proxy/access.py, ``PolicyDenied`` in proxy/policy.py), the request was
 wrong as sent (``BadRequest``), or the upstream could not be reached (``UpstreamFailed``).
@@ -9,12 +10,13 @@ wrong as sent (``BadRequest``), or the upstream could not be reached (``Upstream
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
+
+from proxy.providers import ANTHROPIC, Wire
 
 
 class ProxyError(Exception):
-    """An answer of keybroker's own, in Anthropic's error shape; raised before the
+    """An answer of keybroker's own, in the provider's error shape; raised before the
     response starts."""
 
     def __init__(
@@ -31,10 +33,8 @@ class ProxyError(Exception):
         self.message = message
         self.headers = tuple(headers)  # sent with the error: retry-after on a 429
 
-    @property
-    def body(self) -> bytes:
-        error = {"type": self.error_type, "message": self.message}
-        return json.dumps({"type": "error", "error": error}).encode()
+    def body_in(self, wire: Wire = ANTHROPIC) -> bytes:
+        return wire.error_body(self.status, self.error_type, self.message)
 
     @property
     def outcome(self) -> str:

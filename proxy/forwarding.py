@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from broker.kinds import ANTHROPIC_VERSION, AuthScheme, ProviderError, provider_for
+from broker.kinds import AuthScheme, ProviderError, provider_for
 from broker.services.tokens import proxy_base_url
 from proxy.access import AccessCache, AccessDenied, Route
 from proxy.errors import UpstreamFailed
@@ -37,6 +37,7 @@ from proxy.keys import (
 )
 from proxy.metering import UsageMeter, meterable_accept_encoding
 from proxy.policy import BATCH_PATH, policy_gate
+from proxy.providers import wire_for
 from proxy.record import Exchange
 from proxy.upstream import upstream_session, upstream_timeout
 
@@ -148,8 +149,7 @@ def upstream_request(
         for name, value in headers
         if name not in HOP_BY_HOP and name not in CREDENTIAL_HEADERS
     ]
-    if not any(name == b"anthropic-version" for name, _ in forwarded):
-        forwarded.append((b"anthropic-version", ANTHROPIC_VERSION.encode()))
+    forwarded = wire_for(route.kind).with_defaults(forwarded)
     scheme, key = secret
     beta = ",".join(v.decode("latin-1") for k, v in forwarded if k == b"anthropic-beta")
     credential = scheme.headers(key, anthropic_beta=beta or None)
@@ -410,6 +410,7 @@ async def _stream(
         content_type=content_type,
         content_encoding=upstream.headers.get("content-encoding", ""),
         jsonl=bool(exchange.batch_results) and upstream.status == 200,
+        dialect=exchange.wire.dialect,
     )
     await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
     pump = asyncio.ensure_future(_pump(send, upstream, exchange))
@@ -441,8 +442,8 @@ async def _close_withdrawn(send: Send, content_type: str, exchange: Exchange, re
     message = f"{reason}: this call was closed"
     if not (content_type.startswith("text/event-stream") and exchange.at_frame_end):
         raise AccessWithdrawn(message)
-    error = AccessDenied(401, "authentication_error", message).body.decode()
-    frame = f"event: error\ndata: {error}\n\n".encode()
+    error = AccessDenied(401, "authentication_error", message).body_in(exchange.wire)
+    frame = exchange.wire.stream_error_frame(error)
     await send({"type": "http.response.body", "body": frame, "more_body": False})
     exchange.note = message
 

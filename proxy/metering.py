@@ -28,6 +28,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from proxy.providers import Dialect
+
 USAGE_FIELDS = (
     "input_tokens",
     "output_tokens",
@@ -219,7 +221,7 @@ class UsageMeter:
         content_type: str,
         content_encoding: str = "",
         jsonl: bool = False,
-        dialect: Literal["anthropic", "openai"] = "anthropic",
+        dialect: Dialect = "anthropic",
     ) -> None:
         self.usage = Usage()
         self._openai = dialect == "openai"

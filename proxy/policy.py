@@ -40,6 +40,7 @@ from broker.infra.redis import async_counting_client, async_redis_client, redis_
 from broker.selectors.policy import USAGE_CLOCK, seconds_until, usage_key
 from broker.services.policy import Policy, path_allowed
 from proxy.access import AccessDenied
+from proxy.providers import ANTHROPIC, OPENAI, Wire
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +238,9 @@ def _matches(value: str, patterns: Sequence[str]) -> bool:
 
 
 # Keys whose repetition could make keybroker and the upstream read different values.
-_WATCHED_KEYS = frozenset({"model", "max_tokens", "params", "requests"})
+_WATCHED_KEYS = frozenset(
+    {"model", "params", "requests", *ANTHROPIC.max_tokens_fields, *OPENAI.max_tokens_fields}
+)
 _MISSING = object()
 
 
@@ -338,6 +341,7 @@ def policy_check_request(
     body: bytes,
     agent: str,
     backend: str,
+    wire: Wire = ANTHROPIC,
 ) -> None:
     """Paths, models and the max_tokens cap: 403 naming the rule, before anything is sent."""
     who = f"agent {agent} on {backend}"
@@ -367,17 +371,27 @@ def policy_check_request(
                 f"(allowed: {', '.join(policy.models)})",
             )
         cap = policy.max_tokens
-        wanted = asked.get("max_tokens", _MISSING)
-        if cap is not None and wanted is not _MISSING:
+        if cap is None:
+            continue
+        named = [name for name in wire.max_tokens_fields if name in asked]
+        if not named and path.startswith(wire.uncapped_by_default):
+            # Without a cap of its own the call may write up to the model's limit.
+            raise PolicyDenied(
+                *FORBIDDEN,
+                rule="max_tokens",
+                message=f"{wire.max_tokens_fields[0]} must be set, at most {cap} for {who}",
+            )
+        for name in named:  # each: the upstream may read any of them
+            wanted = asked[name]
             if isinstance(wanted, bool) or not isinstance(wanted, int):
                 raise PolicyDenied(
-                    *FORBIDDEN, rule="max_tokens", message="max_tokens must be a whole number"
+                    *FORBIDDEN, rule="max_tokens", message=f"{name} must be a whole number"
                 )
             if wanted > cap:
                 raise PolicyDenied(
                     *FORBIDDEN,
                     rule="max_tokens",
-                    message=f"max_tokens {wanted} is over the cap of {cap} for {who}",
+                    message=f"{name} {wanted} is over the cap of {cap} for {who}",
                 )
 
 

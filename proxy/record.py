@@ -13,6 +13,7 @@ from proxy.access import AccessDenied, TokenAccess
 from proxy.errors import BadRequest, ProxyError
 from proxy.metering import UsageMeter
 from proxy.policy import PolicyDenied, Ticket
+from proxy.providers import ANTHROPIC, Wire
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Exchange:
     failed_key_fingerprint: str = ""
     failed_status: int | None = None
     failed_error: str = ""
+    wire: Wire = ANTHROPIC  # the backend's provider's, once its route is known
 
     def server_timing(self) -> tuple[bytes, bytes]:
         """keybroker's own time so far, upstream excluded (docs/decisions.md, Server-Timing)."""

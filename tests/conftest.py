@@ -17,7 +17,14 @@ REPO = Path(__file__).resolve().parent.parent
 # Fixtures shared across test modules live in these plugins, registered here once: a test
 # module asks for a fixture by name and never imports it. A plugin another one imports comes
 # first, so pytest's assertion rewriting sees it before the import does.
-pytest_plugins = ["tests.servers", "tests.agents", "tests.browser", "tests.proxy_cast", "tests.wif"]
+pytest_plugins = [
+    "tests.servers",
+    "tests.agents",
+    "tests.browser",
+    "tests.proxy_cast",
+    "tests.wif",
+    "tests.fake_openai",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -63,7 +63,7 @@ def test_an_oauth_token_goes_upstream_as_bearer() -> None:
 
 
 BAD_INPUT: list[tuple[dict[str, Any], str]] = [
-    ({"kind": "openai"}, "kind: unknown kind 'openai'"),
+    ({"kind": "cohere"}, "kind: unknown kind 'cohere'"),
     ({"name": "Anthropic"}, "name: use 1-63 lowercase"),
     ({"name": "-lead"}, "name: use 1-63 lowercase"),
     ({"name": "x" * 64}, "name: use 1-63 lowercase"),

@@ -20,9 +20,6 @@ from tests.fake_openai import (
     openai_error,
 )
 
-# Until tests/conftest.py lists tests.fake_openai among its plugins, this module loads it.
-pytest_plugins = ["tests.fake_openai"]
-
 KEY = "sk-proj-alice-real-upstream-key-0123456789"
 
 

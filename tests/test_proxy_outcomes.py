@@ -15,6 +15,7 @@ from broker.services.access import access_changed
 from proxy.access import AccessDenied
 from proxy.errors import BadRequest, ProxyError, UpstreamFailed
 from proxy.policy import PolicyDenied
+from proxy.providers import ANTHROPIC, OPENAI
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import Proxied, audit_drained
 
@@ -54,9 +55,17 @@ def test_the_class_of_an_answer_says_how_its_call_is_audited(
     error: ProxyError, outcome: str, action: str, denied: bool
 ) -> None:
     assert (error.outcome, error.action, error.denied) == (outcome, action, denied)
-    assert json.loads(error.body) == {
+    assert json.loads(error.body_in(ANTHROPIC)) == {
         "type": "error",
         "error": {"type": error.error_type, "message": error.message},
+    }
+    assert json.loads(error.body_in(OPENAI)) == {
+        "error": {
+            "message": error.message,
+            "type": error.error_type,
+            "param": None,
+            "code": {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(error.status),
+        }
     }
 
 

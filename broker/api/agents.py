@@ -22,7 +22,7 @@ from broker.services.oidc import oidc_client_create, oidc_discovery
 from broker.services.policy import grant_policy, grants_of
 from broker.services.throttles import enrollment_rate
 from broker.services.tokens import (
-    proxy_base_url,
+    sdk_base_url,
     token_get,
     token_issue,
     token_revoke,
@@ -108,7 +108,8 @@ class GrantLimitsOutput(serializers.Serializer[Any]):
 
 class GrantOutput(serializers.Serializer[Any]):
     backend = serializers.CharField()
-    base_url = serializers.CharField()
+    kind = serializers.CharField(help_text="the backend's provider: anthropic, openai, …")
+    base_url = serializers.CharField(help_text="hand this to the SDK as its base_url")
     ttl = TtlBoundsOutput(help_text="seconds; the grant's max_ttl lowers the backend's")
     limits = GrantLimitsOutput()
 
@@ -120,7 +121,8 @@ def grant_status(grant: Grant) -> dict[str, Any]:
     low, default, high = ttl_bounds(backend=backend, max_ttl=policy.max_ttl)
     return {
         "backend": backend.name,
-        "base_url": proxy_base_url(backend.name),
+        "kind": backend.kind,
+        "base_url": sdk_base_url(backend),
         "ttl": {"min": low, "default": default, "max": high},
         "limits": {
             "models": list(policy.models),
@@ -147,6 +149,7 @@ class IssuedTokenOutput(serializers.Serializer[Any]):
     id = serializers.UUIDField()
     token = serializers.CharField(help_text="shown once")
     backend = serializers.CharField()
+    kind = serializers.CharField(help_text="the backend's provider: anthropic, openai, …")
     expires_at = serializers.DateTimeField()
     ttl = serializers.IntegerField(help_text="seconds")
     base_url = serializers.CharField(help_text="hand this to the SDK as its base_url")
@@ -253,6 +256,7 @@ class CredentialsView(AgentView):
             "id": issued.token.id,
             "token": issued.plaintext,
             "backend": issued.token.backend.name,
+            "kind": issued.token.backend.kind,
             "expires_at": issued.token.expires_at,
             "ttl": issued.token.ttl_seconds,
             "base_url": issued.base_url,

@@ -359,7 +359,10 @@ def backend_add_check(
             problems.add(
                 f"only an anthropic-wif backend takes them (this one is {kind})", "federation"
             )
-        if client_key:
+        if client_key and provider.dialect != "anthropic":
+            # The agent's own key comes in X-Anthropic-Key (docs/providers.md).
+            problems.add(f"an {kind} backend cannot use the agents' own keys yet", "client_key")
+        elif client_key:
             if secret.strip():
                 problems.add("a client-key backend stores no secret; leave it out", "secret")
             backend.secret_fingerprint = CLIENT_KEY_FINGERPRINT

@@ -15,6 +15,7 @@ from django.utils import timezone
 from audit.services import audit_record
 from broker.infra.errors import NotFound, NotPermitted, ServiceError
 from broker.infra.secrets import secret_issue
+from broker.kinds import provider_for
 from broker.models import Agent, Backend, Token
 from broker.services.access import access_changed, agent_require_approved
 from keybroker import wire
@@ -33,12 +34,18 @@ class IssuedToken:
 
     @property
     def base_url(self) -> str:
-        return proxy_base_url(self.token.backend.name)
+        return sdk_base_url(self.token.backend)
 
 
 def proxy_base_url(backend_name: str) -> str:
-    """What an SDK's ``base_url`` must be to reach this backend through the proxy."""
+    """Where the proxy serves this backend: the upstream's root, before its own paths."""
     return wire.proxy_base_url(settings.PUBLIC_URL, backend_name)
+
+
+def sdk_base_url(backend: Backend) -> str:
+    """What the backend's provider's SDK takes as its ``base_url`` to call through the
+    proxy (OpenAI's SDKs want the ``/v1`` in it, Anthropic's do not)."""
+    return proxy_base_url(backend.name) + provider_for(backend.kind).sdk_path
 
 
 def ttl_parse(value: object) -> int:
