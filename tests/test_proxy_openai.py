@@ -4,6 +4,7 @@ a real server, against a fake OpenAI upstream on a real socket (tests/fake_opena
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,12 +15,16 @@ from typing import Any
 import openai
 import pytest
 from django.contrib.auth.models import AbstractBaseUser
+from django.test import Client
 
 from audit.models import AuditEvent
 from broker.infra.errors import ServiceError
 from broker.models import Agent, Backend
 from broker.selectors.policy import policy_left
+from broker.services.access import access_changed
+from broker.services.admin_tokens import admintoken_create
 from broker.services.agents import agent_approve, agent_enroll
+from broker.services.backend_keys import key_add
 from broker.services.backends import backend_add, backend_validate
 from broker.services.policy import grant_policy, grant_update
 from broker.services.tokens import token_issue
@@ -30,6 +35,7 @@ from tests.fake_openai import (
     PROMPT_TOKENS,
     REPLY_TEXT,
     FakeOpenAI,
+    openai_error,
 )
 from tests.proxy_cast import audit_drained
 from tests.waiting import wait_until
@@ -269,3 +275,57 @@ def test_keybroker_env_openai_sets_up_the_openai_sdk(
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"{live_url}/v1/proxy/openai/v1", REPLY_TEXT]
     assert fake_openai.seen_keys() == [KEY]
+
+
+def test_an_openai_backend_through_the_admin_and_the_rest_api(
+    alice: AbstractBaseUser, fake_openai: FakeOpenAI
+) -> None:
+    admin_client = Client()
+    admin_client.force_login(alice)
+    added = admin_client.post(
+        "/admin/broker/backend/add/",
+        {
+            "name": "openai", "kind": "openai", "base_url": "", "new_secret": KEY,
+            "token_ttl_min": 60, "token_ttl_default": 600, "token_ttl_max": 3600,
+            "enabled": "on",
+        },
+    )  # fmt: skip
+    assert added.status_code == 302, added.content.decode()[:2000]
+    backend = Backend.objects.get()
+    assert (backend.kind, backend.base_url) == ("openai", "https://api.openai.com")
+    listing = admin_client.get("/admin/broker/backend/").content.decode()
+    assert "sk-proj-…Op3n" in listing
+    assert KEY not in listing
+
+    api = Client(
+        HTTP_AUTHORIZATION=f"Bearer {admintoken_create(name='ci', username='alice').plaintext}"
+    )
+    inspected = api.get("/v1/admin/backends/openai").json()
+    assert (inspected["kind"], inspected["auth_scheme"]) == ("openai", "bearer-key")
+    refused = api.post(
+        "/v1/admin/backends/",
+        json.dumps({"name": "openai-2", "kind": "openai", "secret": "sk-ant-api03-" + "x" * 40}),
+        content_type="application/json",
+    )
+    assert refused.status_code == 400
+    assert "an OpenAI secret is an API key" in refused.json()["error"]["message"]
+
+
+def test_a_pool_of_openai_keys_fails_over_to_the_second(
+    proxied: OpenAIProxied, fake_openai: FakeOpenAI
+) -> None:
+    second = "sk-proj-" + "S2" * 40 + "2nd0"
+    fake_openai.valid_keys.add(second)
+    key_add(backend=proxied.backend, secret=second)
+    access_changed()  # outside a transaction: the live server drops its cached route now
+    fake_openai.answer_next(503, openai_error("overloaded", "server_error"))
+    answer = sdk(proxied).chat.completions.create(model=MODEL, messages=HELLO)  # type: ignore[arg-type]
+    assert answer.choices[0].message.content == REPLY_TEXT
+    (event,) = proxied_events()
+    assert (event.status, event.detail["retried"], event.detail["failed_status"]) == (
+        200,
+        True,
+        503,
+    )
+    first, retried = fake_openai.seen_keys()
+    assert {first, retried} == {KEY, second}  # the 503's key, then the other
