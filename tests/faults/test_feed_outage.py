@@ -81,7 +81,9 @@ class PageLikeFeed:
                     open_timeout=5,
                 ) as socket:
                     socket.send(json.dumps({"type": "filter", "action": "proxy.request"}))
-                    assert json.loads(socket.recv(timeout=5))["type"] == "filter"
+                    # Events published before the filter is in force may come first.
+                    while not self._take(json.loads(socket.recv(timeout=5))):
+                        pass
                     self.opened += 1
                     retry = FIRST_RETRY_SECONDS
                     self._read(socket)
@@ -98,11 +100,16 @@ class PageLikeFeed:
                 message = json.loads(socket.recv(timeout=0.2))
             except TimeoutError:
                 continue
-            if message["type"] == "audit.event":
-                self.events.append(message["event"])
-            elif message["type"] == "missed":  # the page reloads the trail then
-                self.missed_since.append(message["since"])
+            self._take(message)
         socket.close()
+
+    def _take(self, message: dict[str, Any]) -> bool:
+        """Keep what the page would show; True for the echo of the filter."""
+        if message["type"] == "audit.event" and message["event"]["action"] == "proxy.request":
+            self.events.append(message["event"])
+        elif message["type"] == "missed":  # the page reloads the trail then
+            self.missed_since.append(message["since"])
+        return bool(message["type"] == "filter")
 
     def agents_seen(self) -> set[str]:
         return {event["agent"] for event in list(self.events)}
