@@ -38,9 +38,12 @@ from tests.fake_openai import (
     openai_error,
 )
 from tests.proxy_cast import audit_drained
+from tests.servers import process_env
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db(
+    transaction=True
+)  # the live server and subprocesses see the rows
 
 KEY = "sk-proj-" + "Q7" * 40 + "Op3n"
 MODEL = "gpt-4o-mini"
@@ -329,3 +332,16 @@ def test_a_pool_of_openai_keys_fails_over_to_the_second(
     )
     first, retried = fake_openai.seen_keys()
     assert {first, retried} == {KEY, second}  # the 503's key, then the other
+
+
+def test_manage_py_backend_add_openai_reads_the_key_from_stdin(fake_openai: FakeOpenAI) -> None:
+    fake_openai.valid_keys.add(KEY)
+    added = subprocess.run(
+        [sys.executable, "manage.py", "backend", "add", "openai", "--kind", "openai",
+         "--api-key", "-", "--base-url", fake_openai.url],
+        input=KEY + "\n", env=process_env(), cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert "added backend openai (sk-proj-…Op3n)" in added.stdout
+    assert KEY not in added.stdout + added.stderr
+    assert backend_validate(backend=Backend.objects.get(name="openai")).state == "valid"
