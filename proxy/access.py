@@ -213,7 +213,7 @@ _read_route_async = db_call(_read_route)
 _touch_async = db_call(_touch)
 _withdrawn_async = db_call(_withdrawn)
 _recorded_generation_async = db_call(recorded_generation)
-# Compares equal to no generation: the next watch looks at every open call.
+# Equal to no generation read: the next watch looks at every open call.
 _UNKNOWN = object()
 
 
@@ -325,6 +325,8 @@ class AccessCache:
     async def _changed(self, generation: bytes) -> None:
         self.clear()
         self._generation = generation
+        # The change wrote the same value to the database: its copy is not news then.
+        self._recorded_generation = generation.decode("ascii", "replace")
         acks = redis_key(ACCESS_ACK, generation.decode("ascii", "replace"))
         confirming = async_redis_client().pipeline(transaction=False)
         confirming.rpush(acks, b"1")

@@ -19,6 +19,7 @@ from broker.infra.redis import redis_client, redis_key
 from broker.models import Token
 from broker.services.access import ACCESS_ACK, ACCESS_CHANNEL, ACCESS_GENERATION, access_changed
 from broker.services.tokens import token_revoke
+from proxy.access import LISTEN_CHECK_SECONDS
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import Proxied
 from tests.waiting import wait_until
@@ -90,8 +91,12 @@ def test_a_listening_process_reads_no_generation_per_request(
 
 
 def test_a_revocation_holds_on_the_next_request_of_a_listening_process(
-    proxied: Proxied, fake_anthropic: FakeAnthropic, second_process: str
+    proxied: Proxied,
+    fake_anthropic: FakeAnthropic,
+    second_process: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.access")
     url = f"{second_process}/v1/proxy/anthropic/v1/models"
     headers = {"x-api-key": proxied.token}
     assert httpx.get(url, headers=headers).status_code == 200
@@ -102,6 +107,11 @@ def test_a_revocation_holds_on_the_next_request_of_a_listening_process(
 
     refused = httpx.get(url, headers=headers)
     assert (refused.status_code, refused.json()["error"]["message"]) == (401, "token revoked")
+    # The database's copy of the generation, read by the listeners a second later, is the
+    # value they were told: not taken for a change Redis never announced (the live
+    # server's listener logs here, in this process).
+    time.sleep(LISTEN_CHECK_SECONDS * 1.5)
+    assert "that Redis never told" not in caplog.text
 
 
 class SlowListener:
