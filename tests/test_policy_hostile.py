@@ -19,24 +19,23 @@ from broker.infra.redis import redis_client
 from proxy.policy import process_load
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import Proxied, audit_drained
-from tests.test_policy_proxy import HAIKU, HELLO, OPUS, post, sdk, set_policy, used
-from tests.waiting import until, wait_until
+from tests.test_policy_proxy import (
+    HAIKU,
+    HELLO,
+    OPUS,
+    post,
+    sdk,
+    set_policy,
+    used,
+    wait_until_counted,
+)
+from tests.waiting import until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 # The fake's answer: 12 input, 6 output and 3 cache-read tokens; all of them count.
 ANSWER_TOKENS = 21
 STREAM_TOKENS = 25  # a stream of five deltas: 10 output tokens
-
-
-def wait_for(kind: str, expected: int) -> int | None:
-    """Usage is settled just after a call ends, off the response path."""
-    wait_until(
-        lambda: used(kind) == expected,
-        timeout=5,
-        what=lambda: f"{kind} usage of {expected} (it is {used(kind)})",
-    )
-    return used(kind)
 
 
 def batch_requests(count: int, max_tokens: int = 100) -> list[dict[str, Any]]:
@@ -84,16 +83,16 @@ def test_a_batch_reserves_its_max_tokens_and_its_results_settle_the_usage(
     batch = client.messages.batches.create(requests=batch_requests(50))
     body_size = len(fake_anthropic.requests[-1].body)
     reserved = 50 * 100 + -(-body_size // 4)
-    assert wait_for("daily_tokens", reserved) == reserved
+    wait_until_counted("daily_tokens", reserved)
 
     fake_anthropic.results_errored.add("r7")  # an errored request used nothing
     results = list(client.messages.batches.results(batch.id))
     assert len(results) == 50
-    assert wait_for("daily_tokens", 49 * ANSWER_TOKENS) == 49 * ANSWER_TOKENS
+    wait_until_counted("daily_tokens", 49 * ANSWER_TOKENS)
 
     # Reading the results again counts nothing more.
     assert len(list(client.messages.batches.results(batch.id))) == 50
-    assert wait_for("daily_tokens", 49 * ANSWER_TOKENS) == 49 * ANSWER_TOKENS
+    wait_until_counted("daily_tokens", 49 * ANSWER_TOKENS)
     read = [e for e in proxy_requests() if e.path.endswith("/results")]
     assert read[0].detail["batch_requests"] == 50
     assert read[0].detail["batch_id"] == batch.id
@@ -121,7 +120,7 @@ def test_a_refused_batch_gives_its_reservation_back(
     )
     with pytest.raises(anthropic.BadRequestError):
         sdk(proxied).messages.batches.create(requests=batch_requests(3))
-    assert wait_for("daily_tokens", 0) == 0
+    wait_until_counted("daily_tokens", 0)
 
 
 # --- reservations under concurrency --------------------------------------------------------
@@ -150,7 +149,7 @@ def test_concurrent_streams_overrun_a_budget_by_at_most_one_call(
     # The first reserves 64 + its input's estimate, under the budget; the second takes it
     # over; everyone after is refused until the usage is known.
     assert passed == 2
-    assert wait_for("daily_tokens", 2 * STREAM_TOKENS) == 2 * STREAM_TOKENS
+    wait_until_counted("daily_tokens", 2 * STREAM_TOKENS)
 
 
 def test_a_call_that_fails_upstream_gives_its_reservation_back(
@@ -162,7 +161,7 @@ def test_a_call_that_fails_upstream_gives_its_reservation_back(
     )
     with pytest.raises(anthropic.InternalServerError):
         sdk(proxied).messages.create(model=HAIKU, max_tokens=500, messages=HELLO)
-    assert wait_for("daily_tokens", 0) == 0
+    wait_until_counted("daily_tokens", 0)
 
 
 # --- compression ---------------------------------------------------------------------------
@@ -180,7 +179,7 @@ def test_the_upstream_is_never_asked_for_a_coding_the_meter_cannot_read(
         assert answer.status_code == 200
         assert answer.headers.get("content-encoding") is None
     assert {r.headers["accept-encoding"] for r in fake_anthropic.requests} == {"identity"}
-    assert wait_for("daily_tokens", 3 * ANSWER_TOKENS) == 3 * ANSWER_TOKENS
+    wait_until_counted("daily_tokens", 3 * ANSWER_TOKENS)
     assert [e.input_tokens for e in proxy_requests()] == [12, 12, 12]
 
 
@@ -208,7 +207,7 @@ def test_an_answer_the_meter_cannot_read_keeps_its_reservation_and_says_so(
     request = {"model": HAIKU, "max_tokens": 400, "messages": HELLO}
     post(proxied, "/v1/messages", json=request)
     reserved = 400 + -(-len(fake_anthropic.requests[-1].body) // 4)
-    assert wait_for("daily_tokens", reserved) == reserved
+    wait_until_counted("daily_tokens", reserved)
     (event,) = proxy_requests()
     assert event.detail["unmetered"] == "content-encoding br not readable"
 
@@ -273,7 +272,7 @@ def test_a_burst_bigger_than_redis_pools_waits_instead_of_failing(
             return [answer.status_code for answer in await asyncio.gather(*calls)]
 
     assert asyncio.run(burst()) == [200] * 250
-    assert wait_for("daily_tokens", 250 * ANSWER_TOKENS)  # every call counted, none lost
+    wait_until_counted("daily_tokens", 250 * ANSWER_TOKENS)  # every call counted, none lost
 
 
 # --- response headers ----------------------------------------------------------------------
