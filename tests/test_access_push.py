@@ -14,12 +14,16 @@ import httpx
 import pytest
 import redis
 from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.test import override_settings
 
 from broker.infra.redis import redis_client, redis_key
-from broker.models import Token
+from broker.models import Backend, Token
 from broker.services.access import ACCESS_ACK, ACCESS_CHANNEL, ACCESS_GENERATION, access_changed
-from broker.services.tokens import token_revoke
+from broker.services.agents import agent_enroll
+from broker.services.tokens import token_issue, token_revoke, tokens_revoke
 from proxy.access import LISTEN_CHECK_SECONDS
+from tests.conftest import free_port
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import Proxied
 from tests.waiting import wait_until
@@ -168,3 +172,25 @@ def test_a_listener_that_never_confirms_delays_a_change_only_briefly(
     generation = redis_client().get(redis_key(ACCESS_GENERATION))
     assert isinstance(generation, bytes)
     assert not redis_client().exists(redis_key(ACCESS_ACK, generation.decode()))
+
+
+def test_revoking_several_tokens_together_is_announced_once(
+    alice: AbstractBaseUser, anthropic: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = agent_enroll(name="bob", scopes=["anthropic"], approved_by=alice).agent
+    tokens = [token_issue(agent=agent, backend_name="anthropic", ttl="5m").token for _ in range(5)]
+    with SlowListener(delay=0) as listener:
+        assert tokens_revoke(tokens=tokens) == 5
+    assert Token.objects.filter(revoked_at__isnull=True).count() == 0
+    announced = redis_client().get(redis_key(ACCESS_GENERATION))
+    assert isinstance(announced, bytes)
+    assert listener.confirmed == [announced.decode()]  # one announcement, of the last value
+
+    # With Redis out of the announcer's reach, the one wait covers them all.
+    more = [token_issue(agent=agent, backend_name="anthropic", ttl="5m").token for _ in range(3)]
+    with (
+        override_settings(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"),
+        caplog.at_level(logging.ERROR),
+    ):
+        tokens_revoke(tokens=more)
+    assert caplog.text.count("could not announce an access change") == 1

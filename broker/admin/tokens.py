@@ -15,7 +15,7 @@ from django.utils.safestring import SafeString
 from broker.admin.history import HistoryAdmin
 from broker.admin.widgets import acted_on, back, may, post_only, token_badge
 from broker.models import Token, TokenQuerySet, TokenState
-from broker.services.tokens import token_revoke
+from broker.services.tokens import token_revoke, tokens_revoke
 
 # Every field shown is read-only, and none holds a digest: those never reach a page.
 TOKEN_FIELDS = (
@@ -70,8 +70,7 @@ class TokenAdmin(HistoryAdmin[Token]):
     @admin.action(description="Revoke selected tokens", permissions=["revoke"])
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[Token]) -> None:
         live = [token for token in queryset if token.revoked_at is None]
-        for token in live:
-            token_revoke(token=token, by=request.user)
+        tokens_revoke(tokens=live, by=request.user)
         skipped = queryset.count() - len(live)
         text = f"revoked {len(live)} token{'s' if len(live) != 1 else ''}"
         if skipped:

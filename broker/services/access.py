@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -129,9 +130,8 @@ def access_changed() -> None:
     process that never got the news (the announcer could not reach Redis) sees the change
     at its next check (docs/decisions.md, "Access changes are pushed").
     """
-    generation = secrets.token_hex(8)
-    _record_generation(generation)
-    transaction.on_commit(lambda: _announce(generation))
+    _record_generation(secrets.token_hex(8))
+    transaction.on_commit(_announce_latest)
 
 
 def _record_generation(generation: str) -> None:
@@ -147,6 +147,21 @@ def _record_generation(generation: str) -> None:
 def recorded_generation() -> str:
     """The database's copy of the access generation ("" before the first change)."""
     return AccessGeneration.objects.filter(pk=1).values_list("value", flat=True).first() or ""
+
+
+# The generation this thread last announced (or tried to).
+_announced = threading.local()
+
+
+def _announce_latest() -> None:
+    """Announce the generation the database holds now, once however many changes one
+    transaction made: their callbacks all run after the same commit, and the first one
+    announces the last value written (and, when Redis refuses, waits once for them all)."""
+    generation = recorded_generation()
+    if getattr(_announced, "generation", None) == generation:
+        return
+    _announced.generation = generation
+    _announce(generation)
 
 
 def _announce(generation: str) -> None:
