@@ -4,7 +4,9 @@ import os
 import socket
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -72,14 +74,22 @@ def clean_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+@contextmanager
+def served(app: Any) -> Iterator[str]:
+    """``app`` (a fake's ASGI app) on a free loopback port while the block runs; its URL."""
+    port = free_port()
+    server = serve_in_thread(app, port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+
+
 @pytest.fixture(scope="session")
 def _fake_anthropic_server() -> Iterator[FakeAnthropic]:
     fake = FakeAnthropic()
-    port = free_port()
-    server = serve_in_thread(fake, port)
-    fake.url = f"http://127.0.0.1:{port}"
-    yield fake
-    server.should_exit = True
+    with served(fake) as fake.url:
+        yield fake
 
 
 @pytest.fixture

@@ -67,6 +67,20 @@ class SeenRequest:
     body: bytes
 
 
+async def received(scope: Scope, receive: Receive) -> SeenRequest:
+    """The whole request as a fake upstream sees it, its body read to the end."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+    return SeenRequest(
+        scope["method"], scope["path"], scope["query_string"].decode(), headers, body
+    )
+
+
 @dataclass(frozen=True)
 class FederationRule:
     """What the Claude Console's issuer + federation rule say: trust ``issuer``'s JWTs whose
@@ -159,18 +173,9 @@ class FakeAnthropic:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        self.requests.append(
-            SeenRequest(
-                scope["method"], scope["path"], scope["query_string"].decode(), headers, body
-            )
-        )
+        seen = await received(scope, receive)
+        self.requests.append(seen)
+        headers, body = seen.headers, seen.body
         if self.hang_seconds:
             await asyncio.sleep(self.hang_seconds)
         if self.scripted:

@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
-from tests.fake_anthropic import Receive, Scope, SeenRequest, Send, serve_in_thread
+from tests.conftest import served
+from tests.fake_anthropic import Receive, Scope, SeenRequest, Send, received
 
 PROMPT_TOKENS = 12
 COMPLETION_TOKENS = 7
@@ -103,17 +103,9 @@ class FakeOpenAI:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        method, path = scope["method"], scope["path"]
-        self.requests.append(
-            SeenRequest(method, path, scope["query_string"].decode(), headers, body)
-        )
+        seen = await received(scope, receive)  # ASGI header names are lowercase already
+        self.requests.append(seen)
+        method, path, headers, body = seen.method, seen.path, seen.headers, seen.body
         if self.scripted:
             status, extra, payload = self.scripted.pop(0)
             await send_json(send, status, payload, extra)
@@ -460,11 +452,8 @@ STREAMS = {"/v1/chat/completions": chat_frames, "/v1/responses": response_frames
 @pytest.fixture(scope="session")
 def _fake_openai_server() -> Iterator[FakeOpenAI]:
     fake = FakeOpenAI()
-    port = free_port()
-    server = serve_in_thread(fake, port)
-    fake.url = f"http://127.0.0.1:{port}"
-    yield fake
-    server.should_exit = True
+    with served(fake) as fake.url:
+        yield fake
 
 
 @pytest.fixture

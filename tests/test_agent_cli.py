@@ -22,8 +22,8 @@ from urllib.parse import parse_qsl
 
 import pytest
 
-from tests.conftest import REPO, clean_env, free_port
-from tests.fake_anthropic import Receive, Scope, Send, serve_in_thread
+from tests.conftest import REPO, clean_env, free_port, served
+from tests.fake_anthropic import Receive, Scope, Send
 from tests.waiting import wait_until
 
 TTL_MIN, TTL_DEFAULT, TTL_MAX = 60, 600, 3600
@@ -254,11 +254,8 @@ class FakeBroker:
 @pytest.fixture(scope="module")
 def _broker_server() -> Iterator[FakeBroker]:
     fake = FakeBroker()
-    port = free_port()
-    server = serve_in_thread(fake, port)
-    fake.url = f"http://127.0.0.1:{port}"
-    yield fake
-    server.should_exit = True
+    with served(fake) as fake.url:
+        yield fake
 
 
 @pytest.fixture
