@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import json
 import random
-import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 
 from proxy.metering import UsageMeter
 from tests.fake_anthropic import sse_frames
+from tests.test_metering import in_chunks, peak_memory_feeding
 
 CHAT_MODEL = "gpt-4o-mini-2024-07-18"
 RESPONSES_MODEL = "gpt-4.1-2025-04-14"
@@ -135,22 +135,6 @@ def responses_stream(words: int = 5, final: dict[str, Any] | None = None) -> byt
         % (event["type"].encode(), json.dumps({**event, "sequence_number": n}).encode())
         for n, event in enumerate(events)
     )
-
-
-def peak_memory_feeding(usage_meter: UsageMeter, chunks: Iterator[bytes]) -> int:
-    tracemalloc.start()
-    try:
-        for piece in chunks:
-            usage_meter.feed(piece)
-        usage_meter.finish()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
-def in_chunks(body: bytes, size: int) -> Iterator[bytes]:
-    for start in range(0, len(body), size):
-        yield body[start : start + size]
 
 
 # --- JSON answers ---------------------------------------------------------------------------
