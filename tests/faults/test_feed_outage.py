@@ -115,6 +115,34 @@ class PageLikeFeed:
         return {event["agent"] for event in list(self.events)}
 
 
+def call_for(seconds: float, url: str, token: str, kind: str) -> list[int]:
+    """One call every CALL_EVERY_SECONDS for ``seconds``: their statuses."""
+    statuses = []
+    ends = time.monotonic() + seconds
+    while time.monotonic() < ends:
+        statuses.append(call(url, token, kind).status)
+        time.sleep(CALL_EVERY_SECONDS)
+    return statuses
+
+
+def call_until_seen(feed: PageLikeFeed, token: str, agent: str, statuses: list[int]) -> None:
+    """Call (adding to ``statuses``) until the feed has shown an event of ``agent``."""
+
+    def an_event_is_received() -> bool:
+        statuses.append(call(feed.web.url, token, "after").status)
+        return agent in feed.agents_seen()
+
+    wait_until(
+        an_event_is_received,
+        timeout=BACK_WITHIN_SECONDS,
+        interval=CALL_EVERY_SECONDS,
+        what=lambda: (
+            f"an event of {agent} on the feed (opened {feed.opened} times, closes "
+            f"{feed.close_codes}, failed handshakes {feed.failed_handshakes})"
+        ),
+    )
+
+
 @pytest.fixture
 def feed_web(
     private_redis: PrivateRedis, settings: Any, fake_anthropic: FakeAnthropic
@@ -154,26 +182,10 @@ def test_a_page_like_feed_receives_events_again_once_redis_is_back(
         )
 
         private_redis.freeze() if fault == "frozen" else private_redis.stop()
-        ends = time.monotonic() + OUTAGE_SECONDS
-        while time.monotonic() < ends:
-            statuses.append(call(web.url, tokens["during"], "during").status)
-            time.sleep(CALL_EVERY_SECONDS)
+        statuses += call_for(OUTAGE_SECONDS, web.url, tokens["during"], "during")
         private_redis.thaw() if fault == "frozen" else private_redis.start()
         back = time.monotonic()
-
-        def an_event_after_is_received() -> bool:
-            statuses.append(call(web.url, tokens["after"], "after").status)
-            return f"after-{fault}" in feed.agents_seen()
-
-        wait_until(
-            an_event_after_is_received,
-            timeout=BACK_WITHIN_SECONDS,
-            interval=CALL_EVERY_SECONDS,
-            what=lambda: (
-                f"an event made after Redis is back on the feed (opened {feed.opened}"
-                f" times, closes {feed.close_codes}, failed handshakes {feed.failed_handshakes})"
-            ),
-        )
+        call_until_seen(feed, tokens["after"], f"after-{fault}", statuses)
         delivered_after = time.monotonic() - back
     finally:
         feed.stopping.set()
@@ -224,22 +236,9 @@ def test_a_feed_that_outlives_a_short_freeze_is_told_what_it_missed(
     try:
         wait_until(lambda: feed.opened == 1, timeout=10, what="the feed to open")
         private_redis.freeze()
-        ends = time.monotonic() + SHORT_FREEZE_SECONDS
-        while time.monotonic() < ends:
-            statuses.append(call(web.url, tokens["during"], "during").status)
-            time.sleep(CALL_EVERY_SECONDS)
+        statuses += call_for(SHORT_FREEZE_SECONDS, web.url, tokens["during"], "during")
         private_redis.thaw()
-
-        def an_event_after_is_received() -> bool:
-            statuses.append(call(web.url, tokens["after"], "after").status)
-            return "after-short" in feed.agents_seen()
-
-        wait_until(
-            an_event_after_is_received,
-            timeout=BACK_WITHIN_SECONDS,
-            interval=CALL_EVERY_SECONDS,
-            what="an event made after the freeze on the feed",
-        )
+        call_until_seen(feed, tokens["after"], "after-short", statuses)
     finally:
         feed.stopping.set()
         reader.join(timeout=10)
