@@ -191,6 +191,10 @@ def test_admin_lists_and_revokes_tokens(anthropic: Backend, admin_api: Client) -
     assert admin_api.get("/v1/admin/tokens/").json() == []
     assert admin_api.get("/v1/admin/tokens/?state=all").json()[0]["state"] == "revoked"
     assert admin_api.delete("/v1/admin/tokens/not-a-uuid").status_code == 404
+    # Found by the hostile-input suite: PostgreSQL refused the NUL with a 500.
+    refused = admin_api.get("/v1/admin/tokens/?agent=b%00b")
+    assert refused.status_code == 400
+    assert "agent" in refused.json()["error"]["message"]
 
 
 def test_an_agent_cannot_revoke_another_agents_token(anthropic: Backend, admin_api: Client) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
@@ -246,7 +248,9 @@ class TokenListView(APIView):
         responses=TokenRecordOutput(many=True),
     )
     def get(self, request: Request) -> Response:
-        params = request.query_params
+        query = TokensQuery(data=request.query_params.dict())
+        query.is_valid(raise_exception=True)  # a NUL byte is a 400, not PostgreSQL's 500
+        params = query.validated_data
         state = params.get("state", "live")
         if state not in {"live", "all"}:
             raise ServiceError("state: live or all")
@@ -256,6 +260,12 @@ class TokenListView(APIView):
             state=TokenState.LIVE if state == "live" else None,
         )
         return Response(TokenRecordOutput(tokens, many=True).data)
+
+
+class TokensQuery(serializers.Serializer[Any]):
+    agent = serializers.CharField(required=False, allow_blank=True)
+    backend = serializers.CharField(required=False, allow_blank=True)
+    state = serializers.CharField(required=False)
 
 
 class TokenDetailView(APIView):
