@@ -10,7 +10,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import httpx
 import pytest
@@ -108,6 +108,11 @@ def process_env(**overrides: str) -> dict[str, str]:
     )
 
 
+# `serve` gives open calls 10 s to finish (--timeout-graceful-shutdown) before the lifespan
+# drains the audit queue: a process still up well after that is stuck.
+STOP_SECONDS = 25
+
+
 @contextmanager
 def uvicorn_started(
     *,
@@ -116,13 +121,14 @@ def uvicorn_started(
     timeout: float = 30,
     host: str = "127.0.0.1",
     prefix: Sequence[str] = (),
-    log_level: str = "warning",
+    log_level: str = "info",
     stdout: IO[bytes] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Run `serve`'s uvicorn command on ``host``:``port``; yields its URL and process once
     /health answers. ``prefix`` goes before the command (``ip netns exec NAME`` runs it on
-    another host's network: tests/faults/netns.py). uvicorn's stdout (its access log, at
-    ``log_level`` info) goes to ``stdout``, or nowhere.
+    another host's network: tests/faults/netns.py). uvicorn's stdout (its access log)
+    goes to ``stdout``, or nowhere; at ``log_level`` info its stderr says which phase of
+    stopping it is in, should it not stop.
 
     The command's proxy-header options follow this process's ``settings.TRUSTED_PROXIES``,
     as `serve`'s do. Fails the test with uvicorn's last words if it dies on the way up.
@@ -160,12 +166,23 @@ def uvicorn_started(
         finally:
             process.terminate()
             try:
-                process.wait(timeout=15)
+                process.wait(timeout=STOP_SECONDS)
             except subprocess.TimeoutExpired:
                 process.send_signal(signal.SIGABRT)
                 process.wait(timeout=15)
                 stderr.seek(0)
-                pytest.fail(f"uvicorn on {port} did not stop: {stderr.read().decode()[-6000:]}")
+                _did_not_stop(port, stderr.read().decode(errors="replace"))
+
+
+def _did_not_stop(port: int, stderr: str) -> NoReturn:
+    """Fail with what uvicorn last logged before the abort (the phase of its shutdown it
+    was in) on one short line, so that CI's tail names the test and the phase; the whole
+    log and every thread's stack go to this test's captured stderr."""
+    sys.stderr.write(f"uvicorn on {port}, its stderr to the abort:\n{stderr}\n")
+    logged, _, _ = stderr.partition("Fatal Python error")
+    lines = [line for line in logged.splitlines() if line.strip()]
+    last = lines[-1] if lines else "nothing"
+    pytest.fail(f"uvicorn on {port} did not stop in {STOP_SECONDS} s; it last logged: {last}")
 
 
 @contextmanager
