@@ -10,6 +10,10 @@ Redis, so every process on every machine skips the key, and it expires by itself
 that answers 401 is marked unhealthy the same way and its validation is queued, which
 records whether it is really invalid. A backend with one key never asks Redis: there is
 nothing to choose between, and the upstream's answer goes to the client as it always did.
+
+Each process also remembers the cooldowns it set itself, so while Redis cannot be read or
+written (down, or too slow: its breaker is open) the process that saw a key fail still
+skips it; only what other processes learnt meanwhile is unknown to it.
 """
 
 from __future__ import annotations
@@ -47,6 +51,17 @@ FAILOVER_STATUSES = COOL_STATUSES | SERVER_ERROR_STATUSES | REJECTED_STATUSES
 REJECTED_SECONDS = 60.0
 # Consecutive cooldowns of a key within this long double its backoff.
 STRIKES_WINDOW_SECONDS = 600
+
+
+# (backend, fingerprint) -> when the cooldown this process set ends, in time.time().
+_cooling_here: dict[tuple[str, str], float] = {}
+
+
+def _remember_cooldown(backend: str, fingerprint: str, until: float) -> None:
+    now = time.time()
+    for name in [name for name, end in _cooling_here.items() if end <= now]:
+        _cooling_here.pop(name, None)
+    _cooling_here[(backend, fingerprint)] = until
 
 
 @dataclass(frozen=True)
@@ -95,10 +110,18 @@ async def key_choose(
         )
     except (redis.RedisError, OSError) as exc:
         redis_breaker().trip_on(exc)
-        logger.warning("proxy cannot read key cooldowns of %s; choosing among all", backend)
+        logger.warning(
+            "proxy cannot read key cooldowns of %s; skipping only those it set itself", backend
+        )
         ends = [None] * len(candidates)
     now = time.time()
-    until = [float(end) if end is not None else 0.0 for end in ends]
+    until = [
+        max(
+            float(end) if end is not None else 0.0,
+            _cooling_here.get((backend, key.fingerprint), 0.0),
+        )
+        for key, end in zip(candidates, ends, strict=True)
+    ]
     healthy = [
         key for key, end in zip(candidates, until, strict=True) if end <= now and not key.invalid
     ]
@@ -154,8 +177,13 @@ async def key_cool(
         await marking.execute()
     except (redis.RedisError, OSError) as exc:
         redis_breaker().trip_on(exc)
-        logger.warning("proxy cannot record the cooldown of a key of %s", backend)
-        return 0.0
+        logger.warning(
+            "proxy cannot record the cooldown of a key of %s; only this process skips it",
+            backend,
+        )
+        # The strikes before this one are in Redis: back off as for a first.
+        seconds = cooldown_seconds(status=status, retry_after=retry_after, strikes=1)
+    _remember_cooldown(backend, key.fingerprint, time.time() + seconds)
     return seconds
 
 

@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+import redis.asyncio
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.core.management import call_command
@@ -35,6 +36,7 @@ from broker.services.backends import (
 )
 from broker.services.policy import grant_update
 from broker.tasks import backend_validate_task, backends_validate_all
+from tests.conftest import free_port
 from tests.fake_anthropic import FakeAnthropic
 from tests.keys import api_key, oauth_token
 from tests.proxy_cast import Proxied, audit_drained
@@ -312,6 +314,24 @@ def test_a_rate_limited_key_is_skipped_by_every_call_while_it_cools_down(
     assert (shown[second]["calls"], shown[first]["calls"]) == (8, 0)
     assert shown[first]["health"]["state"] == "cooling"
     assert shown[first]["health"]["last_error"].startswith("429 at ")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_process_that_cannot_reach_redis_still_skips_a_key_it_saw_rate_limited(
+    proxied: Proxied, fake_anthropic: FakeAnthropic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (only,) = keys_of(proxied.backend)
+    key_update(key=only, weight=1000)
+    _, second = two_keys(proxied, fake_anthropic)
+    fake_anthropic.answer_key(proxied.key, 429, RATE_LIMITED, retry_after="30")
+    # Cooldowns are read and written on a port where nothing listens: refused every time.
+    refusing = redis.asyncio.BlockingConnectionPool.from_url(f"redis://127.0.0.1:{free_port()}")
+    unreachable = redis.asyncio.Redis(connection_pool=refusing)  # as the proxy's: no retries
+    monkeypatch.setattr("proxy.keys.async_redis_client", lambda: unreachable)
+    answers = [call(proxied) for _ in range(8)]
+    assert [a.status_code for a in answers] == [200] * 8
+    assert fake_anthropic.seen_keys().count(proxied.key) == 1
+    assert {(status, key) for status, key, _ in served_by()} == {(200, second)}
 
 
 @pytest.mark.django_db(transaction=True)
