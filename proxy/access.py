@@ -303,7 +303,7 @@ class AccessCache:
             finally:
                 self.listening = False
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
             await asyncio.sleep(LISTEN_RETRY_SECONDS)
 
     async def _read_recorded_generation(self) -> None:
