@@ -54,7 +54,7 @@ class Provider:
     default_audience: str = ""
 
     # The proxy's wire format for this kind: how its errors look, where usage is read
-    # (proxy/providers.py). Anthropic's unless a kind says otherwise.
+    # (a Wire in proxy/providers/). Anthropic's unless a kind says otherwise.
     dialect: str = "anthropic"
     # What the provider's SDKs add after the host in their base URL (OpenAI's: /v1).
     sdk_path: str = ""

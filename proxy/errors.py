@@ -1,7 +1,7 @@
 """What keybroker answers in the upstream's place, and what that answer says happened.
 
 Each answer has a status, an error type (Anthropic's names), a message and perhaps headers,
-and goes out in the backend's provider's error shape (proxy/providers.py) so SDKs raise it
+and goes out in the backend's provider's error shape (proxy/providers/) so SDKs raise it
 as they would the upstream's own. The class
 says what happened, and so how the call is audited: keybroker refused the caller
 (``AccessDenied`` in proxy/access.py, ``PolicyDenied`` in proxy/policy.py), the request was

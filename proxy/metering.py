@@ -12,12 +12,10 @@ steps, keeps at most ``LINE_LIMIT`` of a line and ``DECODED_LIMIT`` of decompres
 and when it cannot read the usage it says why in ``Usage.unmetered`` instead of raising.
 Forwarding never depends on it.
 
-OpenAI's answers (``dialect="openai"``) are read the same way, in OpenAI's words: a JSON
-answer's ``usage`` (chat completions, Responses, embeddings), a chat completions stream's
-data-only chunks (usage only in the last one, and only when the client asked for
-``stream_options.include_usage``), and a Responses stream's ``response.completed`` (or
-``.failed``, ``.incomplete``) event. Their usage is stored under the Anthropic names, so
-policy and audit read every provider alike (Usage.take_openai).
+What an answer's JSON and events mean is the provider's (``Wire.read_answer``,
+``read_event``, ``read_error``, in proxy/providers/); this module reads bodies into them
+within its bounds, the same for every provider. A message batch's results (JSON Lines,
+``jsonl=True``) are Anthropic's.
 """
 
 from __future__ import annotations
@@ -25,29 +23,14 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from proxy.providers import Dialect
+from proxy.providers import ANTHROPIC, WIRES
+from proxy.providers.base import MODEL_FIELD, USAGE_OBJECT, Usage
 
-USAGE_FIELDS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_creation_input_tokens",
-    "cache_read_input_tokens",
-)
 # Enough for any messages response; larger JSON bodies (file listings, downloads) are
 # passed through unmetered rather than held.
 JSON_METER_LIMIT = 4 * 1024 * 1024
-INTERESTING_EVENTS = {b"message_start", b"message_delta", b"error"}
-# A Responses stream's events that carry the final usage; chat completions streams have no
-# event names at all.
-OPENAI_INTERESTING_EVENTS = {
-    b"response.completed",
-    b"response.failed",
-    b"response.incomplete",
-    b"error",
-}
 # Codings the meter can decompress; a client's Accept-Encoding is cut down to these
 # (meterable_accept_encoding) so that the upstream's answer stays readable.
 METERABLE_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity"})
@@ -73,93 +56,8 @@ BATCH_MODELS_LIMIT = 8
 # each line it repeats over, about 120 bytes a line, so a chunk of blank lines (or a frame
 # of empty data lines) cost a hundred times its size in memory (tests/faults).
 _SSE_LINE = re.compile(rb"^((?:event|data):[^\r\n]*)\r?\n|^(?:\r?\n)++", re.MULTILINE)
-# A whole frame of an event that carries no usage (pings, content deltas: nearly all of a
-# stream), dropped in one regex pass before any line reaches Python.
-_QUIET_FRAME = re.compile(
-    rb"^event:[ ]*+(?!(?:message_start|message_delta|error)[ \t]*\r?\n)[^\r\n]*\r?\n"
-    rb"(?:data:[^\r\n]*\r?\n)*+\r?\n",
-    re.MULTILINE,
-)
-# What makes an OpenAI data line worth parsing: a usage object (not ``"usage": null``, which
-# every chunk carries once include_usage is set), a finish reason, or an error. Inside a JSON
-# string the quotes would be escaped, so text or tool arguments cannot match.
-_OPENAI_CARRIES = rb'"(?:usage"\s*+:\s*+\{|finish_reason"\s*+:\s*+"|error"\s*+:\s*+\{)'
-_OPENAI_WANTED_DATA = re.compile(_OPENAI_CARRIES)
-# _QUIET_FRAME for OpenAI: a Responses event that carries no usage (output_text.delta and the
-# like), or a chat chunk that carries none of the above. A chunk has no event line to tell
-# where its frame starts, so it is dropped only after a blank line: a data line at the start
-# of a chunk's whole lines may continue the frame before it (it then reaches Python, which
-# filters it with _OPENAI_WANTED_DATA).
-_OPENAI_QUIET_FRAME = re.compile(
-    rb"^event:[ ]*+(?!(?:response\.completed|response\.failed|response\.incomplete|error)"
-    rb"[ \t]*\r?\n)[^\r\n]*\r?\n(?:data:[^\r\n]*\r?\n)*+\r?\n"
-    rb"|^(?:(?<=\n\n)|(?<=\n\r\n))data:(?![^\r\n]*?" + _OPENAI_CARRIES + rb")[^\r\n]*+\r?\n\r?\n",
-    re.MULTILINE,
-)
 _JSONL_LINE = re.compile(rb"^[ \t\r]*\S[^\n]*", re.MULTILINE)
 _RESULT_TYPE = re.compile(rb'"result"\s*:\s*\{\s*"type"\s*:\s*"([a-z_]{1,40})"')
-_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,100})"')
-_STATUS = re.compile(rb'"status"\s*:\s*"([a-z_]{1,40})"')
-# ``usage`` holds flat counters and objects one level deep (cache_creation,
-# server_tool_use); inside a JSON string its quotes would be escaped, so it cannot match.
-_USAGE = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
-
-
-@dataclass
-class Usage:
-    model: str = ""
-    stop_reason: str = ""
-    tokens: dict[str, int] = field(default_factory=dict)
-    error_type: str = ""
-    # Why the usage could not be (fully) read, e.g. "content-encoding br not readable";
-    # empty when it was. ``tokens`` then holds only what was read before.
-    unmetered: str = ""
-    # Batch results only: how many result lines (requests) the body had.
-    requests: int = 0
-
-    def take(self, usage: Any) -> None:
-        if isinstance(usage, dict):
-            for name in USAGE_FIELDS:
-                value = usage.get(name)
-                if isinstance(value, int):
-                    self.tokens[name] = value
-
-    def add(self, usage: Any) -> None:
-        if isinstance(usage, dict):
-            for name in USAGE_FIELDS:
-                value = usage.get(name)
-                if isinstance(value, int):
-                    self.tokens[name] = self.tokens.get(name, 0) + value
-
-    def take_openai(self, usage: Any) -> None:
-        """OpenAI's usage under the Anthropic names: chat completions and embeddings say
-        ``prompt_tokens``/``completion_tokens``, Responses ``input_tokens``/``output_tokens``.
-        """
-        if not isinstance(usage, dict):
-            return
-        if isinstance(usage.get("prompt_tokens"), int):
-            # Embeddings have no completion_tokens: they write nothing.
-            prompt, output = usage["prompt_tokens"], usage.get("completion_tokens", 0)
-            details = usage.get("prompt_tokens_details")
-        elif isinstance(usage.get("input_tokens"), int):
-            prompt, output = usage["input_tokens"], usage.get("output_tokens")
-            details = usage.get("input_tokens_details")
-        else:
-            return
-        cached = details.get("cached_tokens") if isinstance(details, dict) else None
-        # OpenAI's prompt count includes its cache hits; Anthropic's input_tokens excludes
-        # them (cache_read_input_tokens is apart), and policy and audit add the fields up.
-        # So the hits move to cache_read_input_tokens and input_tokens keeps the rest: the
-        # sum stays what OpenAI bills as prompt + completion, and the audit's cache column
-        # means the same for both providers. Hits above the prompt are not believed.
-        if isinstance(cached, int):
-            cached = min(max(cached, 0), max(prompt, 0))
-            self.tokens["input_tokens"] = prompt - cached
-            self.tokens["cache_read_input_tokens"] = cached
-        else:
-            self.tokens["input_tokens"] = prompt
-        if isinstance(output, int):
-            self.tokens["output_tokens"] = output
 
 
 def meterable_accept_encoding(value: bytes | None) -> bytes:
@@ -211,8 +109,8 @@ class UsageMeter:
 
     ``jsonl=True`` reads the body as a message batch's results whatever its content type
     (Anthropic serves them as application/binary or application/x-jsonl). ``dialect`` is
-    the provider whose wire format the body is in (broker/kinds.py's dialect); OpenAI's
-    batch results are not read (``jsonl`` is Anthropic's).
+    the provider whose wire format the body is in (broker/kinds.py's dialect, a name in
+    proxy/providers' WIRES); batch results are Anthropic's.
     """
 
     def __init__(
@@ -221,13 +119,11 @@ class UsageMeter:
         content_type: str,
         content_encoding: str = "",
         jsonl: bool = False,
-        dialect: Dialect = "anthropic",
+        dialect: str = ANTHROPIC.dialect,
     ) -> None:
         self.usage = Usage()
-        self._openai = dialect == "openai"
-        self._interesting = OPENAI_INTERESTING_EVENTS if self._openai else INTERESTING_EVENTS
-        self._quiet_frame = _OPENAI_QUIET_FRAME if self._openai else _QUIET_FRAME
-        self._typed_events = False  # an OpenAI stream with event names: the Responses API
+        self._wire = WIRES[dialect]
+        self._named_events = False  # the stream names its events (not OpenAI's chat chunks)
         self._long_chunk_unread = False
         self._kind: Literal["sse", "json", "jsonl", ""] = (
             "jsonl"
@@ -296,26 +192,23 @@ class UsageMeter:
             except (ValueError, UnicodeDecodeError):
                 self._stop("json body not readable")
                 return
-            if self._openai:
-                self._take_openai(body)
-            else:
-                self._take_message(body)
+            self._wire.read_answer(self.usage, body)
         elif self._kind in {"sse", "jsonl"}:
             if self._parts or self._long is not None:
                 self._end_line()  # a last line without its newline
             if self._kind == "sse":
                 self._line(b"")
-            if self._kind == "sse" and self._openai and self._active and not self.usage.tokens:
-                self._stop(self._why_no_usage())
+            if self._kind == "sse" and self._active and not self.usage.tokens:
+                reason = self._wire.unmetered_stream(self.usage, named_events=self._named_events)
+                if reason:
+                    self._stop(self._why_no_usage(reason))
 
-    def _why_no_usage(self) -> str:
+    def _why_no_usage(self, reason: str) -> str:
         if self.usage.error_type:
             return "the stream ended in an error without usage"
         if self._long_chunk_unread:
             return f"the stream carried no usage (a line over {LINE_LIMIT // 2**20} MB not read)"
-        if self._typed_events:
-            return "the stream carried no usage (no response.completed event)"
-        return "the stream carried no usage (stream_options.include_usage not set)"
+        return reason
 
     def _stop(self, reason: str) -> None:
         self._active = False
@@ -381,11 +274,11 @@ class UsageMeter:
             pattern = _JSONL_LINE
         else:
             pattern = _SSE_LINE
-            if self._openai and not self._typed_events:
-                self._typed_events = data.startswith(b"event:", start) or (
+            if not self._named_events:
+                self._named_events = data.startswith(b"event:", start) or (
                     data.find(b"\nevent:", start, end) >= 0
                 )
-            data = self._quiet_frame.sub(b"", data[start:end])
+            data = self._wire.quiet_frame.sub(b"", data[start:end])
             start, end = 0, len(data)
         for match in pattern.finditer(data, start, end):
             self._lines_seen += 1
@@ -417,11 +310,13 @@ class UsageMeter:
     def _overlong(self, line: bytes) -> None:
         if self._kind == "jsonl":
             self._long = (line[:LONG_LINE_ENDS], line[-LONG_LINE_ENDS:])
-        elif line.startswith(b"data:") and self._event and self._event not in self._interesting:
+        elif (
+            line.startswith(b"data:") and self._event and self._event not in self._wire.usage_events
+        ):
             self._skipping = True  # a huge text delta, say: it carries no usage
-        elif line.startswith(b"data:") and self._openai:
-            # A chat chunk (no event name) or a Responses final event can hold a whole
-            # answer; their usage ends them, their model leads: keep the two ends.
+        elif line.startswith(b"data:") and self._wire.long_data_has_usage:
+            # A chunk (no event name) or a final event can hold a whole answer; their
+            # usage ends them, their model leads: keep the two ends.
             self._long = (line[:LONG_LINE_ENDS], line[-LONG_LINE_ENDS:])
         else:
             self._stop(f"a line over {LINE_LIMIT // 2**20} MB")
@@ -453,7 +348,7 @@ class UsageMeter:
             return
         if line.startswith(b"event:"):
             self._event = line[6:].strip()
-            self._typed_events = True
+            self._named_events = True
         elif line.startswith(b"data:") and self._wanted(line):
             data = line[5:].lstrip(b" ")
             self._data_size += len(data) + 1  # empty data lines must count too
@@ -464,9 +359,8 @@ class UsageMeter:
 
     def _wanted(self, line: bytes) -> bool:
         if self._event:
-            return self._event in self._interesting
-        # A chat chunk that the quiet-frame regex did not see whole (split across chunks).
-        return not self._openai or _OPENAI_WANTED_DATA.search(line) is not None
+            return self._event in self._wire.usage_events
+        return self._wire.wants_unnamed_data(line)
 
     def _dispatch(self) -> None:
         data, self._data, self._data_size, self._event = self._data, [], 0, b""
@@ -476,90 +370,16 @@ class UsageMeter:
             event = json.loads(b"\n".join(data))
         except (ValueError, UnicodeDecodeError):
             return
-        if not isinstance(event, dict):
-            return
-        if self._openai:
-            self._openai_event(event)
-            return
-        kind = event.get("type")
-        if kind == "message_start":
-            self._take_message(event.get("message"))
-        elif kind == "message_delta":
-            self.usage.take(event.get("usage"))
-            delta = event.get("delta")
-            if isinstance(delta, dict) and isinstance(delta.get("stop_reason"), str):
-                self.usage.stop_reason = delta["stop_reason"]
-        elif kind == "error":
-            self._take_error(event)
-
-    def _take_message(self, message: Any) -> None:
-        if not isinstance(message, dict):
-            return
-        if isinstance(message.get("model"), str):
-            self.usage.model = message["model"]
-        if isinstance(message.get("stop_reason"), str):
-            self.usage.stop_reason = message["stop_reason"]
-        self.usage.take(message.get("usage"))
-        if message.get("type") == "error":
-            self._take_error(message)
-
-    def _take_error(self, payload: dict[str, Any]) -> None:
-        error = payload.get("error")
-        if isinstance(error, dict):
-            if self._openai:  # a type, a code or both (a failed response has only a code)
-                kind = error.get("type") or error.get("code") or "error"
-            else:
-                kind = error.get("type", "error")
-            self.usage.error_type = str(kind)[:100]
-
-    def _openai_event(self, event: dict[str, Any]) -> None:
-        kind = event.get("type")
-        if kind in {"response.completed", "response.failed", "response.incomplete"}:
-            self._take_openai(event.get("response"))
-        elif kind == "error" and not isinstance(event.get("error"), dict):
-            # A Responses stream's error event: its fields are at the top level, and its
-            # type is the event's.
-            self.usage.error_type = str(event.get("code") or "error")[:100]
-        else:  # a chat completions chunk, or the error frame that ends a chat stream
-            self._take_openai(event)
-
-    def _take_openai(self, body: Any) -> None:
-        """A chat completion, a response, an embeddings answer, a chunk or an error."""
-        if not isinstance(body, dict):
-            return
-        if isinstance(body.get("model"), str):
-            self.usage.model = body["model"][:100]
-        choices = body.get("choices")
-        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-            if isinstance(choices[0].get("finish_reason"), str):
-                self.usage.stop_reason = choices[0]["finish_reason"]
-        elif isinstance(body.get("status"), str) and body.get("object") == "response":
-            # "incomplete" says less than why (max_output_tokens, content_filter).
-            details = body.get("incomplete_details")
-            reason = details.get("reason") if isinstance(details, dict) else None
-            self.usage.stop_reason = reason if isinstance(reason, str) else body["status"]
-        self.usage.take_openai(body.get("usage"))
-        self._take_error(body)
+        if isinstance(event, dict):
+            self._wire.read_event(self.usage, event)
 
     def _long_event(self, head: bytes, tail: bytes) -> None:
-        """An OpenAI data line too long to hold: a huge chunk or a Responses final event."""
-        found = list(_USAGE.finditer(tail))
-        try:
-            usage = json.loads(found[-1].group(1)) if found else None
-        except (ValueError, UnicodeDecodeError):
-            usage = None
-        if usage is None:
-            if self._event:  # a final event whose usage cannot be read: say so
-                self._stop(f"a long {self._event.decode('latin-1')[:40]} without readable usage")
-            self._long_chunk_unread = True  # text, if the usage comes later
+        """A data line too long to hold, read by the provider from its two ends."""
+        if self._wire.read_long_data(self.usage, head, tail, event=self._event):
             return
-        self.usage.take_openai(usage)
-        model = _MODEL.search(head)
-        if model:
-            self.usage.model = model.group(1).decode("utf-8", "replace")
-        status = _STATUS.search(head) if self._event else None
-        if status:
-            self.usage.stop_reason = status.group(1).decode()
+        if self._event:  # a final event whose usage cannot be read: say so
+            self._stop(f"a long {self._event.decode('latin-1')[:40]} without readable usage")
+        self._long_chunk_unread = True  # text, if the usage comes later
 
     def _result(self, line: bytes) -> None:
         """One line of batch results: ``{"custom_id": …, "result": {"type": …, …}}``."""
@@ -577,7 +397,7 @@ class UsageMeter:
         result = record.get("result")
         if not isinstance(result, dict):
             if record.get("type") == "error":  # the whole answer is an error
-                self._take_error(record)
+                self._wire.read_error(self.usage, record)
             else:
                 self._stop("a batch results line without a result")
             return
@@ -601,14 +421,14 @@ class UsageMeter:
         self.usage.requests += 1
         if kind.group(1) != b"succeeded":
             return
-        found = list(_USAGE.finditer(tail))
+        found = list(USAGE_OBJECT.finditer(tail))
         try:
             usage = json.loads(found[-1].group(1))
         except (IndexError, ValueError, UnicodeDecodeError):
             self._stop("a long succeeded batch result without readable usage")
             return
         self.usage.add(usage)
-        model = _MODEL.search(head)
+        model = MODEL_FIELD.search(head)
         self._add_model(model.group(1).decode("utf-8", "replace") if model else None)
 
     def _add_model(self, model: Any) -> None:
