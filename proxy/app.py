@@ -176,7 +176,7 @@ class ProxyApp:
     async def _wire_of(self, exchange: Exchange) -> Wire:
         """The shape of an answer of keybroker's own: its backend's provider's, when the
         backend is known even if the call was refused before its route was read."""
-        if exchange.wire is not ANTHROPIC or not exchange.backend:
+        if exchange.wire_known or not exchange.backend:
             return exchange.wire
         try:
             route = await self.access_cache().route(exchange.backend, trusted=True)
@@ -215,7 +215,7 @@ class ProxyApp:
                 "retry shortly",
                 headers=[(b"retry-after", b"1")],
             ) from None
-        exchange.access, exchange.wire = access, wire_for(route.kind)
+        exchange.access, exchange.wire, exchange.wire_known = access, wire_for(route.kind), True
         try:
             url = upstream_url(route.base_url, target.path, scope.get("query_string", b""))
         except PathRefused as refused:

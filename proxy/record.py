@@ -50,7 +50,10 @@ class Exchange:
     failed_key_fingerprint: str = ""
     failed_status: int | None = None
     failed_error: str = ""
-    wire: Wire = ANTHROPIC  # the backend's provider's, once its route is known
+    # The backend's provider's wire once its route is known (``wire_known``); until then
+    # Anthropic's, which a refusal before the route was read may still correct.
+    wire: Wire = ANTHROPIC
+    wire_known: bool = False
 
     def server_timing(self) -> tuple[bytes, bytes]:
         """keybroker's own time so far, upstream excluded (docs/decisions.md, Server-Timing)."""
