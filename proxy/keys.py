@@ -53,15 +53,16 @@ REJECTED_SECONDS = 60.0
 STRIKES_WINDOW_SECONDS = 600
 
 
-# (backend, fingerprint) -> when the cooldown this process set ends, in time.time().
+# (backend, the key's secret) -> when the cooldown this process set ends, in time.time().
+# By secret, not fingerprint: a fingerprint shows only the key's last four characters.
 _cooling_here: dict[tuple[str, str], float] = {}
 
 
-def _remember_cooldown(backend: str, fingerprint: str, until: float) -> None:
+def _remember_cooldown(backend: str, key: RouteKey, until: float) -> None:
     now = time.time()
     for name in [name for name, end in _cooling_here.items() if end <= now]:
         _cooling_here.pop(name, None)
-    _cooling_here[(backend, fingerprint)] = until
+    _cooling_here[(backend, key.secret)] = until
 
 
 @dataclass(frozen=True)
@@ -108,20 +109,15 @@ async def key_choose(
         ends = await async_redis_client().mget(
             [key_cooldown_name(backend, key.fingerprint) for key in candidates]
         )
+        until = [float(end) if end is not None else 0.0 for end in ends]
     except (redis.RedisError, OSError) as exc:
         redis_breaker().trip_on(exc)
         logger.warning(
             "proxy cannot read key cooldowns of %s; skipping only those it set itself", backend
         )
-        ends = [None] * len(candidates)
+        # Redis says nothing now: what this process set itself still holds.
+        until = [_cooling_here.get((backend, key.secret), 0.0) for key in candidates]
     now = time.time()
-    until = [
-        max(
-            float(end) if end is not None else 0.0,
-            _cooling_here.get((backend, key.fingerprint), 0.0),
-        )
-        for key, end in zip(candidates, ends, strict=True)
-    ]
     healthy = [
         key for key, end in zip(candidates, until, strict=True) if end <= now and not key.invalid
     ]
@@ -183,7 +179,7 @@ async def key_cool(
         )
         # The strikes before this one are in Redis: back off as for a first.
         seconds = cooldown_seconds(status=status, retry_after=retry_after, strikes=1)
-    _remember_cooldown(backend, key.fingerprint, time.time() + seconds)
+    _remember_cooldown(backend, key, time.time() + seconds)
     return seconds
 
 
