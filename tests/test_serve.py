@@ -111,8 +111,14 @@ def test_serve_runs_redis_worker_and_web_and_stops_cleanly_on_sigterm(broker: Br
         "redis": {"ok": True, "detail": "embedded"},
         "worker": ready["checks"]["worker"],  # type: ignore[index]
     }
+    # serve says where it is once it saw the web process answer, which may be just after
+    # this test did.
+    wait_until(
+        lambda: f"{broker.url}/api/docs/" in broker.output(),
+        timeout=10,
+        what="serve to print the broker's URLs",
+    )
     assert f"{broker.url}/admin/" in broker.output()
-    assert f"{broker.url}/api/docs/" in broker.output()
     assert (broker.data_dir / "secret_key").stat().st_mode & 0o777 == 0o600
 
     # Beat schedules the heartbeat task through the embedded Redis and the worker runs it:
