@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,6 +27,8 @@ from broker.runtime.http_timeouts import body_read_timeout  # noqa: E402
 from keybroker.wire import is_proxy_path  # noqa: E402
 from proxy.app import proxy_application  # noqa: E402
 from proxy.upstream import upstream_close  # noqa: E402
+
+GIL_SWITCH_SECONDS = 0.0005
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -54,6 +57,10 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             # sight, a full collection no longer walks Django's ~150k objects, which stalled
             # every open call for ~100 ms several times a minute under load (issue 13).
             gc.freeze()
+            # A thread that takes the GIL (the audit writer's batch, a database call) keeps
+            # it for up to this long while the event loop, with every call in flight, waits;
+            # Python's default is 5 ms.
+            sys.setswitchinterval(GIL_SWITCH_SECONDS)
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await proxy_application.shutdown()
