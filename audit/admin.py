@@ -93,7 +93,7 @@ class AuditEventAdmin(HistoryAdmin[AuditEvent]):
 
     list_display = [
         "created_at", "action", "who", "agent", "backend", "model", "status_badge", "tokens",
-        "latency", "message",
+        "cost", "latency", "message",
     ]  # fmt: skip
     list_filter = [
         ProxiedFilter, "action", AgentFilter, "backend", StatusFilter, "outcome", "model",
@@ -115,8 +115,8 @@ class AuditEventAdmin(HistoryAdmin[AuditEvent]):
         ("Proxied call", {"fields": [
             "method", "path", "model", "system_prompt", "streamed", "status", "outcome",
             "request_id", "input_tokens", "output_tokens", "cache_read_tokens",
-            "cache_write_tokens", "stop_reason", "ttfb_ms", "duration_ms", "policy_result",
-            "policy_reason",
+            "cache_write_tokens", "cost_usd", "stop_reason", "ttfb_ms", "duration_ms",
+            "policy_result", "policy_reason",
         ]}),
         ("Detail", {"fields": ["detail_json"]}),
     ]  # fmt: skip
@@ -148,6 +148,13 @@ class AuditEventAdmin(HistoryAdmin[AuditEvent]):
         if event.input_tokens is None and event.output_tokens is None:
             return ""
         return f"{event.input_tokens or 0} / {event.output_tokens or 0}"
+
+    @admin.display(description="cost (USD)", ordering="cost_usd")
+    def cost(self, event: AuditEvent) -> str:
+        if event.cost_usd is not None:
+            return f"{event.cost_usd:.4f}"
+        # Tokens were counted but no price table knows the model: unknown, never 0.
+        return "unknown" if event.input_tokens is not None else ""
 
     @admin.display(description="duration", ordering="duration_ms")
     def latency(self, event: AuditEvent) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from audit.models import AuditEvent
@@ -49,6 +50,7 @@ COLUMN_OF = {
     "stop_reason": "stop_reason",
     "ttfb_ms": "ttfb_ms",
     "duration_ms": "duration_ms",
+    "cost_usd": "cost_usd",
     "policy_result": "policy_result",
     "policy_reason": "policy_reason",
 }
@@ -85,7 +87,7 @@ EVENT_FIELDS = (
     "token_prefix", "client_address", "message", "method", "path", "model", "system_prompt",
     "streamed", "status", "outcome", "request_id", "input_tokens", "output_tokens",
     "cache_read_tokens", "cache_write_tokens", "stop_reason", "ttfb_ms", "duration_ms",
-    "policy_result", "policy_reason", "detail",
+    "cost_usd", "policy_result", "policy_reason", "detail",
 )  # fmt: skip
 
 
@@ -143,6 +145,9 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
         row[name] = float(value) if isinstance(value, int | float) else None
     status = row.get("status")
     row["status"] = status if isinstance(status, int) and 0 < status < 1000 else None
+    cost = row.get("cost_usd")
+    # A string: queued rows are plain data (spilled and published as JSON).
+    row["cost_usd"] = str(cost) if isinstance(cost, Decimal) and cost.is_finite() else None
     return row
 
 
@@ -163,4 +168,6 @@ def event_json(event: AuditEvent | dict[str, Any]) -> dict[str, Any]:
     created_at = data["created_at"]
     if isinstance(created_at, datetime):
         data["created_at"] = created_at.isoformat()
+    if isinstance(data["cost_usd"], Decimal):
+        data["cost_usd"] = str(data["cost_usd"])
     return data

@@ -71,6 +71,8 @@ class AuditEvent(models.Model):
     stop_reason = models.CharField(max_length=32, blank=True)
     ttfb_ms = models.FloatField(null=True, blank=True)
     duration_ms = models.FloatField(null=True, blank=True)
+    # USD, from the price tables (broker/prices); null when unknown or nothing was metered.
+    cost_usd = models.DecimalField(max_digits=14, decimal_places=6, null=True, blank=True)
     policy_result = models.CharField(max_length=16, blank=True, choices=PolicyResult.choices)
     policy_reason = models.CharField(max_length=300, blank=True)
     detail = models.JSONField(default=dict, blank=True)

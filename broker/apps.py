@@ -12,3 +12,8 @@ class BrokerConfig(AppConfig):
         # in every Django process, while `broker` stays importable without Django for the
         # agent CLI.
         from broker import celery  # noqa: F401
+        from broker.prices import price_tables
+
+        # A price table that cannot be read stops every process at once, naming the file,
+        # rather than the first proxied call's audit event.
+        price_tables()

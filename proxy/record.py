@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from audit.recorder import audit_enqueue
+from broker.prices import call_cost
 from proxy.access import AccessDenied, TokenAccess
 from proxy.errors import BadRequest, ProxyError
 from proxy.metering import UsageMeter
@@ -93,6 +94,10 @@ class Exchange:
             fields["cache_read_tokens"] = usage.tokens.get("cache_read_input_tokens")
             fields["cache_write_tokens"] = usage.tokens.get("cache_creation_input_tokens")
             fields["stop_reason"] = usage.stop_reason
+            if not usage.unmetered:
+                fields["cost_usd"] = call_cost(
+                    fields["model"], usage.tokens, batch=bool(self.batch_results)
+                )
             if usage.error_type:
                 fields["error_type"] = usage.error_type  # not a column: kept in detail
             if usage.unmetered:

@@ -374,6 +374,12 @@ LOGGING = {
 }
 
 
+# --- Prices ------------------------------------------------------------------------------
+# The operator's price table (TOML, as broker/prices/*.toml): its entries win over the
+# shipped ones (README, "Cost").
+PRICES_FILE = env_str("KEYBROKER_PRICES_FILE")
+
+
 # --- Proxy -------------------------------------------------------------------------------
 # Anthropic accepts request bodies up to 32 MB; bigger ones get 413 before going upstream.
 PROXY_MAX_BODY_BYTES = env_int("KEYBROKER_PROXY_MAX_BODY", default=32 * 1024 * 1024, minimum=1024)

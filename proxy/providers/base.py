@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.prices import CACHE_WRITE_1H
+
 Headers = list[tuple[bytes, bytes]]
 
 # The names usage is kept under, whoever the provider: Anthropic's. Policy and the audit
@@ -41,18 +43,24 @@ class Usage:
 
     def take(self, usage: Any) -> None:
         """Counters already under USAGE_FIELDS' names, replacing what was read before."""
-        if isinstance(usage, dict):
-            for name in USAGE_FIELDS:
-                value = usage.get(name)
-                if isinstance(value, int):
-                    self.tokens[name] = value
+        for name, value in _counters(usage):
+            self.tokens[name] = value
 
     def add(self, usage: Any) -> None:
-        if isinstance(usage, dict):
-            for name in USAGE_FIELDS:
-                value = usage.get(name)
-                if isinstance(value, int):
-                    self.tokens[name] = self.tokens.get(name, 0) + value
+        for name, value in _counters(usage):
+            self.tokens[name] = self.tokens.get(name, 0) + value
+
+
+def _counters(usage: Any) -> list[tuple[str, int]]:
+    if not isinstance(usage, dict):
+        return []
+    found = [(name, usage[name]) for name in USAGE_FIELDS if isinstance(usage.get(name), int)]
+    # Of the cache writes, those kept an hour cost more than those kept five minutes
+    # (Anthropic's ``cache_creation`` split); priced apart, never counted twice.
+    split = usage.get("cache_creation")
+    if isinstance(split, dict) and isinstance(split.get("ephemeral_1h_input_tokens"), int):
+        found.append((CACHE_WRITE_1H, split["ephemeral_1h_input_tokens"]))
+    return found
 
 
 @dataclass(frozen=True)
