@@ -60,6 +60,12 @@ class Backend(models.Model):
     default_rpm = models.PositiveIntegerField(null=True, blank=True)
     default_tpm = models.PositiveBigIntegerField(null=True, blank=True)
     default_daily_tokens = models.PositiveBigIntegerField(null=True, blank=True)
+    default_daily_usd = models.DecimalField(
+        max_digits=13, decimal_places=6, null=True, blank=True, help_text="USD per UTC day"
+    )
+    default_monthly_usd = models.DecimalField(
+        max_digits=13, decimal_places=6, null=True, blank=True, help_text="USD per UTC month"
+    )
     default_max_tokens = models.PositiveIntegerField(null=True, blank=True)
     default_max_concurrent = models.PositiveIntegerField(null=True, blank=True)
     validation_state = models.CharField(
@@ -256,6 +262,13 @@ class Grant(models.Model):
     tpm = models.PositiveBigIntegerField(null=True, blank=True, help_text="tokens per minute")
     daily_tokens = models.PositiveBigIntegerField(
         null=True, blank=True, help_text="tokens per UTC day"
+    )
+    # To the millionth of a dollar, as a call's cost is counted (broker/prices).
+    daily_usd = models.DecimalField(
+        max_digits=13, decimal_places=6, null=True, blank=True, help_text="USD per UTC day"
+    )
+    monthly_usd = models.DecimalField(
+        max_digits=13, decimal_places=6, null=True, blank=True, help_text="USD per UTC month"
     )
     max_tokens = models.PositiveIntegerField(
         null=True, blank=True, help_text="cap on a request's max_tokens"

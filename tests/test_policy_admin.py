@@ -3,6 +3,8 @@ look, sees it but cannot change it."""
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, Permission
@@ -39,7 +41,8 @@ def policy_url(agent: Agent) -> str:
 def form_data(agent: Agent, **values: str) -> dict[str, str]:
     grant = Grant.objects.get(agent=agent)
     fields = [
-        "models", "paths", "rpm", "tpm", "daily_tokens", "max_tokens", "max_concurrent", "max_ttl",
+        "models", "paths", "rpm", "tpm", "daily_tokens", "daily_usd", "monthly_usd", "max_tokens",
+        "max_concurrent", "max_ttl",
     ]  # fmt: skip
     return {f"policy-{grant.pk}-{name}": values.get(name, "") for name in fields}
 
@@ -116,3 +119,23 @@ def test_max_concurrent_in_the_admin_set_inherited_and_checked(
     data = form_data(bob, max_concurrent="default")
     admin_client.post(policy_url(bob), {**data, "next": page(bob)}, follow=True)
     assert grant_values(Grant.objects.get(agent=bob))["max_concurrent"] is None
+
+
+def test_usd_budgets_in_the_admin_set_inherited_and_checked(
+    admin_client: Client, bob: Agent, anthropic: Backend
+) -> None:
+    backend_policy_update(backend=anthropic, policy={"monthly_usd": "300"})
+    html = admin_client.get(page(bob)).content.decode()
+    grant = Grant.objects.get(agent=bob)
+    assert f'name="policy-{grant.pk}-daily_usd"' in html
+    assert 'placeholder="300.00"' in html  # what a blank monthly_usd means here
+
+    data = form_data(bob, daily_usd="12.5")
+    admin_client.post(policy_url(bob), {**data, "next": page(bob)}, follow=True)
+    assert grant_values(Grant.objects.get(agent=bob))["daily_usd"] == Decimal("12.5")
+    assert 'value="12.50"' in admin_client.get(page(bob)).content.decode()
+
+    data = form_data(bob, daily_usd="12.5", monthly_usd="NaN")
+    response = admin_client.post(policy_url(bob), {**data, "next": page(bob)}, follow=True)
+    assert "monthly_usd: must be an amount in US dollars" in response.content.decode()
+    assert grant_values(Grant.objects.get(agent=bob))["monthly_usd"] is None

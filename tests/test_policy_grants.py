@@ -4,6 +4,7 @@ what a grant inherits, bad input refused with nothing saved, and the max TTL at 
 from __future__ import annotations
 
 import io
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -86,6 +87,18 @@ BAD_INPUT = [
     ({"max_ttl": "2h"}, "max_ttl: 2h is above backend anthropic's bound of 1h"),
     ({"max_ttl": "10s"}, "max_ttl: 10s is below backend anthropic's shortest token of 1m"),
     ({"max_ttl": "soon"}, "max_ttl: 'soon' is not a duration"),
+    ({"daily_usd": "-1"}, "daily_usd: must be more than 0, not -1"),
+    ({"daily_usd": "0"}, "daily_usd: must be more than 0, not 0"),
+    ({"daily_usd": "lots"}, "daily_usd: 'lots' is not an amount in US dollars"),
+    ({"daily_usd": "NaN"}, 'daily_usd: must be an amount in US dollars, such as "25.00"'),
+    ({"daily_usd": float("nan")}, 'daily_usd: must be an amount in US dollars, such as "25.00"'),
+    ({"monthly_usd": "Infinity"}, "monthly_usd: must be an amount in US dollars"),
+    ({"monthly_usd": "1000000.01"}, "monthly_usd: must be at most 1,000,000 USD"),
+    ({"monthly_usd": 10**7}, "monthly_usd: must be at most 1,000,000 USD"),
+    ({"monthly_usd": "1e400"}, "monthly_usd: must be at most 1,000,000 USD"),
+    ({"monthly_usd": "0.0000001"}, "monthly_usd: has at most 6 decimal places"),
+    ({"monthly_usd": True}, "monthly_usd: must be an amount in US dollars"),
+    ({"monthly_usd": ["5"]}, "monthly_usd: must be an amount in US dollars"),
     ({"budget": 5}, "unknown policy field: budget"),
 ]
 
@@ -138,7 +151,7 @@ def test_the_cli_grants_with_a_policy_and_lists_it(bob: Agent, staging: Backend)
         "agent", "grant", "bob", "anthropic-staging",
         "--models", "claude-haiku-*,claude-sonnet-4-*", "--paths", "/v1/messages*",
         "--rpm", "60", "--daily-tokens", "1000000", "--max-tokens", "4096", "--max-ttl", "30m",
-        "--max-concurrent", "8",
+        "--max-concurrent", "8", "--daily-usd", "25", "--monthly-usd", "$300.5",
     )  # fmt: skip
     assert said.startswith("bob may now mint tokens for anthropic-staging; policy: models ")
     policy = grant_policy(grant_of(bob, "anthropic-staging"))
@@ -147,17 +160,18 @@ def test_the_cli_grants_with_a_policy_and_lists_it(bob: Agent, staging: Backend)
         ("/v1/messages*",), 60, 4096, 1800,
     )  # fmt: skip
     assert policy.max_concurrent == 8
+    assert (policy.daily_usd, policy.monthly_usd) == (Decimal("25"), Decimal("300.5"))
 
     listed = manage("agent", "grants", "bob").splitlines()
     assert listed[0].split() == [
-        "BACKEND", "MODELS", "PATHS", "RPM", "TPM", "DAILY", "TOKENS", "MAX", "TOKENS", "MAX",
-        "CONCURRENT", "MAX", "TTL", "GRANTED",
+        "BACKEND", "MODELS", "PATHS", "RPM", "TPM", "DAILY", "TOKENS", "DAILY", "USD", "MONTHLY",
+        "USD", "MAX", "TOKENS", "MAX", "CONCURRENT", "MAX", "TTL", "GRANTED",
     ]  # fmt: skip
     anthropic_row, staging_row = listed[1].split(), listed[2].split()
     assert anthropic_row[:6] == ["anthropic", "-", "-", "-", "20000", "(backend)"]
-    assert staging_row[:9] == [
+    assert staging_row[:11] == [
         "anthropic-staging", "claude-haiku-*,claude-sonnet-4-*", "/v1/messages*", "60", "-",
-        "1000000", "4096", "8", "30m",
+        "1000000", "$25.00", "$300.50", "4096", "8", "30m",
     ]  # fmt: skip
 
     manage("agent", "grant", "bob", "anthropic-staging", "--rpm", "default")
@@ -174,6 +188,8 @@ def test_the_cli_grants_with_a_policy_and_lists_it(bob: Agent, staging: Backend)
         (["--max-concurrent", "0"], "max_concurrent: must be at least 1, not 0"),
         (["--max-concurrent", "20000"], "max_concurrent: must be at most 10,000"),
         (["--max-concurrent", "many"], "max_concurrent: 'many' is not a whole number"),
+        (["--daily-usd", "-5"], "daily_usd: must be more than 0, not -5"),
+        (["--monthly-usd", "lots"], "monthly_usd: 'lots' is not an amount in US dollars"),
     ],
 )
 def test_the_cli_refuses_bad_flags_and_grants_nothing(

@@ -39,10 +39,12 @@ from broker.services.identity import (
 )
 from broker.services.policy import (
     GRANT_COLUMNS,
+    USD_FIELDS,
     backend_defaults,
     grant_update,
     grant_values,
     policy_parse_texts,
+    usd_text,
 )
 from keybroker.wire import duration_format
 
@@ -83,6 +85,8 @@ class GrantPolicyForm(forms.Form):
     rpm = forms.CharField(required=False, label="rpm", help_text="requests per minute")
     tpm = forms.CharField(required=False, label="tpm", help_text="tokens per minute")
     daily_tokens = forms.CharField(required=False, label="daily tokens", help_text="UTC day")
+    daily_usd = forms.CharField(required=False, label="daily USD", help_text="UTC day")
+    monthly_usd = forms.CharField(required=False, label="monthly USD", help_text="UTC month")
     max_tokens = forms.CharField(required=False, label="max tokens", help_text="per request")
     max_concurrent = forms.CharField(
         required=False, label="max concurrent", help_text="calls in flight, per proxy process"
@@ -106,6 +110,8 @@ def _policy_text(name: str, value: Any) -> str:
         return ""
     if isinstance(value, list):
         return ",".join(value)
+    if name in USD_FIELDS:
+        return usd_text(value)
     return duration_format(value) if name == "max_ttl" else str(value)
 
 

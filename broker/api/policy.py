@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -28,6 +28,7 @@ from broker.services.policy import (
     grant_describe,
     grant_get,
     grant_update,
+    policy_values_json,
 )
 
 
@@ -38,6 +39,30 @@ class StrictIntegerField(serializers.IntegerField):
         if isinstance(data, bool) or not isinstance(data, int):
             self.fail("invalid")
         return int(data)
+
+
+# An amount of dollars as JSON carries it: a decimal string ("25.00"), as the API gives
+# them, or a number. Its range and places are the service's to check.
+@extend_schema_field({"type": "string", "format": "decimal", "example": "25.00"})
+class UsdAmountField(serializers.Field):  # type: ignore[type-arg]
+    default_error_messages = {"invalid": 'give an amount in US dollars, such as "25.00"'}
+
+    def to_internal_value(self, data: Any) -> str | int | float:
+        if isinstance(data, bool) or not isinstance(data, str | int | float):
+            self.fail("invalid")
+        amount: str | int | float = data
+        return amount
+
+    def to_representation(self, value: Any) -> str:
+        return str(value)
+
+
+def _usd(text: str) -> UsdAmountField:
+    return UsdAmountField(
+        required=False,
+        allow_null=True,
+        help_text=f'{text}, such as "25.00" (to the millionth); null = the backend\'s default',
+    )
 
 
 def _patterns(what: str) -> serializers.ListField:
@@ -64,6 +89,8 @@ class BackendPolicyInput(StrictInputSerializer):
     rpm = _limit("requests per minute")
     tpm = _limit("input and output tokens per minute")
     daily_tokens = _limit("tokens per UTC day")
+    daily_usd = _usd("USD per UTC day, from each call's cost")
+    monthly_usd = _usd("USD per UTC calendar month, from each call's cost")
     max_tokens = _limit("cap on a request's max_tokens")
     max_concurrent = _limit("calls of this grant in flight at once, per proxy process")
 
@@ -83,6 +110,8 @@ class PolicyValuesOutput(serializers.Serializer[Any]):
     rpm = serializers.IntegerField(allow_null=True)
     tpm = serializers.IntegerField(allow_null=True)
     daily_tokens = serializers.IntegerField(allow_null=True)
+    daily_usd = serializers.CharField(allow_null=True, help_text='USD, such as "25.00"')
+    monthly_usd = serializers.CharField(allow_null=True, help_text='USD, such as "25.00"')
     max_tokens = serializers.IntegerField(allow_null=True)
     max_concurrent = serializers.IntegerField(allow_null=True)
     max_ttl = serializers.IntegerField(allow_null=True, help_text="seconds")
@@ -109,7 +138,9 @@ def _backend_body(name: str) -> dict[str, Any]:
     backend = backend_get(name=name)
     return {
         "backend": backend.name,
-        "defaults": {**backend_defaults(backend), "max_ttl": backend.token_ttl_max},
+        "defaults": policy_values_json(
+            {**backend_defaults(backend), "max_ttl": backend.token_ttl_max}
+        ),
     }
 
 

@@ -16,6 +16,7 @@ import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
@@ -38,6 +39,8 @@ POLICY_FIELDS = (
     "rpm",
     "tpm",
     "daily_tokens",
+    "daily_usd",
+    "monthly_usd",
     "max_tokens",
     "max_concurrent",
     "max_ttl",
@@ -48,6 +51,8 @@ GRANT_COLUMNS = {
     "rpm": "rpm",
     "tpm": "tpm",
     "daily_tokens": "daily_tokens",
+    "daily_usd": "daily_usd",
+    "monthly_usd": "monthly_usd",
     "max_tokens": "max_tokens",
     "max_concurrent": "max_concurrent",
     "max_ttl": "max_ttl",
@@ -59,6 +64,12 @@ BACKEND_COLUMNS = {
     if name != "max_ttl"
 }
 LIST_FIELDS = ("models", "paths")
+# Budgets in US dollars: counted in Redis as whole micro-dollars, the precision of a call's
+# cost (broker/prices), and stored with as many places.
+USD_FIELDS = ("daily_usd", "monthly_usd")
+USD_PLACES = 6
+USD_MAX = Decimal(1_000_000)
+MICRO_USD = Decimal(1).scaleb(-USD_PLACES)
 # Upper bounds keep values inside their columns and Redis' integers, and catch typos.
 INT_BOUNDS = {
     "rpm": 1_000_000,
@@ -89,6 +100,9 @@ class Policy:
     rpm: int | None = None
     tpm: int | None = None
     daily_tokens: int | None = None
+    # USD per UTC day and per UTC calendar month, counted from each call's cost.
+    daily_usd: Decimal | None = None
+    monthly_usd: Decimal | None = None
     max_tokens: int | None = None
     # Calls of this grant in flight at once, counted per proxy process (not in Redis).
     max_concurrent: int | None = None
@@ -97,12 +111,22 @@ class Policy:
     @property
     def counted(self) -> bool:
         """Whether a call needs Redis: only grants with a rate or a budget pay for it."""
-        return self.rpm is not None or self.tpm is not None or self.daily_tokens is not None
+        return self.rpm is not None or self.metered
 
     @property
     def metered(self) -> bool:
-        """Whether a call's usage must be added up after it ends."""
+        """Whether a call's usage (tokens or cost) must be added up after it ends."""
+        return self.counts_tokens or self.counts_usd
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether tokens are reserved before a call and counted after it."""
         return self.tpm is not None or self.daily_tokens is not None
+
+    @property
+    def counts_usd(self) -> bool:
+        """Whether a call's cost is counted after it."""
+        return self.daily_usd is not None or self.monthly_usd is not None
 
     @property
     def reads_body(self) -> bool:
@@ -112,9 +136,32 @@ class Policy:
     def limits(self) -> dict[str, Any]:
         """The policy as JSON-ready data, in the order of POLICY_FIELDS."""
         data = asdict(self)
-        return {
-            name: list(data[name]) if name in LIST_FIELDS else data[name] for name in POLICY_FIELDS
-        }
+        return {name: policy_value_json(name, data[name]) for name in POLICY_FIELDS}
+
+
+def usd_text(amount: Decimal) -> str:
+    """An amount of dollars as the API and the CLI show it: at least cents, no trailing
+    zeros beyond them ("25.00", "0.0042"), never an exponent."""
+    amount = amount.quantize(MICRO_USD).normalize()
+    if amount.as_tuple().exponent > -2:  # type: ignore[operator]
+        amount = amount.quantize(Decimal("0.01"))
+    return f"{amount:f}"
+
+
+def usd_micros(amount: Decimal) -> int:
+    """Whole micro-dollars, as the Redis counters hold them."""
+    return int(amount.quantize(MICRO_USD).scaleb(USD_PLACES))
+
+
+def policy_value_json(name: str, value: Any) -> Any:
+    """A policy value as JSON carries it: lists as lists, dollars as decimal strings."""
+    if value is None:
+        return None
+    if name in LIST_FIELDS:
+        return list(value)
+    if name in USD_FIELDS:
+        return usd_text(value)
+    return value
 
 
 def grant_policy(grant: Grant) -> Policy:
@@ -135,6 +182,8 @@ def grant_policy(grant: Grant) -> Policy:
         rpm=pick("rpm"),
         tpm=pick("tpm"),
         daily_tokens=pick("daily_tokens"),
+        daily_usd=pick("daily_usd"),
+        monthly_usd=pick("monthly_usd"),
         max_tokens=pick("max_tokens"),
         max_concurrent=pick("max_concurrent"),
         # A backend bound lowered after the grant was set still wins.
@@ -292,6 +341,33 @@ def _clean_int(field: str, value: object) -> int | None:
     return value
 
 
+def _clean_usd(field: str, value: object) -> Decimal | None:
+    if value is None:
+        return None
+    # A string ("25.00", as JSON carries decimals) or a JSON number; never a bool.
+    if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
+        raise ServiceError('must be an amount in US dollars, such as "25.00"', field)
+    try:
+        amount = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ServiceError(
+            f'{str(value)[:20]!r} is not an amount in US dollars, such as "25.00"', field
+        ) from None
+    if not amount.is_finite():
+        raise ServiceError('must be an amount in US dollars, such as "25.00"', field)
+    if amount <= 0:
+        raise ServiceError(
+            f"must be more than 0, not {str(value)[:20]} (leave it unset for no limit)", field
+        )
+    if amount > USD_MAX:
+        raise ServiceError(f"must be at most {USD_MAX:,} USD", field)
+    if amount != amount.quantize(MICRO_USD):
+        raise ServiceError(
+            f"has at most {USD_PLACES} decimal places (a millionth of a dollar)", field
+        )
+    return amount.quantize(MICRO_USD)
+
+
 def _clean_max_ttl(backend: Backend, value: object) -> int | None:
     if value is None:
         return None
@@ -336,6 +412,8 @@ def policy_clean(
                 clean[name] = _clean_patterns(name, value)
             elif name == "max_ttl":
                 clean[name] = _clean_max_ttl(backend, value)
+            elif name in USD_FIELDS:
+                clean[name] = _clean_usd(name, value)
             else:
                 clean[name] = _clean_int(name, value)
     problems.raise_if_any()
@@ -353,6 +431,8 @@ def policy_parse_text(name: str, text: str) -> object:
         return [item.strip() for item in value.split(",") if item.strip()]
     if name == "max_ttl":
         return value  # ttl_parse takes seconds or 90s, 30m, 1h
+    if name in USD_FIELDS:
+        return value.removeprefix("$")  # _clean_usd reads the amount
     if not re.fullmatch(r"-?\d{1,20}", value):
         raise ServiceError(f"{value[:20]!r} is not a whole number", name)
     return int(value)
@@ -399,7 +479,7 @@ def grant_update(*, grant: Grant, policy: Mapping[str, object], by: User = None)
             by=by,
             agent=grant.agent,
             backend=grant.backend.name,
-            policy=changed,
+            policy=policy_values_json(changed),
         )
     return grant
 
@@ -424,8 +504,17 @@ def backend_policy_update(
     changed = _apply(backend, BACKEND_COLUMNS, clean)
     if changed:
         access_changed()
-        audit_record(action="backend.policy_updated", by=by, backend=backend.name, policy=changed)
+        audit_record(
+            action="backend.policy_updated",
+            by=by,
+            backend=backend.name,
+            policy=policy_values_json(changed),
+        )
     return backend
+
+
+def policy_values_json(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: policy_value_json(name, value) for name, value in values.items()}
 
 
 def grant_get(*, agent: Agent, backend_name: str) -> Grant:
@@ -459,11 +548,12 @@ def grant_describe(grant: Grant) -> dict[str, Any]:
     """A grant's policy as the admin API and the CLI show it: own, defaults, effective."""
     effective = grant_policy(grant).limits()
     effective["max_ttl"] = effective["max_ttl"] or grant.backend.token_ttl_max
+    defaults = {**backend_defaults(grant.backend), "max_ttl": grant.backend.token_ttl_max}
     return {
         "agent": grant.agent.name,
         "backend": grant.backend.name,
-        "policy": grant_values(grant),
-        "defaults": {**backend_defaults(grant.backend), "max_ttl": grant.backend.token_ttl_max},
+        "policy": policy_values_json(grant_values(grant)),
+        "defaults": policy_values_json(defaults),
         "effective": effective,
         "sources": grant_policy_sources(grant),
     }

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
@@ -25,12 +26,14 @@ from broker.services.oidc import issuer
 from broker.services.policy import (
     BACKEND_COLUMNS,
     POLICY_FIELDS,
+    USD_FIELDS,
     backend_defaults,
     backend_policy_update,
     grant_describe,
     grant_set,
     grants_of,
     policy_parse_texts,
+    usd_text,
 )
 from keybroker.wire import duration_format
 
@@ -41,6 +44,8 @@ POLICY_FLAGS = {
     "rpm": ("N", "requests per minute"),
     "tpm": ("N", "input + output tokens per minute"),
     "daily_tokens": ("N", "tokens per UTC day"),
+    "daily_usd": ("USD", "US dollars per UTC day (25.00), from each call's cost"),
+    "monthly_usd": ("USD", "US dollars per UTC calendar month, from each call's cost"),
     "max_tokens": ("N", "cap on a request's max_tokens"),
     "max_concurrent": ("N", "calls in flight at once (per proxy process)"),
     "max_ttl": ("TTL", "longest token minted for it (90s, 30m, 1h); at most the backend's"),
@@ -68,6 +73,8 @@ def _shown(name: str, value: Any) -> str:
         return "-"
     if isinstance(value, list):
         return ",".join(value) or "-"
+    if name in USD_FIELDS:
+        return f"${usd_text(Decimal(value))}"
     return duration_format(value) if name == "max_ttl" else str(value)
 
 
@@ -232,8 +239,8 @@ class Command(BaseCommand):
                     cell += " (backend)"
                 cells.append(cell)
             rows.append((grant.backend.name, *cells, _when(grant.created_at)))
-        headers = ["BACKEND", "MODELS", "PATHS", "RPM", "TPM", "DAILY TOKENS", "MAX TOKENS",
-                   "MAX CONCURRENT", "MAX TTL", "GRANTED"]  # fmt: skip
+        headers = ["BACKEND", "MODELS", "PATHS", "RPM", "TPM", "DAILY TOKENS", "DAILY USD",
+                   "MONTHLY USD", "MAX TOKENS", "MAX CONCURRENT", "MAX TTL", "GRANTED"]  # fmt: skip
         return table(rows, headers)
 
     def do_defaults(self, **options: Any) -> None:
