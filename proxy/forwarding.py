@@ -524,7 +524,8 @@ def usage_settle(exchange: Exchange) -> None:
 
     record() has finished the meter: its usage is the whole call's, streamed or not, and
     counts toward the window the call started in. Usage the meter could not read leaves
-    the reservation standing; a call that got no answer gives it back.
+    the reservation standing; a call that got no answer gives it back. The cost is the one
+    record() put on the audit event: None (unknown) counts nothing toward USD budgets.
     """
     ticket = exchange.ticket
     if ticket is None:
@@ -539,6 +540,6 @@ def usage_settle(exchange: Exchange) -> None:
         # The results' usage is the batch's, not this read's (which reserved nothing); a
         # read cut short leaves the batch held for the next one.
         if exchange.body_complete:
-            gate.settle_batch(ticket, exchange.batch_results, tokens)
+            gate.settle_batch(ticket, exchange.batch_results, tokens, exchange.cost_usd)
         return
-    gate.settle(ticket, tokens)
+    gate.settle(ticket, tokens, exchange.cost_usd)

@@ -6,7 +6,8 @@ with the token (proxy/access.py). Rates and budgets live in Redis, laid out as
 ``broker/selectors/policy.py`` describes (that module reads them for ``GET /v1/status``):
 ``rpm`` is a sliding window log, so the N+1st request within any window is refused whatever
 the clock says and ``retry-after`` is exact; ``tpm`` and ``day`` count tokens per fixed
-window and per UTC day.
+window and per UTC day; ``usd:day`` and ``usd:month`` count each call's cost, in
+micro-dollars, per UTC day and UTC calendar month.
 
 Windows and days are read from Redis' own clock (``TIME`` inside the scripts), so machines
 whose clocks disagree still agree on them. A call is admitted by one Lua script (EVALSHA):
@@ -28,6 +29,7 @@ import math
 import secrets
 from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote
 
@@ -38,7 +40,7 @@ from django.conf import settings
 from broker.infra.loops import LoopLocal
 from broker.infra.redis import async_counting_client, async_redis_client, redis_breaker
 from broker.selectors.policy import USAGE_CLOCK, seconds_until, usage_key
-from broker.services.policy import Policy, path_allowed
+from broker.services.policy import MICRO_USD, Policy, path_allowed, usd_micros, usd_text
 from proxy.access import AccessDenied
 from proxy.providers import ANTHROPIC, OPENAI, Wire
 
@@ -55,12 +57,16 @@ COUNTED_USAGE = (
 MESSAGES_PATH = "/v1/messages"
 BATCH_PATH = "/v1/messages/batches"
 RATE_LIMITED = (429, "rate_limit_error")
+USD_RULES = ("daily_usd", "monthly_usd")
+# Budgets that renew only at midnight UTC or the month's end: refused not-retryable.
+BUDGETS = ("daily_tokens", *USD_RULES)
 FORBIDDEN = (403, "permission_error")
 
 # ARGV: key base, window seconds, rpm, tpm, daily tokens (0 = no limit), a unique id for
 # this request, request slots it takes (a batch takes one per request), tokens to reserve,
-# whether the reservation must fit whole (1 for a batch). Returns {refusing rule or '',
-# ms until it would pass (-1: never), window, day, used}.
+# whether the reservation must fit whole (1 for a batch), daily and monthly USD budgets in
+# micro-dollars (0 = no limit). Returns {refusing rule or '', ms until it would pass (-1:
+# never), window, day, used, month (yyyymm), the day number the next month starts on}.
 ADMIT = (
     USAGE_CLOCK
     + """
@@ -69,24 +75,40 @@ local reserve = tonumber(ARGV[8])
 local whole = ARGV[9] == '1'
 local day_key = base .. ':day:' .. d
 local tpm_key = base .. ':tpm:' .. w
+-- A call's cost is known only once it ends, so USD budgets reserve nothing: a call is
+-- admitted while anything is left of them.
+local usd_monthly = tonumber(ARGV[11])
+if usd_monthly > 0 then
+  local used = tonumber(redis.call('GET', base .. ':usd:month:' .. m) or '0')
+  if used >= usd_monthly then
+    return {'monthly_usd', month_left, window, day, used, m, month_end}
+  end
+end
+local usd_daily = tonumber(ARGV[10])
+if usd_daily > 0 then
+  local used = tonumber(redis.call('GET', base .. ':usd:day:' .. d) or '0')
+  if used >= usd_daily then
+    return {'daily_usd', day_left, window, day, used, m, month_end}
+  end
+end
 local daily = tonumber(ARGV[5])
 if daily > 0 then
   local used = tonumber(redis.call('GET', day_key) or '0')
   if used >= daily or (whole and used + reserve > daily) then
-    return {'daily_tokens', day_left, window, day, used}
+    return {'daily_tokens', day_left, window, day, used, m, month_end}
   end
 end
 local tpm = tonumber(ARGV[4])
 if tpm > 0 then
-  if whole and reserve > tpm then return {'tpm', -1, window, day, 0} end
+  if whole and reserve > tpm then return {'tpm', -1, window, day, 0, m, month_end} end
   local used = tonumber(redis.call('GET', tpm_key) or '0')
   if used >= tpm or (whole and used + reserve > tpm) then
-    return {'tpm', window_left, window, day, used}
+    return {'tpm', window_left, window, day, used, m, month_end}
   end
 end
 local rpm = tonumber(ARGV[3])
 if rpm > 0 then
-  if slots > rpm then return {'rpm', -1, window, day, 0} end
+  if slots > rpm then return {'rpm', -1, window, day, 0, m, month_end} end
   local key = base .. ':rpm'
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now_ms - window_ms)
   local count = redis.call('ZCARD', key)
@@ -94,7 +116,7 @@ if rpm > 0 then
     -- Free once enough of the oldest requests have left the window.
     local nth = count + slots - rpm - 1
     local oldest = redis.call('ZRANGE', key, nth, nth, 'WITHSCORES')
-    return {'rpm', tonumber(oldest[2]) + window_ms - now_ms, window, day, count}
+    return {'rpm', tonumber(oldest[2]) + window_ms - now_ms, window, day, count, m, month_end}
   end
   for i = 1, slots do redis.call('ZADD', key, now_ms, ARGV[6] .. ':' .. i) end
   redis.call('PEXPIRE', key, window_ms)
@@ -109,49 +131,55 @@ if reserve > 0 then
     redis.call('PEXPIRE', tpm_key, window_left + 1000)
   end
 end
-return {'', 0, window, day, 0}
+return {'', 0, window, day, 0, m, month_end}
 """
 )
 
 # Adds tokens (negative to give back part of a reservation) to the window and day a call
-# started in. A window or day that is already over is left alone: nobody reads it again.
+# started in, and its cost in micro-dollars to that day and month. A window, day or month
+# that is already over is left alone: nobody reads it again.
 _SETTLE_FUNCTION = """
-local function settle(base, window_seconds, window, day, tokens, count_tpm, count_day)
+local function add(key, amount, ends_ms, now_ms)
+  if amount ~= 0 and now_ms < ends_ms then
+    redis.call('INCRBY', key, amount)
+    redis.call('PEXPIRE', key, ends_ms - now_ms + 1000)
+  end
+end
+local function settle(base, window_seconds, window, day, tokens, count_tpm, count_day,
+                      micros, usd_day, month, month_end, usd_month)
   local now = redis.call('TIME')
   local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local d = string.format('%d', day)
   if count_tpm then
-    local window_end = (window + 1) * window_seconds * 1000
-    if now_ms < window_end then
-      local key = base .. ':tpm:' .. string.format('%d', window)
-      redis.call('INCRBY', key, tokens)
-      redis.call('PEXPIRE', key, window_end - now_ms + 1000)
-    end
+    add(base .. ':tpm:' .. string.format('%d', window), tokens,
+        (window + 1) * window_seconds * 1000, now_ms)
   end
-  if count_day then
-    local day_end = (day + 1) * 86400000
-    if now_ms < day_end then
-      local key = base .. ':day:' .. string.format('%d', day)
-      redis.call('INCRBY', key, tokens)
-      redis.call('PEXPIRE', key, day_end - now_ms + 1000)
-    end
+  if count_day then add(base .. ':day:' .. d, tokens, (day + 1) * 86400000, now_ms) end
+  if usd_day then add(base .. ':usd:day:' .. d, micros, (day + 1) * 86400000, now_ms) end
+  if usd_month then
+    add(base .. ':usd:month:' .. month, micros, month_end * 86400000, now_ms)
   end
 end
 """
 
 # ARGV: key base, window seconds, window, day, tokens, count in the window (1/0), count in
-# the day (1/0).
+# the day (1/0), micro-dollars, count them in the day (1/0), month (yyyymm), the day the
+# next month starts on, count them in the month (1/0).
 SETTLE = (
     _SETTLE_FUNCTION
     + """
 settle(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
-       ARGV[6] == '1', ARGV[7] == '1')
+       ARGV[6] == '1', ARGV[7] == '1', tonumber(ARGV[8]), ARGV[9] == '1', ARGV[10],
+       tonumber(ARGV[11]), ARGV[12] == '1')
 return 1
 """
 )
 
 # A created batch's reservation, held until its results are read. ARGV: key base, batch
-# id, tokens its results used, or '' when they could not be read (the reservation stands).
+# id, tokens its results used and their cost in micro-dollars ('' when unknown: no cost
+# is counted), or tokens '' when the results could not be read (the reservation stands).
 # Returns 1 when the batch was held (and is now settled), 0 when it was not or already was.
+# A batch held before USD budgets existed has no month in its record and counts no cost.
 SETTLE_BATCH = (
     _SETTLE_FUNCTION
     + """
@@ -159,14 +187,19 @@ local key = ARGV[1] .. ':batch:' .. ARGV[2]
 local held = redis.call('GET', key)
 if not held then return 0 end
 redis.call('DEL', key)
-local window_seconds, window, day, reserved, tpm, daily =
-  string.match(held, '^(%d+):(%d+):(%d+):(%d+):(%d):(%d)$')
+local window_seconds, window, day, reserved, tpm, daily, month, month_end, usd_day, usd_month =
+  string.match(held, '^(%d+):(%d+):(%d+):(%d+):(%d):(%d):(%d+):(%d+):(%d):(%d)$')
+if not window_seconds then
+  window_seconds, window, day, reserved, tpm, daily =
+    string.match(held, '^(%d+):(%d+):(%d+):(%d+):(%d):(%d)$')
+  month, month_end, usd_day, usd_month = '0', '0', '0', '0'
+end
 if not window_seconds or ARGV[3] == '' then return 1 end
 local tokens = tonumber(ARGV[3]) - tonumber(reserved)
-if tokens ~= 0 then
-  settle(ARGV[1], tonumber(window_seconds), tonumber(window), tonumber(day), tokens,
-         tpm == '1', daily == '1')
-end
+local micros = tonumber(ARGV[4]) or 0
+settle(ARGV[1], tonumber(window_seconds), tonumber(window), tonumber(day), tokens,
+       tpm == '1', daily == '1', micros, usd_day == '1', month, tonumber(month_end),
+       usd_month == '1')
 return 1
 """
 )
@@ -226,6 +259,20 @@ class Ticket:
     tpm: bool
     daily: bool
     reserved: int = 0
+    # The UTC month the call started in (yyyymm), the day number the next one starts on,
+    # and whether the call's cost counts toward the daily and monthly USD budgets.
+    month: str = ""
+    month_end: int = 0
+    usd_daily: bool = False
+    usd_monthly: bool = False
+
+    @property
+    def counts_tokens(self) -> bool:
+        return self.tpm or self.daily
+
+    @property
+    def counts_usd(self) -> bool:
+        return self.usd_daily or self.usd_monthly
 
 
 def counted_tokens(usage: dict[str, int]) -> int:
@@ -455,9 +502,28 @@ def _per(window_seconds: int) -> str:
     return "minute" if window_seconds == 60 else f"{window_seconds}s"
 
 
+def _next_month(month: str) -> str:
+    """The first day of the month after ``yyyymm``, as a date."""
+    year, number = int(month[:4]), int(month[4:])
+    return f"{year + number // 12:04d}-{number % 12 + 1:02d}-01"
+
+
+def _usd_refusal(rule: str, wait: int, used: int, policy: Policy, month: str, who: str) -> str:
+    spent = usd_text(Decimal(used) * MICRO_USD)
+    if rule == "daily_usd":
+        limit, per, renews = policy.daily_usd, "daily", "at 00:00 UTC"
+    else:
+        limit, per, renews = policy.monthly_usd, "monthly", f"on {_next_month(month)} 00:00 UTC"
+    assert limit is not None  # the script refuses only by a budget that is set
+    return (
+        f"${spent} of the {per} budget of ${usd_text(limit)} spent for {who}; "
+        f"it renews {renews}, in {wait}s"
+    )
+
+
 def _refusal(
     rule: str, wait_ms: int, used: int, policy: Policy, demand: Demand, window_seconds: int,
-    who: str,
+    who: str, month: str = "",
 ) -> PolicyDenied:  # fmt: skip
     if wait_ms < 0:
         # A batch bigger than the limit itself: no amount of waiting lets it through.
@@ -479,6 +545,8 @@ def _refusal(
             else f"{batch}not fit in the {policy.rpm} requests per {_per(window_seconds)} "
             f"left for {who}; retry in {wait}s"
         )
+    elif rule in USD_RULES:
+        message = _usd_refusal(rule, wait, used, policy, month, who)
     elif rule == "tpm":
         message = (
             f"{used:,} of {policy.tpm:,} tokens per {_per(window_seconds)} used for {who}; "
@@ -491,9 +559,14 @@ def _refusal(
         )
     if demand.batch and rule != "rpm":
         message = f"{batch}not fit: {message}"
+    # Waiting until midnight or the month's end is not a retry.
     return PolicyDenied(
-        *RATE_LIMITED, rule=rule, message=message, retry_after=wait, retry=rule != "daily_tokens"
+        *RATE_LIMITED, rule=rule, message=message, retry_after=wait, retry=rule not in BUDGETS
     )
+
+
+def _micros(budget: Decimal | None) -> int:
+    return 0 if budget is None else usd_micros(budget)
 
 
 class PolicyGate:
@@ -533,15 +606,15 @@ class PolicyGate:
             return None
         window_seconds = settings.POLICY_WINDOW_SECONDS
         key = usage_key(policy)
-        reserve = demand.tokens if policy.metered else 0
+        reserve = demand.tokens if policy.counts_tokens else 0
         try:
             redis_breaker().check()
-            rule, wait_ms, window, day, used = await self._script("admit")(
+            rule, wait_ms, window, day, used, month, month_end = await self._script("admit")(
                 keys=[],
                 args=[
                     key, window_seconds, policy.rpm or 0, policy.tpm or 0,
                     policy.daily_tokens or 0, secrets.token_hex(8), demand.requests, reserve,
-                    int(demand.batch),
+                    int(demand.batch), _micros(policy.daily_usd), _micros(policy.monthly_usd),
                 ],
             )  # fmt: skip
         except (redis.RedisError, OSError) as exc:
@@ -565,7 +638,7 @@ class PolicyGate:
         if rule:
             raise _refusal(
                 rule.decode(), int(wait_ms), int(used), policy, demand, window_seconds,
-                f"agent {agent} on {backend}",
+                f"agent {agent} on {backend}", month.decode(),
             )  # fmt: skip
         if not policy.metered:
             return None
@@ -577,37 +650,61 @@ class PolicyGate:
             tpm=policy.tpm is not None,
             daily=policy.daily_tokens is not None,
             reserved=reserve,
+            month=month.decode(),
+            month_end=int(month_end),
+            usd_daily=policy.daily_usd is not None,
+            usd_monthly=policy.monthly_usd is not None,
         )
 
-    def settle(self, ticket: Ticket, usage: dict[str, int] | None) -> asyncio.Future[None] | None:
-        """Count a finished call's tokens in place of its reservation, off the response
-        path; ``usage`` None means it could not be read, and the reservation stands.
-        Returns the task doing it (nobody on the request path waits for it)."""
-        tokens = (counted_tokens(usage) if usage is not None else ticket.reserved) - ticket.reserved
-        if tokens == 0:
+    def settle(
+        self, ticket: Ticket, usage: dict[str, int] | None, cost: Decimal | None = None
+    ) -> asyncio.Future[None] | None:
+        """Count a finished call's tokens in place of its reservation, and its cost in USD,
+        off the response path; ``usage`` None means it could not be read, and the
+        reservation stands; ``cost`` None (unknown, or a model without a price) counts
+        nothing toward USD budgets. Returns the task doing it (nobody on the request path
+        waits for it)."""
+        tokens = 0
+        if ticket.counts_tokens:
+            tokens = (counted_tokens(usage) if usage is not None else ticket.reserved) - (
+                ticket.reserved
+            )
+        micros = usd_micros(cost) if cost is not None and ticket.counts_usd else 0
+        if tokens == 0 and micros == 0:
             return None
         args = [
             ticket.key, ticket.window_seconds, ticket.window, ticket.day, tokens,
-            int(ticket.tpm), int(ticket.daily),
+            int(ticket.tpm), int(ticket.daily), micros, int(ticket.usd_daily), ticket.month,
+            ticket.month_end, int(ticket.usd_monthly),
         ]  # fmt: skip
-        return self._spawn(self._run("settle", args, f"count {tokens} tokens for {ticket.key}"))
+        what = f"count {tokens} tokens and {micros} micro-dollars for {ticket.key}"
+        return self._spawn(self._run("settle", args, what))
 
     def hold_batch(self, ticket: Ticket, batch_id: str) -> asyncio.Future[None]:
         """Keep a created batch's reservation until its results are read (settle_batch)."""
         held = (
             f"{ticket.window_seconds}:{ticket.window}:{ticket.day}:{ticket.reserved}:"
-            f"{int(ticket.tpm)}:{int(ticket.daily)}"
+            f"{int(ticket.tpm)}:{int(ticket.daily)}:{ticket.month or 0}:{ticket.month_end}:"
+            f"{int(ticket.usd_daily)}:{int(ticket.usd_monthly)}"
         )
         return self._spawn(self._hold(f"{ticket.key}:batch:{batch_id}", held))
 
     def settle_batch(
-        self, ticket: Ticket, batch_id: str, usage: dict[str, int] | None
+        self,
+        ticket: Ticket,
+        batch_id: str,
+        usage: dict[str, int] | None,
+        cost: Decimal | None = None,
     ) -> asyncio.Future[None]:
-        """Count a batch's usage, read from its results, in place of its reservation, in
-        the window and day it was created in; results read again count nothing."""
+        """Count a batch's usage, read from its results, in place of its reservation, and
+        its cost, in the window, day and month it was created in; results read again count
+        nothing."""
         used = "" if usage is None else str(counted_tokens(usage))
+        micros = "" if cost is None else str(usd_micros(cost))
         return self._spawn(
-            self._run("settle_batch", [ticket.key, batch_id, used], f"settle batch {batch_id}")
+            self._run(
+                "settle_batch", [ticket.key, batch_id, used, micros], f"settle batch {batch_id}"
+            )
         )
 
     async def _hold(self, key: str, held: str) -> None:

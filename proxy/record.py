@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from audit.recorder import audit_enqueue
@@ -36,6 +37,7 @@ class Exchange:
     meter: UsageMeter | None = None
     error: ProxyError | None = None  # what keybroker answered in the upstream's place
     ticket: Ticket | None = None  # where a metered grant's usage is counted
+    cost_usd: Decimal | None = None  # set by record(); None while unknown
     token_digest: str = ""  # of the crd_ token, to close the call if it is revoked
     note: str = ""  # why the call ended as it did, when it was cut short
     at_frame_end: bool = True  # whether what was sent so far ends between SSE events
@@ -95,7 +97,8 @@ class Exchange:
             fields["cache_write_tokens"] = usage.tokens.get("cache_creation_input_tokens")
             fields["stop_reason"] = usage.stop_reason
             if not usage.unmetered:
-                fields["cost_usd"] = call_cost(
+                # Computed once: the audit shows it and the USD budgets count it.
+                self.cost_usd = fields["cost_usd"] = call_cost(
                     fields["model"], usage.tokens, batch=bool(self.batch_results)
                 )
             if usage.error_type:

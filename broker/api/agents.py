@@ -88,6 +88,13 @@ class LimitLeftOutput(serializers.Serializer[Any]):
     )
 
 
+class UsdLeftOutput(serializers.Serializer[Any]):
+    limit = serializers.CharField(help_text='USD, such as "25.00"')
+    used = serializers.CharField(allow_null=True, help_text="null when it cannot be read")
+    remaining = serializers.CharField(allow_null=True)
+    resets_in = serializers.IntegerField(allow_null=True, help_text="seconds until it renews")
+
+
 class GrantLimitsOutput(serializers.Serializer[Any]):
     models = serializers.ListField(
         child=serializers.CharField(), help_text="allowed model globs; [] = any"
@@ -103,6 +110,8 @@ class GrantLimitsOutput(serializers.Serializer[Any]):
     rpm = LimitLeftOutput(allow_null=True, help_text="requests in any sliding window")
     tpm = LimitLeftOutput(allow_null=True, help_text="tokens in the current window")
     daily_tokens = LimitLeftOutput(allow_null=True, help_text="tokens today (UTC)")
+    daily_usd = UsdLeftOutput(allow_null=True, help_text="USD spent today (UTC)")
+    monthly_usd = UsdLeftOutput(allow_null=True, help_text="USD spent this UTC calendar month")
     window_seconds = serializers.IntegerField(help_text="the rpm and tpm window")
 
 

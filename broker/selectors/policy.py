@@ -6,25 +6,33 @@ start with :data:`USAGE_CLOCK`); the agent API reads it here. Both name the keys
 
 - ``{usage_key}:rpm``: a sorted set of request times (a sliding window log);
 - ``{usage_key}:tpm:{window}``: tokens of the calls that started in that fixed window;
-- ``{usage_key}:day:{day}``: tokens of the calls that started on that UTC day.
+- ``{usage_key}:day:{day}``: tokens of the calls that started on that UTC day;
+- ``{usage_key}:usd:day:{day}`` and ``{usage_key}:usd:month:{yyyymm}``: the cost, in whole
+  micro-dollars, of the calls that started on that UTC day and in that UTC calendar month.
+
+Each key expires a second after its window, day or month is over: nobody reads it again.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from decimal import Decimal
 from typing import Any
 
 import redis
 from django.conf import settings
 
 from broker.infra.redis import redis_client, redis_key
-from broker.services.policy import Policy
+from broker.services.policy import MICRO_USD, Policy, usd_micros, usd_text
 
 logger = logging.getLogger(__name__)
 
 # Windows and days come from Redis' own clock (TIME), so machines whose clocks disagree
-# still agree on them. ARGV[1] is the usage key, ARGV[2] the window in seconds.
+# still agree on them. ARGV[1] is the usage key, ARGV[2] the window in seconds. Lua in
+# Redis has no os.date, so the UTC month is worked out from the day number with Howard
+# Hinnant's days-to-civil algorithm (http://howardhinnant.github.io/date_algorithms.html):
+# ``m`` is the month (``yyyymm``), ``month_end`` the day number of the next month's first.
 USAGE_CLOCK = """
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -35,6 +43,23 @@ local w = string.format('%d', window)
 local d = string.format('%d', day)
 local window_left = (window + 1) * window_ms - now_ms
 local day_left = (day + 1) * 86400000 - now_ms
+local z = day + 719468
+local era = math.floor(z / 146097)
+local doe = z - era * 146097
+local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+  - math.floor(doe / 146096)) / 365)
+local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+local mp = math.floor((5 * doy + 2) / 153)
+local month = mp < 10 and mp + 3 or mp - 9
+local year = yoe + era * 400 + (month <= 2 and 1 or 0)
+local leap = (year % 4 == 0 and year % 100 ~= 0) or year % 400 == 0
+local month_days = 31
+if month == 2 then month_days = leap and 29 or 28
+elseif month == 4 or month == 6 or month == 9 or month == 11 then month_days = 30 end
+local month_day = doy - math.floor((153 * mp + 2) / 5) + 1
+local month_end = day - month_day + 1 + month_days
+local m = string.format('%04d%02d', year, month)
+local month_left = month_end * 86400000 - now_ms
 local base = ARGV[1]
 """
 
@@ -48,7 +73,9 @@ local oldest = redis.call('ZRANGEBYSCORE', key, since, '+inf', 'WITHSCORES', 'LI
 local frees = 0
 if oldest[2] then frees = tonumber(oldest[2]) + window_ms - now_ms end
 return {requests, tonumber(redis.call('GET', base .. ':tpm:' .. w) or '0'),
-        tonumber(redis.call('GET', base .. ':day:' .. d) or '0'), frees, window_left, day_left}
+        tonumber(redis.call('GET', base .. ':day:' .. d) or '0'), frees, window_left, day_left,
+        tonumber(redis.call('GET', base .. ':usd:day:' .. d) or '0'),
+        tonumber(redis.call('GET', base .. ':usd:month:' .. m) or '0'), month_left}
 """
 )
 
@@ -69,14 +96,15 @@ def policy_left(policy: Policy) -> dict[str, Any]:
     is None altogether.
     """
     window_seconds = settings.POLICY_WINDOW_SECONDS
-    reading: list[int | None] = [None] * 6
+    reading: list[int | None] = [None] * 9
     if policy.counted:
         try:
             raw = redis_client().eval(USAGE_READ, 0, usage_key(policy), window_seconds)
             reading = [int(value) for value in raw]
         except redis.RedisError:
             logger.warning("policy usage unreadable: Redis unreachable")
-    requests, window_tokens, day_tokens, frees_ms, window_ms, day_ms = reading
+    requests, window_tokens, day_tokens, frees_ms, window_ms, day_ms = reading[:6]
+    day_micros, month_micros, month_ms = reading[6:]
 
     def entry(limit: int | None, used: int | None, renews_ms: int | None) -> dict[str, Any] | None:
         if limit is None:
@@ -90,9 +118,22 @@ def policy_left(policy: Policy) -> dict[str, Any]:
             "resets_in": None if used is None or renews_ms is None else seconds_until(renews_ms),
         }
 
+    def usd_entry(limit: Decimal | None, micros: int | None, renews_ms: int | None) -> Any:
+        # Amounts as decimal strings, as the API gives every amount of dollars.
+        counted = entry(None if limit is None else usd_micros(limit), micros, renews_ms)
+        if counted is None:
+            return None
+        for name in ("limit", "used", "remaining"):
+            if counted[name] is not None:
+                counted[name] = usd_text(counted[name] * MICRO_USD)
+        return counted
+
     return {
         "rpm": entry(policy.rpm, requests, frees_ms),
         "tpm": entry(policy.tpm, window_tokens, window_ms),
         "daily_tokens": entry(policy.daily_tokens, day_tokens, day_ms),
+        # Midnight UTC, and the first of next month at midnight UTC.
+        "daily_usd": usd_entry(policy.daily_usd, day_micros, day_ms),
+        "monthly_usd": usd_entry(policy.monthly_usd, month_micros, month_ms),
         "window_seconds": window_seconds,
     }
