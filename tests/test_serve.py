@@ -133,6 +133,8 @@ def test_serve_runs_redis_worker_and_web_and_stops_cleanly_on_sigterm(broker: Br
         interval=0.5,
     )
     assert httpx.get(f"{broker.url}/ready").status_code == 200
+    # Beat sent it and the worker ran it without a line at INFO (issue 20, item 5).
+    assert "broker.tasks.heartbeat" not in broker.output()
 
     children = broker.child_pids()
     assert set(children) == {"redis", "celery", "uvicorn"}

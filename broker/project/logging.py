@@ -1,4 +1,5 @@
-"""A last line of defence: log records never carry a credential, whatever a caller passes."""
+"""Log filters: records never carry a credential, whatever a caller passes; routine lines
+stay out of the way of the ones people read."""
 
 from __future__ import annotations
 
@@ -29,3 +30,25 @@ class QuietReadinessFilter(logging.Filter):
             getattr(record, "status_code", None) == 503
             and getattr(request, "path", None) == "/ready"
         )
+
+
+class RoutineTaskFilter(logging.Filter):
+    """Celery's lines about a routine task (sent by beat, received, succeeded) at DEBUG.
+
+    The worker's heartbeat runs every 10 s: at INFO its three lines each time buried
+    everything else `serve` prints (issue 20, item 5). Other tasks keep their lines, and a
+    heartbeat that fails still logs at ERROR.
+    """
+
+    def __init__(self, task_names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.task_names = task_names
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO:
+            return True
+        message = record.getMessage()
+        if not any(name in message for name in self.task_names):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
