@@ -482,9 +482,34 @@ def cmd_ls(args: argparse.Namespace, path: Path) -> int:
 def cmd_revoke(args: argparse.Namespace, path: Path) -> int:
     config = require_config(path)
     with Server(config.url, config.vend_token) as server:
-        expect(server.request("DELETE", f"/v1/active/{quote(args.id, safe='')}"), 204)
-    print(f"revoked {args.id}")
+        rows = expect(server.request("GET", "/v1/active"), 200)
+        token_id = _one_live_token(rows if isinstance(rows, list) else [], args.id)
+        expect(server.request("DELETE", f"/v1/active/{quote(token_id, safe='')}"), 204)
+    print(f"revoked {token_id}")
     return EXIT_OK
+
+
+def _one_live_token(rows: list[Any], given: str) -> str:
+    """The id of the live token ``given`` names: its id, the start of its id as `ls` shows
+    it, or its display prefix (``crd_x7Kq2p``); an error unless exactly one matches."""
+    tokens = [_object(row, "token") for row in rows]
+    ids = [str(token.get("id", "")) for token in tokens]
+    if given in ids:
+        return given
+    matching = [
+        token_id
+        for token_id, token in zip(ids, tokens, strict=True)
+        if given and (token_id.startswith(given) or str(token.get("prefix", "")).startswith(given))
+    ]
+    if not matching:
+        raise CliError(EXIT_ERROR, f"no live token matches {given} (keybroker ls lists them)")
+    if len(matching) > 1:
+        raise CliError(
+            EXIT_ERROR,
+            f"{given} matches {len(matching)} live tokens ({', '.join(matching)}); "
+            "give more of the id",
+        )
+    return matching[0]
 
 
 def cmd_request(args: argparse.Namespace, path: Path) -> int:
@@ -694,7 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = command("ls", cmd_ls, "list this agent's live tokens")
     ls.add_argument("--json", action="store_true", help="print the server's answer")
-    command("revoke", cmd_revoke, "revoke one token at once").add_argument("id", metavar="ID")
+    command("revoke", cmd_revoke, "revoke one token at once").add_argument(
+        "id", metavar="ID", help="its id, the start of it, or its prefix (crd_…), as ls shows"
+    )
     command("request", cmd_request, "ask for more backends").add_argument(
         "--can", action="append", required=True, metavar="BACKEND"
     )

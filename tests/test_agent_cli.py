@@ -566,7 +566,27 @@ def test_ls_and_revoke(broker: FakeBroker, cli: Cli, bob: Agent) -> None:
     assert revoked.stdout == "revoked tok1\n"
     assert [t["id"] for t in json.loads(after.stdout)] == ["tok2"]
     assert unknown.returncode == 1
-    assert only_line(unknown.stderr) == "keybroker: no live token with id tok1\n"
+    assert only_line(unknown.stderr) == (
+        "keybroker: no live token matches tok1 (keybroker ls lists them)\n"
+    )
+
+
+def test_revoke_takes_the_tokens_prefix_and_refuses_an_ambiguous_one(
+    broker: FakeBroker, cli: Cli, bob: Agent
+) -> None:
+    for _ in range(3):
+        cli("get", "anthropic")
+    first, _, _ = broker.tokens.values()
+    ambiguous = cli("revoke", "tok")
+    by_prefix = cli("revoke", first["prefix"])
+
+    assert ambiguous.returncode == 1
+    assert only_line(ambiguous.stderr) == (
+        "keybroker: tok matches 3 live tokens (tok1, tok2, tok3); give more of the id\n"
+    )
+    assert by_prefix.stdout == "revoked tok1\n"
+    assert [s.path for s in broker.seen if s.method == "DELETE"] == ["/v1/active/tok1"]
+    assert [t["id"] for t in json.loads(cli("ls", "--json").stdout)] == ["tok2", "tok3"]
 
 
 # --- status, request, unenroll ---------------------------------------------------------------
