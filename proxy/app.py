@@ -22,6 +22,7 @@ from django.db import Error as DatabaseError
 
 from broker.infra.loops import LoopLocal
 from broker.infra.secrets import secret_digest
+from broker.services.access import token_misplaced
 from proxy.access import AccessCache, AccessDenied, Route, TokenAccess
 from proxy.errors import BadRequest, ProxyError
 from proxy.forwarding import (
@@ -200,6 +201,9 @@ class ProxyApp:
                 "authentication_error",
                 "send a crd_ token as x-api-key or Authorization: Bearer",
             )
+        misplaced = token_misplaced(token)
+        if misplaced is not None:
+            raise AccessDenied(misplaced.status, misplaced.anthropic_type, misplaced.message)
         exchange.token_digest = secret_digest(token)
         try:
             access, route = await self.access_cache().authorize(

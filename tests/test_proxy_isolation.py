@@ -13,6 +13,7 @@ import pytest
 
 from audit.models import AuditEvent
 from broker.models import Token
+from broker.services.agents import agent_enroll
 from broker.services.tokens import token_revoke
 from tests.conftest import free_port
 from tests.fake_anthropic import FakeAnthropic, serve_in_thread
@@ -122,3 +123,34 @@ def test_a_revoked_token_is_refused_on_the_very_next_request_in_another_process(
         what="the second process to write its events",
     )
     assert os.environ.get("DJANGO_SETTINGS_MODULE") == "tests.settings"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_vend_token_or_a_real_key_at_the_proxy_is_told_what_to_send_instead(
+    proxied: Proxied, fake_anthropic: FakeAnthropic, alice: Any
+) -> None:
+    """Issue 20, item 4: told by the credential's form alone, which says nothing about
+    whether it is valid; the credential itself is never echoed."""
+    vend_token = agent_enroll(name="carol", scopes=["anthropic"], approved_by=alice).vend_token
+    hello = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": []}
+    answers = {
+        sent: httpx.post(f"{proxied.base_url}/v1/messages", headers=headers, json=hello)
+        for sent, headers in {
+            "vend": {"authorization": f"Bearer {vend_token}"},
+            # What the SDK sends when ANTHROPIC_API_KEY is still set beside the token.
+            "key": {"x-api-key": proxied.key, "authorization": f"Bearer {proxied.token}"},
+        }.items()
+    }
+    assert {sent: a.status_code for sent, a in answers.items()} == {"vend": 401, "key": 401}
+    vend, key = (answers[sent].json()["error"]["message"] for sent in ("vend", "key"))
+    assert vend.startswith("this is an agent's vend token (ckr_…)")
+    assert "keybroker get BACKEND" in vend
+    assert key.startswith("this is an upstream API key, not a keybroker token")
+    assert "unset it" in key
+    assert fake_anthropic.requests == []
+    everything = " ".join(a.text for a in answers.values())
+    assert vend_token not in everything
+    assert proxied.key not in everything
+    audit_drained()
+    refused = AuditEvent.objects.filter(status=401).order_by("id")
+    assert [event.message for event in refused] == [vend, key]

@@ -49,6 +49,11 @@ UNANNOUNCED_WAIT_SECONDS = GENERATION_CHECK_SECONDS * 1.5
 ANTHROPIC_ERROR_TYPES = {401: "authentication_error", 403: "permission_error"}
 TOKEN_UNKNOWN = "unknown"  # noqa: S105  (a key of REFUSALS, not a secret)
 CREDENTIAL_UNKNOWN = "credential_unknown"
+# An agent's vend token starts ckr_ (its crd_ tokens are for the proxy).
+VEND_PREFIX = "ckr"
+# Credentials that are not for the proxy, told by their form alone (issue 20, item 4).
+VEND_TOKEN_AT_PROXY = "vend_token_at_proxy"  # noqa: S105
+UPSTREAM_KEY_AT_PROXY = "upstream_key_at_proxy"
 
 # Condition -> (status, message). 401: the credential itself is no good (unknown, expired,
 # revoked, or its agent unenrolled for good); asking again with it never helps.
@@ -59,6 +64,18 @@ REFUSALS: dict[str, tuple[int, str]] = {
     AgentStatus.UNENROLLED: (401, "agent {name} was unenrolled; enroll again"),
     CREDENTIAL_UNKNOWN: (401, "invalid, expired or unknown agent credential"),
     TOKEN_UNKNOWN: (401, "invalid token"),
+    VEND_TOKEN_AT_PROXY: (
+        401,
+        "this is an agent's vend token (ckr_…), which the proxy does not take: mint a crd_ "
+        "token with `keybroker get BACKEND` (POST /v1/credentials/BACKEND) and send that",
+    ),
+    UPSTREAM_KEY_AT_PROXY: (
+        401,
+        "this is an upstream API key, not a keybroker token: keybroker holds the real key; "
+        "send a crd_ token from `keybroker get BACKEND` (POST /v1/credentials/BACKEND). An "
+        "ANTHROPIC_API_KEY left in the environment goes out as x-api-key ahead of the "
+        "token: unset it",
+    ),
     TokenState.EXPIRED: (401, "token expired"),
     TokenState.REVOKED: (401, "token revoked"),
 }
@@ -101,6 +118,16 @@ def token_refusal(*, revoked: bool, expires_at: datetime, now: datetime) -> Refu
 def token_unknown() -> Refusal:
     # Says nothing about what was wrong with it: a guess learns nothing.
     return refusal(TOKEN_UNKNOWN)
+
+
+def token_misplaced(presented: str) -> Refusal | None:
+    """Why a credential sent to the proxy is the wrong kind, told by its form alone (which
+    says nothing about whether it is valid); None for anything that may be a crd_ token."""
+    if presented.startswith(f"{VEND_PREFIX}_"):
+        return refusal(VEND_TOKEN_AT_PROXY)
+    if presented.startswith("sk-"):  # Anthropic's and OpenAI's keys alike
+        return refusal(UPSTREAM_KEY_AT_PROXY)
+    return None
 
 
 def agent_credential_unknown() -> Refusal:

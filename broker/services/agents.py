@@ -22,6 +22,7 @@ from broker.models import (
     touch_last_used_row,
 )
 from broker.services.access import (
+    VEND_PREFIX,
     access_changed,
     agent_credential_unknown,
     agent_require_enrolled,
@@ -31,7 +32,6 @@ from broker.services.tokens import tokens_revoke_all
 from keybroker.wire import SECRET_PATTERN
 
 User = AbstractBaseUser | AnonymousUser | None
-VEND_PREFIX = "ckr"
 MAX_SCOPES = 32
 
 
