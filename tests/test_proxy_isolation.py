@@ -8,6 +8,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import httpx
 import pytest
 
@@ -154,3 +155,29 @@ def test_a_vend_token_or_a_real_key_at_the_proxy_is_told_what_to_send_instead(
     audit_drained()
     refused = AuditEvent.objects.filter(status=401).order_by("id")
     assert [event.message for event in refused] == [vend, key]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_sdk_pointed_at_keybrokers_root_is_told_where_the_proxy_is(
+    live_url: str, proxied: Proxied, settings: Any
+) -> None:
+    """Issue 20, item 4: a base URL without /v1/proxy/BACKEND got an HTML 404 before."""
+    settings.PUBLIC_URL = live_url
+    client = anthropic.Anthropic(base_url=live_url, api_key=proxied.token, max_retries=0)
+    with pytest.raises(anthropic.NotFoundError) as missed:
+        client.messages.create(
+            model="claude-haiku-4-5", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert isinstance(missed.value.body, dict)
+    assert missed.value.body["error"]["message"] == (
+        f"/v1/messages is not keybroker's proxy: set the SDK's base URL to "
+        f"{live_url}/v1/proxy/BACKEND (OpenAI's SDKs: {live_url}/v1/proxy/BACKEND/v1), with a "
+        "crd_ token as its key; `keybroker env BACKEND` prints both"
+    )
+    openai_style = httpx.post(f"{live_url}/v1/chat/completions", json={})
+    assert openai_style.status_code == 404
+    assert (
+        "/v1/chat/completions is not keybroker's proxy" in openai_style.json()["error"]["message"]
+    )
+    # keybroker's own API under /v1/ is untouched.
+    assert httpx.get(f"{live_url}/v1/status").status_code == 401

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import path, re_path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
@@ -15,6 +15,7 @@ from broker.api.backends import (
     BackendValidateView,
 )
 from broker.api.health import HealthView, ReadyView
+from broker.api.misdirected import SDK_PATHS, sdk_call_at_root
 
 admin.site.site_header = "keybroker"
 admin.site.site_title = "keybroker admin"
@@ -29,6 +30,7 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("admin/", admin.site.urls),
+    re_path(SDK_PATHS, sdk_call_at_root),
     path("v1/admin/backends/", BackendListView.as_view(), name="admin-backends"),
     path("v1/admin/backends/<str:name>", BackendDetailView.as_view(), name="admin-backend"),
     path("v1/admin/backends/<str:name>/rotate", BackendRotateView.as_view()),
