@@ -169,16 +169,20 @@ def test_a_taken_name_is_a_409_on_name_in_the_api_and_the_same_words_on_the_form
     backend_add(name="anthropic", secret=api_key())
     body = {"name": "anthropic", "secret": KEY}
     refused = api_post(admin_api, API, body)
+    # It names the next step: someone adding a taken name usually means to change its key.
+    taken = (
+        "a backend named 'anthropic' exists; to replace its key, rotate it (`manage.py "
+        "backend rotate anthropic`), or add a key to its pool (`manage.py backend key-add "
+        "anthropic`)"
+    )
     assert refused.status_code == 409
     assert refused.json()["error"] == {
         "type": "conflict",
-        "message": "name: a backend named 'anthropic' exists",
-        "fields": {"name": ["a backend named 'anthropic' exists"]},
+        "message": f"name: {taken}",
+        "fields": {"name": [taken]},
     }
     # Django's own "Backend with this Name already exists." is not said as well.
-    assert form_errors(admin_page.post(ADMIN_ADD, as_form(body))) == {
-        "name": ["a backend named 'anthropic' exists"]
-    }
+    assert form_errors(admin_page.post(ADMIN_ADD, as_form(body))) == {"name": [taken]}
 
 
 def test_a_move_to_a_new_host_without_the_key_is_refused_alike(

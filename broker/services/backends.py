@@ -370,12 +370,20 @@ def backend_add_check(
             with problems.check():
                 _apply_secret(backend, secret)
     if clean_name and Backend.objects.filter(name=clean_name).exists():
-        problems.found.append(Conflict(f"a backend named {clean_name!r} exists", "name"))
+        problems.found.append(Conflict(_name_taken(clean_name), "name"))
     problems.raise_if_any()
     return backend
 
 
 @transaction.atomic
+def _name_taken(name: str) -> str:
+    # Someone adding a backend under a name in use usually means to change its key.
+    return (
+        f"a backend named {name!r} exists; to replace its key, rotate it (`manage.py backend "
+        f"rotate {name}`), or add a key to its pool (`manage.py backend key-add {name}`)"
+    )
+
+
 def backend_add(
     *,
     name: str,
@@ -401,7 +409,7 @@ def backend_add(
         with transaction.atomic():
             backend.save()
     except IntegrityError:
-        raise Conflict(f"a backend named {backend.name!r} exists", "name") from None
+        raise Conflict(_name_taken(backend.name), "name") from None
     if pending is not None:
         BackendKey.objects.create(
             backend=backend,
