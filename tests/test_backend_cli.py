@@ -30,10 +30,20 @@ def run(*args: str, stdin: str = "") -> str:
 def test_the_backend_lifecycle_from_the_command_line(fake_anthropic: FakeAnthropic) -> None:
     first, second = api_key(tail="F1rs"), api_key(tail="S3cd")
     fake_anthropic.valid_keys.add(second)
+    added = run("backend", "add", "anthropic", "--api-key", first, "--base-url", fake_anthropic.url)
+    listed = run("backend", "ls")
+    validated = io.StringIO()
+    with pytest.raises(CommandError) as invalid:
+        call_command("backend", "validate", "anthropic", stdout=validated)
+    # A key that does not work is not exit 0, and the error names the next step.
+    assert invalid.value.returncode == 3
+    assert str(invalid.value) == (
+        "the key of anthropic is invalid: replace it with `manage.py backend rotate anthropic`"
+    )
     outputs = [
-        run("backend", "add", "anthropic", "--api-key", first, "--base-url", fake_anthropic.url),
-        run("backend", "ls"),
-        run("backend", "validate", "anthropic"),
+        added,
+        listed,
+        validated.getvalue(),
         run("backend", "rotate", "anthropic", "--api-key", "-", stdin=second + "\n"),
         run("backend", "validate", "anthropic"),
         run("backend", "inspect", "anthropic"),

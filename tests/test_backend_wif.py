@@ -33,6 +33,16 @@ def manage(*args: str) -> str:
     return out.getvalue()
 
 
+def validate(name: str) -> tuple[str, int, str]:
+    """`backend validate NAME`: what it printed, its exit status and its error."""
+    out = io.StringIO()
+    try:
+        call_command("backend", "validate", name, stdout=out, stderr=io.StringIO())
+    except CommandError as refused:
+        return out.getvalue(), refused.returncode, str(refused)
+    return out.getvalue(), 0, ""
+
+
 def test_the_cli_adds_a_federated_backend_that_stores_no_secret(
     fake_anthropic: FakeAnthropic,
 ) -> None:
@@ -169,7 +179,8 @@ def test_validation_exchanges_then_lists_models_with_the_access_token(
         "--organization-id", ORGANIZATION, "--service-account-id", SERVICE_ACCOUNT,
         "--base-url", fake_anthropic.url,
     )  # fmt: skip
-    said = manage("backend", "validate", "wif")
+    said, status, _ = validate("wif")
+    assert status == 0
     host = fake_anthropic.url.removeprefix("http://")
     assert said == f"wif: valid ({host} accepted the federated access token)\n"
     [exchange] = fake_anthropic.exchanges
@@ -197,7 +208,12 @@ def test_a_refused_exchange_makes_the_backend_invalid_and_an_outage_unreachable(
         "--organization-id", ORGANIZATION, "--service-account-id", SERVICE_ACCOUNT,
         "--base-url", fake_anthropic.url,
     )  # fmt: skip
-    said = manage("backend", "validate", "wif")
+    said, status, error = validate("wif")
+    assert (status, error) == (
+        3,
+        "the token exchange of wif is invalid: check its federation settings "
+        "(`manage.py backend inspect wif`)",
+    )
     assert said.startswith("wif: invalid (token exchange refused: upstream answered 401")
     assert "claims: invalid_claim" in said
     assert fake_anthropic.exchange_refusals == ["claims: invalid_claim: Invalid claim: 'sub'"]
@@ -206,7 +222,8 @@ def test_a_refused_exchange_makes_the_backend_invalid_and_an_outage_unreachable(
     # An overloaded token endpoint says nothing about the settings.
     overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
     fake_anthropic.answer_next(529, overloaded)
-    said = manage("backend", "validate", "wif")
+    said, status, _ = validate("wif")
+    assert status == 4
     assert said == (
         "wif: unreachable (token exchange refused: upstream answered 529 "
         "(overloaded_error: Overloaded))\n"

@@ -6,13 +6,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from broker.api.backend_keys import keys_output
 from broker.api.backends import BackendOutput
-from broker.kinds import DEFAULT_KIND
+from broker.kinds import DEFAULT_KIND, provider_for
 from broker.management.commands._output import as_json, read_secret, service_errors, table
-from broker.models import Backend, BackendKey
+from broker.models import Backend, BackendKey, ValidationState
 from broker.selectors.backend_keys import KeyHealth, key_get
 from broker.services.backend_keys import key_add, key_disable, key_enable, key_remove
 from broker.services.backends import (
@@ -28,6 +28,10 @@ from broker.services.backends import (
     backend_validate,
 )
 from broker.services.oidc import backend_subject
+
+# `backend validate`'s exit status: 0 valid, these otherwise (README, Server CLI).
+EXIT_INVALID = 3
+EXIT_UNREACHABLE = 4
 
 
 class Command(BaseCommand):
@@ -171,6 +175,22 @@ class Command(BaseCommand):
         backend = backend_get(name=options["name"])
         result = backend_validate(backend=backend)
         self.stdout.write(f"{backend.name}: {result.state} ({result.message})")
+        # Scripts and people alike read the exit status: a key that does not work is not 0.
+        if result.state == ValidationState.INVALID:
+            fix = (
+                f"check its federation settings (`manage.py backend inspect {backend.name}`)"
+                if provider_for(backend.kind).federated
+                else f"replace it with `manage.py backend rotate {backend.name}`"
+            )
+            what = "token exchange" if provider_for(backend.kind).federated else "key"
+            raise CommandError(
+                f"the {what} of {backend.name} is invalid: {fix}", returncode=EXIT_INVALID
+            )
+        if result.state == ValidationState.UNREACHABLE:
+            raise CommandError(
+                f"{backend.name}'s upstream could not be reached; the key is unchecked",
+                returncode=EXIT_UNREACHABLE,
+            )
 
     def do_rotate(self, **options: Any) -> None:
         backend = backend_get(name=options["name"])
