@@ -73,3 +73,22 @@ class UpstreamFailed(ProxyError):
     @property
     def outcome(self) -> str:
         return "upstream_timeout" if self.timed_out else "upstream_unreachable"
+
+
+class KeyInvalid(ProxyError):
+    """Every key of the backend was found invalid by its last validation (issue 20, item
+    1): the upstream would refuse the call with its own "invalid x-api-key", which an agent
+    reads as its token being bad. Not retried: only an admin's rotation helps."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__(
+            503,
+            "api_error",
+            f"backend {backend}'s key was found invalid by its last validation; an admin must "
+            f"replace it (`manage.py backend rotate {backend}`, or the admin's Backends page)",
+            headers=[(b"x-should-retry", b"false")],
+        )
+
+    @property
+    def outcome(self) -> str:
+        return "key_invalid"

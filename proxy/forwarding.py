@@ -24,7 +24,7 @@ from yarl import URL
 from broker.kinds import AuthScheme, ProviderError, provider_for
 from broker.services.tokens import proxy_base_url
 from proxy.access import AccessCache, AccessDenied, Route
-from proxy.errors import UpstreamFailed
+from proxy.errors import KeyInvalid, UpstreamFailed
 from proxy.federation import federated_secret, federation_cache
 from proxy.keys import (
     FAILOVER_STATUSES,
@@ -91,6 +91,8 @@ async def upstream_secret(headers: Headers, route: Route) -> tuple[AuthScheme, s
     if route.federation is not None:
         return await federated_secret(route.federation)
     if not route.client_key:
+        if route.keys and all(key.invalid for key in route.keys):
+            raise KeyInvalid(route.name)
         if route.keys:
             chosen = await key_choose(route.name, route.keys)
             if chosen is not None:

@@ -701,3 +701,25 @@ def test_malformed_json_to_the_key_endpoints_is_a_400(admin_api: Client) -> None
         refused = method(target, '{"secret": ', content_type="application/json")
         assert refused.status_code == 400
     assert BackendKey.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_backend_whose_every_key_is_invalid_says_so_instead_of_the_upstreams_401(
+    proxied: Proxied, fake_anthropic: FakeAnthropic
+) -> None:
+    """Issue 20, item 1: the agent saw the upstream's "invalid x-api-key" as if its own
+    token were bad."""
+    fake_anthropic.valid_keys.discard(proxied.key)
+    assert backend_validate(backend=proxied.backend).state == ValidationState.INVALID
+    refused = call(proxied)
+    fake_anthropic.valid_keys.add(proxied.key)  # fixed upstream; validated again, it serves
+    assert backend_validate(backend=proxied.backend).state == ValidationState.VALID
+    served = call(proxied)
+
+    assert (refused.status_code, refused.headers["x-should-retry"]) == (503, "false")
+    assert refused.json()["error"]["message"] == (
+        "backend anthropic's key was found invalid by its last validation; an admin must "
+        "replace it (`manage.py backend rotate anthropic`, or the admin's Backends page)"
+    )
+    assert served.status_code == 200
+    assert [r.path for r in fake_anthropic.requests] == ["/v1/models", "/v1/models", "/v1/messages"]

@@ -801,6 +801,7 @@ def _record_validation(
     message = redact(result.message)[:500]
     what = f"key {key.fingerprint} of backend {backend.name}" if key else f"backend {backend.name}"
     with transaction.atomic():
+        before = set(unchanged.values_list("validation_state", flat=True))
         updated = unchanged.update(
             validation_state=result.state,
             validation_message=message,
@@ -809,6 +810,10 @@ def _record_validation(
         if not updated:
             logger.info("%s changed while being validated; result dropped", what)
             return False
+        if (ValidationState.INVALID in before) != (result.state == ValidationState.INVALID):
+            # The proxy refuses calls to a backend whose every key is invalid: a key that
+            # becomes invalid, or valid again, changes what it serves at once.
+            access_changed()
         detail: dict[str, Any] = {"fingerprint": key.fingerprint} if key else {}
         audit_record(
             action=_VALIDATION_ACTIONS.get(result.state, "backend.unreachable"),
