@@ -68,6 +68,14 @@ def test_alice_sets_and_reads_bobs_policy(admin_api: Client, bob: tuple[Agent, s
         ({"max_concurrent": 10_001}, "max_concurrent: must be at most 10,000"),
         ({"max_concurrent": "8"}, "max_concurrent: A valid integer is required."),
         ({"budget": 5}, "budget: unknown field"),
+        ({"daily_usd": "-5"}, "daily_usd: must be more than 0, not -5"),
+        ({"daily_usd": -5}, "daily_usd: must be more than 0, not -5"),
+        ({"daily_usd": "twenty"}, "daily_usd: 'twenty' is not an amount in US dollars"),
+        ({"daily_usd": "NaN"}, 'daily_usd: must be an amount in US dollars, such as "25.00"'),
+        ({"monthly_usd": "1000001"}, "monthly_usd: must be at most 1,000,000 USD"),
+        ({"monthly_usd": 1e9}, "monthly_usd: must be at most 1,000,000 USD"),
+        ({"monthly_usd": True}, 'monthly_usd: give an amount in US dollars, such as "25.00"'),
+        ({"monthly_usd": {"usd": 5}}, "monthly_usd: give an amount in US dollars"),
     ],
 )
 def test_bad_input_is_a_400_and_changes_nothing(
