@@ -102,9 +102,14 @@ def price_tables() -> tuple[list[Price], ...]:
 def price_for(model: str) -> Price | None:
     """The entry that prices ``model``: the longest matching pattern of the first table
     (the operator's, then the shipped) that has one."""
-    if not model:
-        return None
-    for table in price_tables():
+    return _price_for(settings.PRICES_FILE, model) if model else None
+
+
+# Every metered call asks, and a process sees few models: matching each call's model
+# against every pattern again would be work on the proxy's hot path.
+@functools.lru_cache(maxsize=1024)
+def _price_for(override: str, model: str) -> Price | None:
+    for table in _tables(override):
         matching = [p for p in table if fnmatch.fnmatchcase(model, p.pattern)]
         if matching:
             return max(matching, key=lambda price: len(price.pattern))
