@@ -1,7 +1,11 @@
-"""A fast fake Anthropic upstream for the benchmark, in its own process.
+"""The benchmark's fake Anthropic upstream, in its own process, in two builds.
 
-Raw asyncio with httptools (uvloop when installed), so that it costs a few tens of
-microseconds per request and never is the bottleneck. It speaks HTTP/1.1 with keep-alive:
+``--server raw`` (the default): raw asyncio with httptools (uvloop when installed), so
+that it costs a few tens of microseconds per request and never is the bottleneck.
+``--server aiohttp``: the same answers from an ``aiohttp.web`` application, the issue 13
+reporter's upstream, which costs about what a small real service costs per request; the
+throughput target ("40 % of nginx's against the same upstream") was set against it.
+Both speak HTTP/1.1 with keep-alive:
 
 - ``POST /v1/messages``: a JSON message with a ``usage`` block, or, when the body has
   ``"stream": true``, Server-Sent Events in Anthropic's wire format (``message_start``,
@@ -18,6 +22,7 @@ with query parameters, because every proxy forwards query strings verbatim:
 ``gzip=1`` (gzip the JSON body when the request accepts gzip).
 
     python -m bench.upstream --port 9100 --chunks 100 --ttft-ms 200 --gap-ms 20
+    python -m bench.upstream --server aiohttp --port 9101
 """
 
 from __future__ import annotations
@@ -51,6 +56,14 @@ class Shape:
     chunks: int = 20
     ttft: float = 0.0
     gap: float = 0.0
+
+    def overridden(self, params: dict[str, str]) -> Shape:
+        """This shape with the request's query parameters (chunks, ttft_ms, gap_ms) applied."""
+        return Shape(
+            chunks=int(params.get("chunks", self.chunks)),
+            ttft=float(params.get("ttft_ms", self.ttft * 1000)) / 1000,
+            gap=float(params.get("gap_ms", self.gap * 1000)) / 1000,
+        )
 
 
 def json_body() -> bytes:
@@ -160,6 +173,12 @@ def error_body(status: int) -> bytes:
     ).encode()
 
 
+def error_reply(status: int) -> tuple[bytes, dict[str, str]]:
+    """An error answer's body and its extra headers (a 429 says when to come back)."""
+    extra = {"retry-after": "7", "x-should-retry": "true"} if status == 429 else {}
+    return error_body(status), extra
+
+
 class Stats:
     __slots__ = ("aborted", "active", "completed", "credentials", "messages", "requests", "streams")
 
@@ -173,6 +192,13 @@ class Stats:
         # POST /v1/messages by the key's last 16 characters: each proxy's calls, to count
         # against the audit events it wrote.
         self.messages: Counter[str] = Counter()
+
+    def count(self, path: bytes, method: bytes, headers: dict[bytes, bytes]) -> None:
+        """One request: its credential's kind, and for a message its key's tail."""
+        self.credentials[_credential_kind(headers)] += 1
+        if path == b"/v1/messages" and method == b"POST":
+            key = headers.get(b"x-api-key") or headers.get(b"authorization", b"")
+            self.messages[key[-16:].decode("latin-1")] += 1
 
     def as_json(self) -> bytes:
         return json.dumps(
@@ -298,10 +324,7 @@ class UpstreamProtocol(asyncio.Protocol):
         if path == b"/_bench/stats":
             self._write(200, b"application/json", self.stats.as_json(), keep_alive=keep)
             return
-        self.stats.credentials[_credential_kind(headers)] += 1
-        if path == b"/v1/messages" and method == b"POST":
-            key = headers.get(b"x-api-key") or headers.get(b"authorization", b"")
-            self.stats.messages[key[-16:].decode("latin-1")] += 1
+        self.stats.count(path, method, headers)
         params = dict(parse_qsl(query.decode("latin-1"))) if query else {}
         if path == b"/v1/models" and method == b"GET":
             self._write(200, b"application/json", MODELS_BODY, keep_alive=keep)
@@ -311,16 +334,13 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         if "status" in params:
             status = int(params["status"])
-            extra = b"retry-after: 7\r\nx-should-retry: true\r\n" if status == 429 else b""
-            self._write(
-                status, b"application/json", error_body(status), keep_alive=keep, extra=extra
+            body, headers_extra = error_reply(status)
+            extra = b"".join(
+                b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers_extra.items()
             )
+            self._write(status, b"application/json", body, keep_alive=keep, extra=extra)
             return
-        shape = Shape(
-            chunks=int(params.get("chunks", self.shape.chunks)),
-            ttft=float(params.get("ttft_ms", self.shape.ttft * 1000)) / 1000,
-            gap=float(params.get("gap_ms", self.shape.gap * 1000)) / 1000,
-        )
+        shape = self.shape.overridden(params)
         if _STREAM_TRUE.search(body):
             self.stats.streams += 1
             self.task = asyncio.ensure_future(self._stream(shape, keep))
@@ -395,6 +415,101 @@ async def serve(host: str, port: int, shape: Shape) -> None:
         await server.serve_forever()
 
 
+def aiohttp_app(shape: Shape, stats: Stats) -> Any:
+    """The same answers as UpstreamProtocol's, from an ``aiohttp.web`` application."""
+    from aiohttp import web
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        stats.requests += 1
+        headers = {k.lower().encode(): v.encode("latin-1") for k, v in request.headers.items()}
+        stats.count(b"/v1/messages", b"POST", headers)
+        params = dict(request.query)
+        if "status" in params:
+            status = int(params["status"])
+            body, extra = error_reply(status)
+            return web.Response(status=status, body=body, headers=_reply_headers(stats, extra))
+        shape_now = shape.overridden(params)
+        body = await request.read()
+        if not _STREAM_TRUE.search(body):
+            gzipped = params.get("gzip") == "1" and "gzip" in request.headers.get(
+                "accept-encoding", ""
+            )
+            if shape_now.ttft:
+                await asyncio.sleep(shape_now.ttft)
+            extra = {"content-encoding": "gzip", "vary": "accept-encoding"} if gzipped else {}
+            return web.Response(
+                body=JSON_BODY_GZIP if gzipped else JSON_BODY,
+                headers=_reply_headers(stats, extra),
+            )
+        stats.streams += 1
+        stats.active += 1
+        answer = web.StreamResponse(
+            headers={
+                "content-type": "text/event-stream; charset=utf-8",
+                "cache-control": "no-cache",
+                "request-id": f"req_bench{stats.requests:012d}",
+            }
+        )
+        try:
+            await answer.prepare(request)
+            await answer.write(SSE_START + SSE_BLOCK_START)
+            if shape_now.ttft:
+                await asyncio.sleep(shape_now.ttft)
+            for i in range(shape_now.chunks):
+                if i and shape_now.gap:
+                    await asyncio.sleep(shape_now.gap)
+                await answer.write(SSE_DELTA)
+            await answer.write(sse_end(shape_now.chunks))
+            await answer.write_eof()
+            stats.completed += 1
+        except (asyncio.CancelledError, ConnectionError):
+            stats.aborted += 1
+            raise
+        finally:
+            stats.active -= 1
+        return answer
+
+    async def models(request: web.Request) -> web.Response:
+        stats.requests += 1
+        headers = {k.lower().encode(): v.encode("latin-1") for k, v in request.headers.items()}
+        stats.count(b"/v1/models", b"GET", headers)
+        return web.Response(body=MODELS_BODY, headers=_reply_headers(stats, {}))
+
+    async def bench_stats(request: web.Request) -> web.Response:
+        stats.requests += 1
+        return web.Response(body=stats.as_json(), content_type="application/json")
+
+    # A client that leaves mid-answer cancels its handler: that is "disconnect propagates".
+    app = web.Application(handler_args={"handler_cancellation": True})
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/_bench/stats", bench_stats)
+    return app
+
+
+def _reply_headers(stats: Stats, extra: dict[str, str]) -> dict[str, str]:
+    return {
+        "content-type": "application/json",
+        "request-id": f"req_bench{stats.requests:012d}",
+        **extra,
+    }
+
+
+async def serve_aiohttp(host: str, port: int, shape: Shape) -> None:
+    from aiohttp import web
+
+    runner = web.AppRunner(aiohttp_app(shape, Stats()), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    await site.start()
+    bound = runner.addresses[0][1]
+    print(f"listening on http://{host}:{bound}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run a coroutine on uvloop when it is installed, else on asyncio's own loop."""
     try:
@@ -407,6 +522,10 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--server", choices=("raw", "aiohttp"), default="raw",
+        help="raw asyncio + httptools (never the bottleneck), or aiohttp.web (issue 13's)",
+    )  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("BENCH_UPSTREAM_PORT", 0)))
     parser.add_argument(
@@ -423,7 +542,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     shape = Shape(args.chunks, args.ttft_ms / 1000, args.gap_ms / 1000)
     with contextlib.suppress(KeyboardInterrupt):
-        run_loop(serve(args.host, args.port, shape))
+        server = serve_aiohttp if args.server == "aiohttp" else serve
+        run_loop(server(args.host, args.port, shape))
     sys.exit(0)
 
 
