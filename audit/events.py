@@ -122,9 +122,21 @@ def event_row(
             row[COLUMN_OF[name]] = value
         else:
             detail[name] = value
-    # A value JSON cannot hold (a datetime, a Decimal) would fail the write of a whole batch.
-    row["detail"] = json.loads(json.dumps(detail, default=str)) if detail else detail
+    row["detail"] = _json_ready(detail)
     return _clean(row)
+
+
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
+def _json_ready(detail: dict[str, Any]) -> dict[str, Any]:
+    """``detail`` as JSON holds it. A value JSON cannot hold (a datetime, a Decimal) would
+    fail the write of a whole batch; the round trip is skipped when every value is plain,
+    as a proxied call's are (it was a tenth of the call's audit cost)."""
+    if all(type(value) in _PLAIN for value in detail.values()):
+        return detail
+    converted: dict[str, Any] = json.loads(json.dumps(detail, default=str))
+    return converted
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:

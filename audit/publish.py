@@ -72,11 +72,16 @@ def _messages(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def audit_publish_async(events: Sequence[AuditEvent | dict[str, Any]]) -> bool:
-    """Publish from an event loop (the proxy's recorder); True when every message went out."""
+    """Publish from an event loop; True when every message went out."""
+    return await audit_publish_payloads([event_json(event) for event in events])
+
+
+async def audit_publish_payloads(payloads: Sequence[dict[str, Any]]) -> bool:
+    """Publish events already in their JSON form (``event_json``): the proxy's recorder
+    builds them in its writer thread, so the event loop only sends them."""
     layer = get_channel_layer()
-    if layer is None or not events:
+    if layer is None or not payloads:
         return True
-    payloads = [event_json(event) for event in events]
 
     async def send(message: dict[str, Any]) -> None:
         await asyncio.wait_for(
@@ -88,13 +93,13 @@ async def audit_publish_async(events: Sequence[AuditEvent | dict[str, Any]]) -> 
         if since is not None:
             await send({"type": MISSED_TYPE, "since": since.isoformat()})
             _missed.said(since)
-        for message in _messages(payloads):
+        for message in _messages(list(payloads)):
             await send(message)
     except Exception as exc:
         _missed.note(min(datetime.fromisoformat(p["created_at"]) for p in payloads))
         logger.warning(
             "live feed: %d audit event(s) not published (%s); they are stored all the same",
-            len(events),
+            len(payloads),
             type(exc).__name__,
         )
         return False
