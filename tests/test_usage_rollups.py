@@ -4,7 +4,7 @@ the reader groups it (audit/rollups.py, audit/usage.py)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -25,40 +25,13 @@ from audit.tasks import usage_rollup_task
 from audit.usage import UsageQuery, agent_label, usage_report
 from broker.infra.errors import ServiceError
 from broker.models import Agent
-from broker.services.agents import agent_enroll, agent_unenroll
+from broker.services.agents import agent_unenroll
+from tests.usage_cast import NOW, agent, call, refused
 
 pytestmark = pytest.mark.django_db
 
-NOW = datetime(2026, 12, 7, 14, 30, tzinfo=UTC)
-HOUR = NOW.replace(minute=0)
-
-
-def agent(name: str, alice: AbstractBaseUser) -> Agent:
-    return agent_enroll(name=name, scopes=[], approved_by=alice).agent
-
-
-def call(who: Agent | None, **fields: Any) -> AuditEvent:
-    """A proxied call as the recorder writes it: allowed and fine unless told otherwise."""
-    fields.setdefault("action", "proxy.request")
-    fields.setdefault("backend", "anthropic")
-    fields.setdefault("model", "claude-haiku-4-5")
-    fields.setdefault("status", 200)
-    fields.setdefault("outcome", "ok")
-    fields.setdefault("policy_result", "allowed" if who else "denied")
-    fields.setdefault("created_at", NOW - timedelta(minutes=5))
-    return AuditEvent.objects.create(
-        actor_type="agent" if who else "system",
-        agent=who.name if who else "",
-        agent_id=who.pk if who else None,
-        **fields,
-    )
-
-
-def refused(who: Agent | None, **fields: Any) -> AuditEvent:
-    fields.setdefault("status", 429)
-    return call(
-        who, action="policy.denied", outcome="denied", policy_result="denied", **fields
-    )
+COUNTED = ("calls", "errors", "refusals", "input_tokens", "output_tokens", "cache_read_tokens",
+           "cache_write_tokens")  # fmt: skip
 
 
 def query(**params: str) -> UsageQuery:
@@ -83,7 +56,8 @@ def trail(alice: AbstractBaseUser) -> dict[str, Agent]:
     refused(bob)
     refused(bob, status=403, created_at=earlier)
     call(carol, backend="staging", model="claude-sonnet-4-5", input_tokens=1_000_000,
-         output_tokens=10, cost_usd=Decimal("3.00015"), created_at=earlier, ttfb_ms=700.0)  # fmt: skip
+         output_tokens=10, cost_usd=Decimal("3.00015"), created_at=earlier,
+         ttfb_ms=700.0)  # fmt: skip
     call(None, status=401, outcome="denied", model="")  # a bad token: no agent known
     # Not calls: never counted.
     AuditEvent.objects.create(action="token.issued", actor_type="agent", agent="bob",
@@ -93,11 +67,8 @@ def trail(alice: AbstractBaseUser) -> dict[str, Agent]:
 
 def direct(events: list[AuditEvent], key: Any) -> dict[Any, dict[str, Any]]:
     """The trail summed straight from its rows, by the definitions in docs/decisions.md."""
-    sums: dict[Any, dict[str, Any]] = defaultdict(
-        lambda: {"calls": 0, "errors": 0, "refusals": 0, "input_tokens": 0, "output_tokens": 0,
-                 "cache_read_tokens": 0, "cache_write_tokens": 0, "cost": Decimal(0),
-                 "unknown": 0}  # fmt: skip
-    )
+    zero = dict.fromkeys(COUNTED, 0) | {"cost": Decimal(0), "unknown": 0}
+    sums: dict[Any, dict[str, Any]] = defaultdict(lambda: dict(zero))
     for event in events:
         if event.action not in ("proxy.request", "policy.denied"):
             continue
@@ -108,7 +79,7 @@ def direct(events: list[AuditEvent], key: Any) -> dict[Any, dict[str, Any]]:
         row["errors"] += not denied and (
             (event.status or 0) >= 400 or event.outcome not in ("ok", "client_gone")
         )
-        for name in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"):
+        for name in COUNTED[3:]:
             row[name] += getattr(event, name) or 0
         if event.cost_usd is not None:
             row["cost"] += event.cost_usd
@@ -141,14 +112,13 @@ def test_the_rollups_match_a_direct_sum_of_the_trail(trail: dict[str, Agent]) ->
     assert set(got) == set(expected)
     for key, sums in expected.items():
         row = got[key]
-        for name in ("calls", "errors", "refusals", "input_tokens", "output_tokens",
-                     "cache_read_tokens", "cache_write_tokens"):  # fmt: skip
+        for name in COUNTED:
             assert row[name] == sums[name], (key, name)
         assert Decimal(row["cost_usd"]) == sums["cost"], key
         assert row["cost_unknown_calls"] == sums["unknown"], key
     totals = report["totals"]
     assert (totals["calls"], totals["errors"], totals["refusals"]) == (11, 3, 3)
-    assert totals["cache_read_tokens"] == 1000 and totals["cache_write_tokens"] == 50
+    assert (totals["cache_read_tokens"], totals["cache_write_tokens"]) == (1000, 50)
     assert totals["cost_usd"] == "3.003385"
     assert totals["cost_unknown_calls"] == 1
     # Names come with the ids; the call without an agent is its own group.
@@ -254,18 +224,19 @@ def test_agents_of_one_name_are_kept_apart_after_an_unenroll(alice: AbstractBase
     assert ("agent.enrolled", second.pk) in ids
 
 
-@pytest.mark.parametrize(
-    "group_by",
-    ["", "agent", "backend", "model", "day", "hour", "agent,model", "backend,day",
-     "agent,backend,model,hour", "model,agent,day"],  # fmt: skip
-)
+GROUPINGS = ["", "agent", "backend", "model", "day", "hour", "agent,model", "backend,day",
+             "agent,backend,model,hour", "model,agent,day"]  # fmt: skip
+
+
+@pytest.mark.parametrize("group_by", GROUPINGS)
 def test_every_grouping_adds_up_to_the_totals(trail: dict[str, Agent], group_by: str) -> None:
     usage_rollup(now=NOW)
     report = usage_report(query(group_by=group_by))
     wanted = [name for name in group_by.split(",") if name]
     assert report["group_by"] == wanted
     groups = report["groups"]
-    keys = {tuple(row[name if name != "agent" else "agent_id"] for name in wanted) for row in groups}
+    column = {"agent": "agent_id"}
+    keys = {tuple(row[column.get(name, name)] for name in wanted) for row in groups}
     assert len(keys) == len(groups)  # each group once
     for name in ("calls", "errors", "refusals", "input_tokens", "cache_read_tokens"):
         assert sum(row[name] for row in groups) == report["totals"][name]
