@@ -214,7 +214,10 @@ def _rollup_chunk(now: datetime) -> tuple[int, bool]:
         last_id = max(new_ids, default=cursor.last_id)
         stamp = now.isoformat()
         gaps = _gaps_left(cursor.gaps, found, now)
-        gaps += [[low, high, stamp] for low, high in _missing(cursor.last_id + 1, last_id, found)]
+        # A fresh cursor starts at the first row it sees: ids below it are rows retention
+        # deleted (or, on PostgreSQL, ids rolled back), not rows still being written.
+        start = cursor.last_id + 1 if cursor.last_id or not found else min(found)
+        gaps += [[low, high, stamp] for low, high in _missing(start, last_id, found)]
         if len(gaps) > MAX_GAP_RANGES:
             logger.warning("usage rollup: %d id gaps; the oldest are dropped", len(gaps))
             gaps = gaps[-MAX_GAP_RANGES:]

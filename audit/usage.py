@@ -86,9 +86,13 @@ class UsageQuery:
         if "day" in group_by and "hour" in group_by:
             raise ServiceError("day or hour, not both", "group_by")
         end = _hour(until)
+        try:
+            end = end if end == until else end + timedelta(hours=1)
+        except OverflowError:
+            raise ServiceError("a time before the year 9999 ends", "until") from None
         return cls(
             since=_hour(since),
-            until=end if end == until else end + timedelta(hours=1),
+            until=end,
             group_by=tuple(group_by),
             agent=texts.get("agent", ""),
             backend=texts.get("backend", ""),

@@ -4,12 +4,14 @@ the reader groups it (audit/rollups.py, audit/usage.py)."""
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from django.contrib.auth.models import AbstractBaseUser
+from django.db import connection
 from django.db.models import Max
 
 from audit import rollups
@@ -163,6 +165,33 @@ def test_a_worker_that_lost_the_claim_counts_nothing(
     assert UsageCursor.objects.get().version == 1
 
 
+@pytest.mark.django_db(transaction=True)
+def test_workers_running_at_once_count_every_call_once(
+    alice: AbstractBaseUser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four workers at once, each on its own connection, over many small chunks."""
+    monkeypatch.setattr(rollups, "CHUNK", 50)
+    bob = agent("bob", alice)
+    AuditEvent.objects.bulk_create(
+        [AuditEvent(action="proxy.request", actor_type="agent", agent="bob", agent_id=bob.pk,
+                    backend="anthropic", model="claude-haiku-4-5", status=200, outcome="ok",
+                    input_tokens=n, created_at=NOW) for n in range(1, 1001)]
+    )  # fmt: skip
+
+    def worker() -> int:
+        try:
+            return usage_rollup(now=NOW)
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        counted = [future.result() for future in [pool.submit(worker) for _ in range(4)]]
+    assert sum(counted) == 1000
+    totals = usage_report(query())["totals"]
+    assert (totals["calls"], totals["input_tokens"]) == (1000, 1000 * 1001 // 2)
+    assert usage_rollup(now=NOW) == 0
+
+
 def test_rows_committed_after_later_ones_are_still_counted(
     trail: dict[str, Agent],
 ) -> None:
@@ -269,6 +298,7 @@ def test_filters_narrow_by_backend_model_and_range(trail: dict[str, Agent]) -> N
         ({"since": "1h", "until": "2h"}, "until"),
         ({"since": "1000d"}, "since"),
         ({"agent": "x" * 201}, "agent"),
+        ({"since": "9999-12-31T23:00", "until": "9999-12-31T23:59"}, "until"),
     ],
 )
 def test_bad_queries_name_their_field(params: dict[str, str], field: str) -> None:
