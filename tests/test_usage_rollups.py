@@ -132,6 +132,15 @@ def test_the_rollups_match_a_direct_sum_of_the_trail(trail: dict[str, Agent]) ->
     assert agent_label(by_agent[""]) == "(no agent)"
 
 
+def test_beat_rolls_up_every_30_seconds_and_each_run_expires_before_the_next(
+    settings: Any,
+) -> None:
+    entry = settings.CELERY_BEAT_SCHEDULE["usage-rollup"]
+    assert entry["task"] == usage_rollup_task.name
+    assert entry["schedule"] <= 30  # "correct within a minute"
+    assert entry["options"]["expires"] < entry["schedule"]
+
+
 def test_a_second_run_counts_nothing_twice(trail: dict[str, Agent]) -> None:
     usage_rollup_task.apply()
     first = usage_report(query(group_by="agent,model"))
