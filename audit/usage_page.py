@@ -180,7 +180,7 @@ def usage_page_data(params: Mapping[str, str], *, now: datetime) -> dict[str, An
     by_time = report(step)["groups"]
     agents = report("agent")
     # The pickers offer what the range holds, whatever the other filters say.
-    unfiltered = {"since": chosen}
+    held = usage_report(UsageQuery.parse({"since": chosen, "group_by": ",".join(FILTERS)}, now=now))
     return {
         "range": chosen,
         "filters": filters,
@@ -197,15 +197,7 @@ def usage_page_data(params: Mapping[str, str], *, now: datetime) -> dict[str, An
         "top_agents": [{**row, "label": agent_label(row)} for row in agents["groups"]],
         "budgets": grant_budgets(agent=filters["agent"], backend=filters["backend"]),
         "choices": {
-            name: sorted(
-                {
-                    str(row.get(name) or "")
-                    for row in usage_report(
-                        UsageQuery.parse({**unfiltered, "group_by": name}, now=now)
-                    )["groups"]
-                }
-                - {""}
-            )
+            name: sorted({str(row.get(name) or "") for row in held["groups"]} - {""})
             for name in FILTERS
         },
     }
