@@ -109,8 +109,8 @@ class AuditEventAdmin(HistoryAdmin[AuditEvent]):
     list_per_page = 100
     show_full_result_count = False  # COUNT(*) over a large trail on every page is slow
     fieldsets = [
-        (None, {"fields": ["created_at", "action", "actor_type", "actor", "agent", "backend",
-                           "client_address", "message"]}),
+        (None, {"fields": ["created_at", "action", "actor_type", "actor", "agent", "agent_id",
+                           "backend", "client_address", "message"]}),
         ("Token", {"fields": ["token_id", "token_prefix"]}),
         ("Proxied call", {"fields": [
             "method", "path", "model", "system_prompt", "streamed", "status", "outcome",

@@ -39,6 +39,7 @@ CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 FILTER_PARAMETERS = [
     OpenApiParameter("agent", description="agent name"),
+    OpenApiParameter("agent_id", description="agent id: one agent, though its name be reused"),
     OpenApiParameter("backend", description="backend name"),
     OpenApiParameter("action", description="comma-separated; `token.*` for a family"),
     OpenApiParameter("status", description="HTTP status of a proxied call, or a class: `4xx`"),
@@ -54,6 +55,7 @@ class AuditQuery(StrictInputSerializer):
     """The query string: filters, and for the list its cursor. Unknown names are refused."""
 
     agent = serializers.CharField(required=False, allow_blank=True)
+    agent_id = serializers.CharField(required=False, allow_blank=True)
     backend = serializers.CharField(required=False, allow_blank=True)
     action = serializers.CharField(required=False, allow_blank=True)
     status = serializers.CharField(required=False, allow_blank=True)

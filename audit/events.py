@@ -83,9 +83,9 @@ INT32_MAX = 2**31 - 1
 
 # Every column a row holds, in the order exports and the feed show them.
 EVENT_FIELDS = (
-    "id", "created_at", "action", "actor_type", "actor", "agent", "backend", "token_id",
-    "token_prefix", "client_address", "message", "method", "path", "model", "system_prompt",
-    "streamed", "status", "outcome", "request_id", "input_tokens", "output_tokens",
+    "id", "created_at", "action", "actor_type", "actor", "agent", "agent_id", "backend",
+    "token_id", "token_prefix", "client_address", "message", "method", "path", "model",
+    "system_prompt", "streamed", "status", "outcome", "request_id", "input_tokens", "output_tokens",
     "cache_read_tokens", "cache_write_tokens", "stop_reason", "ttfb_ms", "duration_ms",
     "cost_usd", "policy_result", "policy_reason", "detail",
 )  # fmt: skip
@@ -100,6 +100,7 @@ def event_row(
     agent: str,
     backend: str,
     address: str | None,
+    agent_id: str | None = None,
     message: str,
     fields: dict[str, Any],
     columns: frozenset[str],
@@ -111,6 +112,8 @@ def event_row(
         "actor_type": actor_type,
         "actor": actor,
         "agent": agent,
+        # A string: queued rows are plain data; the column takes it as a UUID.
+        "agent_id": agent_id or None,
         "backend": backend,
         "client_address": address or None,
         # Messages may quote an upstream; keep credentials out whatever it says.
@@ -182,4 +185,6 @@ def event_json(event: AuditEvent | dict[str, Any]) -> dict[str, Any]:
         data["created_at"] = created_at.isoformat()
     if isinstance(data["cost_usd"], Decimal):
         data["cost_usd"] = str(data["cost_usd"])
+    if data["agent_id"] is not None:
+        data["agent_id"] = str(data["agent_id"])
     return data

@@ -49,6 +49,9 @@ class AuditEvent(models.Model):
     actor_type = models.CharField(max_length=16, choices=ActorType.choices)
     actor = models.CharField(max_length=150, blank=True)
     agent = models.CharField(max_length=63, blank=True)
+    # The agent's id (issue 20, item 9): its name may be taken again after an unenroll, so
+    # usage and "this agent's calls" key on the id; null for old rows and non-agent events.
+    agent_id = models.UUIDField(null=True, blank=True)
     backend = models.CharField(max_length=63, blank=True)
     token_id = models.CharField(max_length=36, blank=True, db_index=True)
     token_prefix = models.CharField(max_length=32, blank=True)
@@ -85,6 +88,7 @@ class AuditEvent(models.Model):
         indexes = [
             models.Index(fields=["action", "-created_at"], name="audit_action_time"),
             models.Index(fields=["agent", "-created_at"], name="audit_agent_time"),
+            models.Index(fields=["agent_id", "-created_at"], name="audit_agent_id_time"),
             models.Index(fields=["backend", "-created_at"], name="audit_backend_time"),
             models.Index(fields=["status", "-created_at"], name="audit_status_time"),
             models.Index(fields=["model", "-created_at"], name="audit_model_time"),
@@ -100,3 +104,63 @@ class AuditEvent(models.Model):
 
     def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
         raise AppendOnly("audit events are append-only; old rows go by retention only")
+
+
+class UsageRollup(models.Model):
+    """Proxied calls summed per UTC hour, agent, backend and model (docs/decisions.md,
+    "Usage and rollups"). Written only by ``usage_rollup`` (audit/rollups.py), which adds
+    each audit row exactly once; the usage API, page and commands read these, never the
+    trail.
+    """
+
+    hour = models.DateTimeField(help_text="start of the UTC hour")
+    # The agent's id as text, "" for calls no agent was known for (a bad token): a unique
+    # constraint treats NULLs as distinct, so "no agent" needs a value of its own.
+    agent_key = models.CharField(max_length=36, blank=True)
+    # The agent's name as the latest counted call recorded it; the current name is read
+    # from the Agent row when there is one.
+    agent_name = models.CharField(max_length=63, blank=True)
+    backend = models.CharField(max_length=63, blank=True)
+    model = models.CharField(max_length=100, blank=True)
+    calls = models.PositiveBigIntegerField(default=0)
+    errors = models.PositiveBigIntegerField(default=0)
+    refusals = models.PositiveBigIntegerField(default=0)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    cache_read_tokens = models.PositiveBigIntegerField(default=0)
+    cache_write_tokens = models.PositiveBigIntegerField(default=0)
+    # The sum of the calls whose cost is known; ``cost_unknown`` counts the others.
+    cost_usd = models.DecimalField(max_digits=20, decimal_places=6, default=0)
+    cost_unknown = models.PositiveBigIntegerField(default=0)
+    # Calls per time-to-first-byte bucket (audit/rollups.py, TTFB_BOUNDS_MS).
+    ttfb_histogram = models.JSONField(default=list)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["hour", "agent_key", "backend", "model"], name="usage_rollup_once"
+            )
+        ]
+        indexes = [models.Index(fields=["agent_key", "hour"], name="usage_agent_hour")]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H:00} {self.agent_name or '-'} {self.backend} {self.model}"
+
+
+class UsageCursor(models.Model):
+    """How far the rollups have read the trail: one row, claimed by a conditional update.
+
+    ``last_id`` is the highest audit row id counted; ``gaps`` lists ids below it that were
+    not visible yet when it moved (a batch committed after a later one), as
+    ``[first, last, seen_at]`` ranges, looked for again until they are too old to come.
+    """
+
+    name = models.CharField(max_length=32, unique=True)
+    last_id = models.BigIntegerField(default=0)
+    gaps = models.JSONField(default=list)
+    # Bumped by every claim: two workers that read the same version cannot both count.
+    version = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.name} at {self.last_id}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
@@ -71,6 +72,7 @@ class AuditFilter:
     """Every filter is optional; given ones must all hold. Text filters are exact."""
 
     agent: str = ""
+    agent_id: str = ""  # one agent, whatever its name (names are reused after an unenroll)
     backend: str = ""
     action: str = ""  # comma-separated; ``token.*`` for a family
     status: str = ""  # 429, or a class: 4xx
@@ -96,6 +98,11 @@ class AuditFilter:
                 values[field.name] = audit_time_parse(raw, name=field.name, now=now)
             else:
                 values[field.name] = raw.strip()
+        if "agent_id" in values:
+            try:
+                values["agent_id"] = str(uuid.UUID(values["agent_id"]))
+            except ValueError:
+                raise ServiceError("an agent's id (a UUID)", "agent_id") from None
         status = values.get("status", "")
         if status and not _STATUS.match(status):
             raise ServiceError(
@@ -116,7 +123,7 @@ def audit_events(audit_filter: AuditFilter | None = None) -> QuerySet[AuditEvent
     """Newest first, narrowed by the filter."""
     f = audit_filter or AuditFilter()
     events = AuditEvent.objects.all()
-    for name in ("agent", "backend", "outcome", "model"):
+    for name in ("agent", "agent_id", "backend", "outcome", "model"):
         value = getattr(f, name)
         if value:
             events = events.filter(**{name: value})

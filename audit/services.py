@@ -60,6 +60,7 @@ def audit_record(
         actor_type=actor_type,
         actor=actor,
         agent=agent.name if agent is not None else "",
+        agent_id=str(agent.pk) if agent is not None else None,
         backend=backend,
         address=address,
         message=message,

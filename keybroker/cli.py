@@ -471,11 +471,56 @@ def cmd_ls(args: argparse.Namespace, path: Path) -> int:
     columns = ("id", "backend", "prefix", "expires_at")
     table = [[c.upper() for c in columns]]
     table += [[str(_object(row, "token").get(c, "")) for c in columns] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    _print_table(table)
+    return EXIT_OK
+
+
+def _print_table(table: list[list[str]]) -> None:
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         )
+
+
+USAGE_COLUMNS = (
+    ("calls", "CALLS"), ("errors", "ERRORS"), ("refusals", "REFUSALS"), ("input_tokens", "IN"),
+    ("output_tokens", "OUT"), ("cache_read_tokens", "CACHE READ"),
+    ("cache_write_tokens", "CACHE WRITE"), ("cost_usd", "COST USD"),
+)  # fmt: skip
+
+
+def _usage_line(row: dict[str, Any]) -> list[str]:
+    cells = [str(row.get(name, "")) for name, _ in USAGE_COLUMNS]
+    unknown = row.get("cost_unknown_calls")
+    if unknown:
+        cells[-1] += f" +{unknown} unknown"  # never counted as 0
+    return cells
+
+
+def cmd_usage(args: argparse.Namespace, path: Path) -> int:
+    config = require_config(path)
+    params = {"since": args.since, "group_by": args.by}
+    if args.until:
+        params["until"] = args.until
+    with Server(config.url, config.vend_token) as server:
+        query = "&".join(f"{name}={quote(value, safe=',')}" for name, value in params.items())
+        data = _object(expect(server.request("GET", f"/v1/usage?{query}"), 200), "usage")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    group_by = [str(name) for name in data.get("group_by") or []]
+    headers = [name.upper() for name in group_by] + [title for _, title in USAGE_COLUMNS]
+    table = [headers]
+    for item in data.get("groups") or []:
+        group = _object(item, "usage group")
+        table.append([str(group.get(name, "")) for name in group_by] + _usage_line(group))
+    total = ["TOTAL"] + [""] * (len(group_by) - 1) if group_by else ["TOTAL"]
+    if not group_by:
+        table[0] = ["", *table[0]]
+    table.append(total + _usage_line(_object(data.get("totals"), "usage totals")))
+    print(f"{data.get('since')} to {data.get('until')} (UTC)")
+    _print_table(table)
     return EXIT_OK
 
 
@@ -719,6 +764,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = command("ls", cmd_ls, "list this agent's live tokens")
     ls.add_argument("--json", action="store_true", help="print the server's answer")
+    usage = command("usage", cmd_usage, "this agent's calls, tokens and cost (UTC)")
+    usage.add_argument("--since", default="7d", help="date, time or a duration back (7d)")
+    usage.add_argument("--until", help="date, time or a duration back (now)")
+    usage.add_argument("--by", default="", help="group by any of backend,model,day,hour")
+    usage.add_argument("--json", action="store_true", help="print the server's answer")
     command("revoke", cmd_revoke, "revoke one token at once").add_argument(
         "id", metavar="ID", help="its id, the start of it, or its prefix (crd_…), as ls shows"
     )

@@ -129,6 +129,7 @@ class Exchange:
         audit_enqueue(
             action=action,
             agent=self.access.agent_name if self.access else "",
+            agent_id=self.access.agent_id if self.access else None,
             backend=self.backend,
             message=message,
             address=self.address,

@@ -238,6 +238,7 @@ ENDPOINTS: list[tuple[str, str, str, Any, bool, bool]] = [
     ("get", "v1/admin/audit/", "/v1/admin/audit/", None, True, True),
     ("get", "v1/admin/audit/export.csv", "/v1/admin/audit/export.csv", None, True, True),
     ("get", "v1/admin/audit/export.jsonl", "/v1/admin/audit/export.jsonl", None, True, True),
+    ("get", "v1/admin/usage/", "/v1/admin/usage/", None, True, True),
 ]  # fmt: skip
 COLUMNS = ("method", "route", "url", "body", "vera_may", "carl_may")
 IDS = [f"{method} {url}" for method, _, url, *_ in ENDPOINTS]

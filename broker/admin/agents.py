@@ -427,7 +427,7 @@ class AgentAdmin(HistoryAdmin[Agent]):
             "kb_tokens_url": f"{reverse('admin:broker_token_changelist')}?agent={agent.pk}",
             "kb_can_revoke": may(request, "change", Token),
             "kb_events": agent_recent_events(agent),
-            "kb_events_url": f"{reverse('admin:audit_auditevent_changelist')}?agent={agent.name}",
+            "kb_events_url": f"{reverse('admin:audit_auditevent_changelist')}?agent_id={agent.pk}",
         }
 
     def _change_url(self, agent: Agent) -> str:

@@ -1,4 +1,4 @@
-"""The admin index, with the agents that wait for a decision on top."""
+"""The admin index, with the agents that wait for a decision on top and a link to usage."""
 
 from __future__ import annotations
 
@@ -30,11 +30,19 @@ def _waiting_context(request: HttpRequest) -> dict[str, Any]:
     }
 
 
+def _usage_context(request: HttpRequest) -> dict[str, Any]:
+    # The usage page reads the audit trail's rollups: those who may view the trail see it.
+    if not request.user.has_perm("audit.view_auditevent"):
+        return {}
+    return {"kb_usage_url": reverse("usage")}
+
+
 def _index_with_waiting_agents(stock: IndexView) -> IndexView:
     def index(
         request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> TemplateResponse:
-        return stock(request, {**_waiting_context(request), **(extra_context or {})})
+        context = {**_waiting_context(request), **_usage_context(request)}
+        return stock(request, {**context, **(extra_context or {})})
 
     return index
 

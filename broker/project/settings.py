@@ -425,6 +425,13 @@ CELERY_BEAT_SCHEDULE["audit-retention"] = {
     "schedule": AUDIT_RETENTION_INTERVAL_SECONDS,
     "options": {"expires": AUDIT_RETENTION_INTERVAL_SECONDS - 60},
 }
+# The usage rollups take in new proxied calls this often: the usage API is this far behind.
+USAGE_ROLLUP_INTERVAL_SECONDS = 30
+CELERY_BEAT_SCHEDULE["usage-rollup"] = {
+    "task": "audit.tasks.usage_rollup_task",
+    "schedule": USAGE_ROLLUP_INTERVAL_SECONDS,
+    "options": {"expires": USAGE_ROLLUP_INTERVAL_SECONDS - 5},
+}
 
 
 # --- Policy ------------------------------------------------------------------------------

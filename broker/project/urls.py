@@ -6,6 +6,7 @@ from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from audit import api as audit_api
+from audit import usage_api, usage_page
 from audit import views as audit_views
 from broker.api import admin_agents, agents, backend_keys, oidc, policy
 from broker.api.backends import (
@@ -66,6 +67,10 @@ urlpatterns = [
     path("v1/admin/audit/export.csv", audit_api.AuditCsvExportView.as_view()),
     path("v1/admin/audit/export.jsonl", audit_api.AuditJsonlExportView.as_view()),
     path("activity/", audit_views.activity, name="activity"),
+    # Usage, from the rollups: the admin API, the page, and each agent's own.
+    path("v1/admin/usage/", usage_api.UsageView.as_view(), name="admin-usage"),
+    path("usage/", usage_page.usage, name="usage"),
+    path("v1/usage", usage_api.AgentUsageView.as_view()),
     # The agent API (paths follow Creddy's).
     path("v1/enroll", agents.EnrollView.as_view()),
     path("v1/enroll/status", agents.EnrollStatusView.as_view()),

@@ -24,11 +24,8 @@ def agents_waiting() -> list[Agent]:
 
 def agent_recent_events(agent: Agent, limit: int = RECENT_EVENTS) -> list[AuditEvent]:
     """The agent's latest audit events, newest first."""
-    # Events name the agent, not its id, and an unenrolled agent's name may be taken again:
-    # nothing from before this agent existed belongs to it.
-    return list(
-        AuditEvent.objects.filter(agent=agent.name, created_at__gte=agent.created_at)[:limit]
-    )
+    # By id: an unenrolled agent's name may be taken again (issue 20, item 9).
+    return list(AuditEvent.objects.filter(agent_id=agent.pk)[:limit])
 
 
 def agent_recent_tokens(agent: Agent, limit: int = RECENT_TOKENS) -> RecentTokens:

@@ -1,5 +1,5 @@
-"""`manage.py audit [--agent] [--backend] [--action] [--status] [--since] [--until] [--limit]
-[--json]`."""
+"""`manage.py audit [--agent] [--agent-id] [--backend] [--action] [--status] [--since]
+[--until] [--limit] [--json]`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--agent", help="agent name")
+        parser.add_argument("--agent-id", help="agent id (names are reused after an unenroll)")
         parser.add_argument("--backend", help="backend name")
         parser.add_argument("--action", help="comma-separated; token.* for a family")
         parser.add_argument("--status", help="status of a proxied call (429) or a class (4xx)")
