@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from broker.infra.metrics import call_metrics
+from broker.infra.metrics import call_metrics, histogram_observe_many
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +86,10 @@ def _observe(rows: Iterable[Mapping[str, Any]]) -> None:
         metrics.tokens.labels(*labels).inc(count)
     for labels, usd in costs.items():
         metrics.cost.labels(*labels).inc(usd)
-    for labels, values in durations.items():
-        histogram = metrics.duration.labels(*labels)
-        for value in values:
-            histogram.observe(value)
-    for labels, values in ttfbs.items():
-        histogram = metrics.ttfb.labels(*labels)
-        for value in values:
-            histogram.observe(value)
+    for labels, amounts in durations.items():
+        histogram_observe_many(metrics.duration.labels(*labels), amounts)
+    for labels, amounts in ttfbs.items():
+        histogram_observe_many(metrics.ttfb.labels(*labels), amounts)
 
 
 def _refusal_rule(row: Mapping[str, Any]) -> str:

@@ -18,13 +18,13 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, Permission
 from django.db.models import Sum
 from django.test import Client
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from audit.metrics import CALL_ACTIONS
 from audit.models import AuditEvent
-from broker.infra.metrics import LOCAL
+from broker.infra.metrics import DURATION_BUCKETS, LOCAL, histogram_observe_many
 from broker.models import BackendKey, Grant
 from broker.project.celery import app
 from broker.services.admin_tokens import admintoken_create
@@ -330,3 +330,21 @@ def test_a_worker_process_counts_into_the_machines_directory(tmp_path: Path) -> 
     finally:
         worker.terminate()
         worker.wait(timeout=20)
+
+
+def test_a_batch_of_amounts_lands_in_the_buckets_observe_would_choose() -> None:
+    registry = CollectorRegistry()
+    one_by_one = Histogram("by_observe", "", buckets=DURATION_BUCKETS, registry=registry)
+    batched = Histogram("by_batch", "", buckets=DURATION_BUCKETS, registry=registry)
+    # Bounds exactly (le is inclusive), between them, below the first, above the last.
+    amounts = [0.0, 0.01, 0.0100001, 0.3, 1.0, 2.5, 599.9, 600.0, 601.0, 5000.0, 0.7, 0.7]
+    for amount in amounts:
+        one_by_one.observe(amount)
+    histogram_observe_many(batched, amounts)
+    for bound in [*DURATION_BUCKETS[:-1], "+Inf"]:
+        le = {"le": str(float(bound)) if bound != "+Inf" else "+Inf"}
+        assert registry.get_sample_value("by_batch_bucket", le) == registry.get_sample_value(
+            "by_observe_bucket", le
+        ), le
+    assert registry.get_sample_value("by_batch_count") == len(amounts)
+    assert registry.get_sample_value("by_batch_sum") == pytest.approx(sum(amounts))
