@@ -27,6 +27,7 @@ from audit.models import AuditEvent
 from broker.infra.metrics import DURATION_BUCKETS, LOCAL, histogram_observe_many
 from broker.models import BackendKey, Grant
 from broker.project.celery import app
+from broker.runtime.serve import metrics_env
 from broker.services.admin_tokens import admintoken_create
 from broker.services.policy import grant_update
 from tests.conftest import REPO, free_port
@@ -348,3 +349,23 @@ def test_a_batch_of_amounts_lands_in_the_buckets_observe_would_choose() -> None:
         ), le
     assert registry.get_sample_value("by_batch_count") == len(amounts)
     assert registry.get_sample_value("by_batch_sum") == pytest.approx(sum(amounts))
+
+
+def test_serve_gives_its_children_an_emptied_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    settings.DATA_DIR = tmp_path
+    own = tmp_path / "metrics"
+    assert metrics_env()["PROMETHEUS_MULTIPROC_DIR"] == str(own)
+    assert own.is_dir()
+    # The last run's files go (a dead process's live gauges would still be summed);
+    # anything else an operator keeps in a directory of their own stays.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "counter_4242.db").write_bytes(b"old")
+    (theirs / "notes.txt").write_text("mine")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(theirs))
+    env = metrics_env()
+    assert env["PROMETHEUS_MULTIPROC_DIR"] == str(theirs)
+    assert sorted(path.name for path in theirs.iterdir()) == ["notes.txt"]
