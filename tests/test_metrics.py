@@ -141,6 +141,7 @@ def scraped_until(url: str, token: str, name: str, expected: float, **labels: st
     return found["samples"]
 
 
+@pytest.mark.slow
 def test_counters_move_by_exactly_the_calls_made_through_two_web_processes(
     bob_proxied: Proxied, admin_token: str, tmp_path: Path
 ) -> None:
@@ -184,6 +185,7 @@ def test_counters_move_by_exactly_the_calls_made_through_two_web_processes(
             assert value(samples, "keybroker_audit_queue_depth") == 0
 
 
+@pytest.mark.slow
 def test_agent_names_are_a_label_only_when_opted_in(
     bob_proxied: Proxied, admin_token: str, tmp_path: Path
 ) -> None:
@@ -198,6 +200,7 @@ def test_agent_names_are_a_label_only_when_opted_in(
         assert "agent" in label_names(samples, "keybroker_proxy_duration_seconds_count")
 
 
+@pytest.mark.slow
 def test_nothing_secret_is_in_the_output(
     bob_proxied: Proxied, admin_token: str, tmp_path: Path
 ) -> None:
