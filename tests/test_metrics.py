@@ -252,6 +252,15 @@ def test_an_allow_listed_address_needs_no_token(settings: Any) -> None:
     assert Client(REMOTE_ADDR="127.0.0.1").get("/metrics").status_code == 401
 
 
+@pytest.mark.slow
+def test_a_forwarded_address_from_an_untrusted_peer_is_not_believed(tmp_path: Path) -> None:
+    """Without KEYBROKER_TRUSTED_PROXIES, X-Forwarded-For cannot claim an allowed address."""
+    with web_processes(1, tmp_path, KEYBROKER_METRICS_ALLOW="10.9.9.9") as (url,):
+        forged = httpx.get(f"{url}/metrics", headers={"X-Forwarded-For": "10.9.9.9"})
+        assert forged.status_code == 401
+        assert forged.json()["error"]["type"] == "authentication_error"
+
+
 def test_key_states_are_read_at_scrape_time(bob_proxied: Proxied, admin_token: str) -> None:
     api = Client(HTTP_AUTHORIZATION=f"Bearer {admin_token}")
     samples = parse(api.get("/metrics").content.decode())
