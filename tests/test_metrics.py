@@ -247,6 +247,7 @@ def test_a_token_needs_view_auditevent(admin_token: str) -> None:
 def test_an_allow_listed_address_needs_no_token(settings: Any) -> None:
     settings.METRICS_ALLOW = ["10.1.0.0/16", "::1"]
     assert Client(REMOTE_ADDR="10.1.2.3").get("/metrics").status_code == 200
+    assert Client(REMOTE_ADDR="::ffff:10.1.2.3").get("/metrics").status_code == 200
     assert Client(REMOTE_ADDR="::1").get("/metrics").status_code == 200
     assert Client(REMOTE_ADDR="10.2.0.1").get("/metrics").status_code == 401
     assert Client(REMOTE_ADDR="127.0.0.1").get("/metrics").status_code == 401
