@@ -17,6 +17,7 @@ from asgiref.sync import sync_to_async
 from django.db import OperationalError, connections
 
 from audit import recorder
+from audit.metrics_view import SpillFile
 from audit.models import AuditEvent
 from audit.recorder import (
     REJECTED_FILE,
@@ -98,6 +99,12 @@ def metric(name: str, **labels: str) -> float:
     return LOCAL.get_sample_value(name, labels) or 0.0
 
 
+def spill_bytes() -> float:
+    """What /metrics reads from the data directory at scrape time."""
+    (family,) = SpillFile().collect()
+    return float(family.samples[0].value)
+
+
 CALLS = ("keybroker_proxy_calls_total", {"backend": "anthropic", "status": "200", "outcome": ""})
 
 
@@ -112,6 +119,8 @@ async def test_events_wait_while_the_database_is_down_and_are_written_when_it_is
     enqueue(3)
     await until(lambda: database.attempts >= 2, timeout=10, what="a second write attempt")
     assert audit_backlog() == 3
+    # /metrics' queue depth is set by the flusher on each pass, failed ones included.
+    assert metric("keybroker_audit_queue_depth") == 3
     assert audit_recorder_stats().write_failures >= 2
     assert "audit write failed (OperationalError); 3 event(s) wait in memory" in caplog.text
 
@@ -119,6 +128,9 @@ async def test_events_wait_while_the_database_is_down_and_are_written_when_it_is
     await until(lambda: audit_backlog() == 0, timeout=10, what="the queue to drain")
     assert await stored() == ["req_0", "req_1", "req_2"]
     assert audit_recorder_stats().written == 3
+    await until(
+        lambda: metric("keybroker_audit_queue_depth") == 0, timeout=10, what="the gauge at 0"
+    )
     assert not (data_dir / SPILL_FILE).exists()
 
 
@@ -141,6 +153,7 @@ async def test_a_full_buffer_spills_to_disk_and_the_spill_is_replayed_when_write
     assert audit_backlog() == 5
     assert [row["request_id"] for row in spilled_lines(data_dir)] == ["req_5", "req_6", "req_7"]
     assert audit_recorder_stats().spilled == 3
+    assert spill_bytes() == (data_dir / SPILL_FILE).stat().st_size > 0
     assert f"audit buffer full: 1 audit event(s) spilled to {data_dir / SPILL_FILE}" in caplog.text
 
     caplog.clear()
@@ -148,6 +161,7 @@ async def test_a_full_buffer_spills_to_disk_and_the_spill_is_replayed_when_write
     await until(lambda: audit_recorder_stats().replayed == 3, timeout=10, what="3 events replayed")
     assert await stored() == [f"req_{n}" for n in range(8)]
     assert not (data_dir / SPILL_FILE).exists()
+    assert spill_bytes() == 0
     assert "replayed 3 spilled event(s)" in caplog.text
     # A replayed row is the event as it was queued, time included.
     assert await AuditEvent.objects.filter(agent="bob", status=200).acount() == 8
