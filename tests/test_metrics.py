@@ -20,6 +20,9 @@ from django.db.models import Sum
 from django.test import Client
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from audit.metrics import CALL_ACTIONS
@@ -242,6 +245,16 @@ def test_a_token_needs_view_auditevent(admin_token: str) -> None:
         response = Client(HTTP_AUTHORIZATION=f"Bearer {token}").get("/metrics")
         assert response.status_code == 200
         assert "keybroker_audit_queue_depth" in response.content.decode()
+
+
+def test_prometheus_gets_openmetrics_when_it_asks(admin_token: str) -> None:
+    accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+    api = Client(HTTP_AUTHORIZATION=f"Bearer {admin_token}", HTTP_ACCEPT=accept)
+    response = api.get("/metrics")
+    assert response.status_code == 200
+    assert response["content-type"].startswith("application/openmetrics-text")
+    families = {f.name for f in openmetrics_families(response.content.decode())}
+    assert {"keybroker_audit_queue_depth", "keybroker_backend_keys"} <= families
 
 
 def test_an_allow_listed_address_needs_no_token(settings: Any) -> None:
