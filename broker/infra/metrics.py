@@ -31,6 +31,9 @@ from prometheus_client.registry import Collector
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Where `serve` keeps the per-process files when the operator names no directory.
 MULTIPROC_DIRNAME = "metrics"
+# Read once, as prometheus_client does when it is imported (just below): the mode this
+# process counts in, whatever the environment says later.
+MULTIPROC_DIR = os.environ.get(MULTIPROC_ENV) or None
 
 # This process's metrics; a scrape in multiprocess mode reads the files instead.
 LOCAL = CollectorRegistry(auto_describe=True)
@@ -77,7 +80,7 @@ CELERY_TASKS = Counter(
 
 @dataclass(frozen=True)
 class CallMetrics:
-    """The per-call metrics; ``agent`` is the agent label's value when it is on, else None."""
+    """The per-call metrics; with ``agent_label`` each takes the agent's name last."""
 
     agent_label: bool
     calls: Counter
@@ -153,10 +156,6 @@ def histogram_observe_many(histogram: Histogram, amounts: Sequence[float]) -> No
             bucket.inc(count)
 
 
-def multiprocess_dir() -> str | None:
-    return os.environ.get(MULTIPROC_ENV) or None
-
-
 def metrics_dir_reset(directory: Path) -> None:
     """The directory for the per-process files, without any from an earlier run:
     prometheus_client asks for it wiped before the processes start, or the live gauges of
@@ -169,9 +168,8 @@ def metrics_dir_reset(directory: Path) -> None:
 
 def metrics_process_exit() -> None:
     """Drop this process's live gauges (the audit queue) from the sum; counters stay."""
-    directory = multiprocess_dir()
-    if directory is not None:
-        mark_process_dead(os.getpid(), directory)  # type: ignore[no-untyped-call]
+    if MULTIPROC_DIR is not None:
+        mark_process_dead(os.getpid(), MULTIPROC_DIR)  # type: ignore[no-untyped-call]
 
 
 class _Local(Collector):
@@ -184,9 +182,8 @@ def metrics_registry(extra: Iterable[Collector] = ()) -> CollectorRegistry:
     ``extra`` collectors that read their values at scrape time."""
     # Not auto-described: that would run each collector (a query) once more to register it.
     registry = CollectorRegistry()
-    directory = multiprocess_dir()
-    if directory is not None:
-        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    if MULTIPROC_DIR is not None:
+        MultiProcessCollector(registry, path=MULTIPROC_DIR)  # type: ignore[no-untyped-call]
     else:
         registry.register(_Local())
     for collector in extra:
