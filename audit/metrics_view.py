@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
@@ -26,18 +28,27 @@ from broker.api.auth import admin_permissions, client_address
 from broker.infra.metrics import metrics_registry
 from broker.selectors.backend_keys import keys_by_state
 
+logger = logging.getLogger(__name__)
+
 
 class KeyStates(Collector):
     """Each backend's keys by state (one grouped query): valid, invalid, unknown and
     unreachable for enabled keys, disabled for the rest; a state with no key reads 0."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            states = keys_by_state()
+        except DatabaseError as exc:
+            # A database outage is when the audit queue and spill metrics matter most: the
+            # scrape goes on without the key states (Prometheus shows them as absent).
+            logger.warning("metrics: key states not read (%s)", type(exc).__name__)
+            return
         family = GaugeMetricFamily(
             "keybroker_backend_keys",
             "Keys in each backend's pool, by validation state (disabled keys apart).",
             labels=["backend", "state"],
         )
-        for (backend, state), count in sorted(keys_by_state().items()):
+        for (backend, state), count in sorted(states.items()):
             family.add_metric([backend, state], count)
         yield family
 
