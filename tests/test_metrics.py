@@ -134,14 +134,12 @@ def audited(count: int) -> None:
 
 def scraped_until(url: str, token: str, name: str, expected: float, **labels: str) -> Samples:
     """Scrape until ``name`` reaches ``expected``: a row is counted just after it is written."""
-    found: dict[str, Samples] = {}
 
-    def reached() -> bool:
-        found["samples"] = parse(scrape(url, token))
-        return value(found["samples"], name, **labels) == expected
+    def reached() -> Samples | None:
+        samples = parse(scrape(url, token))
+        return samples if value(samples, name, **labels) == expected else None
 
-    wait_until(reached, timeout=10, what=f"{name} {labels} to read {expected}")
-    return found["samples"]
+    return wait_until(reached, timeout=10, what=f"{name} {labels} to read {expected}")
 
 
 @pytest.mark.slow
