@@ -39,10 +39,18 @@ from django.db import DataError, IntegrityError
 from django.utils import timezone
 
 from audit.events import PROXY_COLUMNS, event_json, event_row
+from audit.metrics import calls_observe
 from audit.models import ActorType, AuditEvent
 from audit.publish import audit_publish_payloads
 from broker.infra.db import db_call
 from broker.infra.loops import LoopLocal
+from broker.infra.metrics import (
+    AUDIT_QUEUE,
+    AUDIT_REJECTED,
+    AUDIT_REPLAYED,
+    AUDIT_SPILLED,
+    AUDIT_WRITE_FAILURES,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +145,10 @@ class AuditWriteFailed(Exception):
 
 
 def _write(batch: list[Row]) -> list[AuditEvent]:
-    return AuditEvent.objects.bulk_create([AuditEvent(**row) for row in batch])
+    events = AuditEvent.objects.bulk_create([AuditEvent(**row) for row in batch])
+    # Counted once written, in this thread: the metrics cost the event loop nothing.
+    calls_observe(batch)
+    return events
 
 
 def _write_one_by_one(batch: list[Row]) -> tuple[list[AuditEvent], list[Row], list[Row]]:
@@ -147,15 +158,20 @@ def _write_one_by_one(batch: list[Row]) -> tuple[list[AuditEvent], list[Row], li
     database went away meanwhile.
     """
     written: list[AuditEvent] = []
+    written_rows: list[Row] = []
     refused: list[Row] = []
+    rest: list[Row] = []
     for index, row in enumerate(batch):
         try:
             written.append(AuditEvent.objects.create(**row))
+            written_rows.append(row)
         except (DataError, IntegrityError):
             refused.append(row)
         except Exception:
-            return written, refused, batch[index:]
-    return written, refused, []
+            rest = batch[index:]
+            break
+    calls_observe(written_rows)
+    return written, refused, rest
 
 
 def _write_described(batch: list[Row]) -> list[Event]:
@@ -211,6 +227,7 @@ async def _write_rows(recorder: _Recorder, batch: list[Row]) -> tuple[list[Event
 def _requeue(recorder: _Recorder, rows: list[Row], error: str) -> None:
     recorder.pending.extendleft(reversed(rows))
     recorder.stats.write_failures += 1
+    AUDIT_WRITE_FAILURES.inc()
     logger.error(
         "audit write failed (%s); %d event(s) wait in memory for a retry",
         error,
@@ -222,6 +239,7 @@ def _set_aside(rows: list[Row], stats: RecorderStats) -> None:
     if rows:
         _append_lines(_data_path(REJECTED_FILE), rows)
         stats.rejected += len(rows)
+        AUDIT_REJECTED.inc(len(rows))
         logger.error(
             "audit: the database refused %d event(s); kept in %s",
             len(rows),
@@ -252,6 +270,7 @@ def _publish(recorder: _Recorder, events: list[Event]) -> None:
 async def _flush_forever(recorder: _Recorder) -> None:
     backoff = FLUSH_INTERVAL_SECONDS
     while True:
+        AUDIT_QUEUE.set(audit_backlog())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(recorder.wake.wait(), timeout=backoff)
         recorder.wake.clear()
@@ -309,6 +328,7 @@ def _spill(rows: list[Row], stats: RecorderStats, *, reason: str) -> None:
     path = _data_path(SPILL_FILE)
     _append_lines(path, rows)
     stats.spilled += len(rows)
+    AUDIT_SPILLED.inc(len(rows))
     logger.error("%s: %d audit event(s) spilled to %s", reason, len(rows), path)
 
 
@@ -331,6 +351,7 @@ def audit_spill_replay() -> int:
             replayed += _replay_file(file, path)
     finally:
         if replayed:
+            AUDIT_REPLAYED.inc(replayed)
             logger.warning("audit: replayed %d spilled event(s) from %s", replayed, path)
     return replayed
 
@@ -372,6 +393,7 @@ def _replay_file(file: Path, spill_path: Path) -> int:
         replayed += len(written)
         if refused:
             _append_lines(_data_path(REJECTED_FILE), refused)
+            AUDIT_REJECTED.inc(len(refused))
             logger.error("audit: the database refused %d spilled event(s)", len(refused))
         if rest:
             # The database went away again: what is left goes back to wait in the spill file.

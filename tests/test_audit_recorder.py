@@ -17,6 +17,7 @@ from asgiref.sync import sync_to_async
 from django.db import OperationalError, connections
 
 from audit import recorder
+from audit.metrics_view import SpillFile
 from audit.models import AuditEvent
 from audit.recorder import (
     REJECTED_FILE,
@@ -28,6 +29,7 @@ from audit.recorder import (
     audit_spill_replay,
 )
 from broker.infra.db import db_call
+from broker.infra.metrics import LOCAL
 from tests.proxy_cast import Proxied, audit_drained
 from tests.waiting import until
 
@@ -92,6 +94,20 @@ async def stored() -> list[str]:
     return [r async for r in ordered.values_list("request_id", flat=True)]
 
 
+def metric(name: str, **labels: str) -> float:
+    """This process's value of a /metrics sample (the suite runs without a multiprocess dir)."""
+    return LOCAL.get_sample_value(name, labels) or 0.0
+
+
+def spill_bytes() -> float:
+    """What /metrics reads from the data directory at scrape time."""
+    (family,) = SpillFile().collect()
+    return float(family.samples[0].value)
+
+
+CALLS = ("keybroker_proxy_calls_total", {"backend": "anthropic", "status": "200", "outcome": ""})
+
+
 def spilled_lines(data_dir: Path, name: str = SPILL_FILE) -> list[dict[str, Any]]:
     path = data_dir / name
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -103,6 +119,8 @@ async def test_events_wait_while_the_database_is_down_and_are_written_when_it_is
     enqueue(3)
     await until(lambda: database.attempts >= 2, timeout=10, what="a second write attempt")
     assert audit_backlog() == 3
+    # /metrics' queue depth is set by the flusher on each pass, failed ones included.
+    assert metric("keybroker_audit_queue_depth") == 3
     assert audit_recorder_stats().write_failures >= 2
     assert "audit write failed (OperationalError); 3 event(s) wait in memory" in caplog.text
 
@@ -110,6 +128,9 @@ async def test_events_wait_while_the_database_is_down_and_are_written_when_it_is
     await until(lambda: audit_backlog() == 0, timeout=10, what="the queue to drain")
     assert await stored() == ["req_0", "req_1", "req_2"]
     assert audit_recorder_stats().written == 3
+    await until(
+        lambda: metric("keybroker_audit_queue_depth") == 0, timeout=10, what="the gauge at 0"
+    )
     assert not (data_dir / SPILL_FILE).exists()
 
 
@@ -121,10 +142,18 @@ async def test_a_full_buffer_spills_to_disk_and_the_spill_is_replayed_when_write
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(recorder, "BUFFER_LIMIT", 5)
+    before = {
+        name: metric(name, **labels)
+        for name, labels in (
+            CALLS, ("keybroker_audit_spilled_events_total", {}),
+            ("keybroker_audit_replayed_events_total", {}),
+        )
+    }  # fmt: skip
     enqueue(8)
     assert audit_backlog() == 5
     assert [row["request_id"] for row in spilled_lines(data_dir)] == ["req_5", "req_6", "req_7"]
     assert audit_recorder_stats().spilled == 3
+    assert spill_bytes() == (data_dir / SPILL_FILE).stat().st_size > 0
     assert f"audit buffer full: 1 audit event(s) spilled to {data_dir / SPILL_FILE}" in caplog.text
 
     caplog.clear()
@@ -132,14 +161,21 @@ async def test_a_full_buffer_spills_to_disk_and_the_spill_is_replayed_when_write
     await until(lambda: audit_recorder_stats().replayed == 3, timeout=10, what="3 events replayed")
     assert await stored() == [f"req_{n}" for n in range(8)]
     assert not (data_dir / SPILL_FILE).exists()
+    assert spill_bytes() == 0
     assert "replayed 3 spilled event(s)" in caplog.text
     # A replayed row is the event as it was queued, time included.
     assert await AuditEvent.objects.filter(agent="bob", status=200).acount() == 8
+    # /metrics counts each call once, when it is written: the 5 queued and the 3 replayed.
+    assert metric(CALLS[0], **CALLS[1]) - before[CALLS[0]] == 8
+    for name in ("keybroker_audit_spilled_events_total", "keybroker_audit_replayed_events_total"):
+        assert metric(name) - before[name] == 3
 
 
 async def test_a_row_the_database_refuses_is_set_aside_and_does_not_block_the_others(
     loop_recorder: None, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    calls_before = metric(CALLS[0], **CALLS[1])
+    rejected_before = metric("keybroker_audit_rejected_events_total")
     enqueue(2)
     # A row that got past the clean-up (a bug somewhere): the column refuses a negative count.
     bad = dict(recorder._recorder().pending[0], request_id="req_bad", input_tokens=-1)
@@ -148,6 +184,9 @@ async def test_a_row_the_database_refuses_is_set_aside_and_does_not_block_the_ot
     assert await stored() == ["req_0", "req_1"]
     assert [row["request_id"] for row in spilled_lines(data_dir, REJECTED_FILE)] == ["req_bad"]
     assert audit_recorder_stats().rejected == 1
+    # The refused row is no call in the audit trail, so none in /metrics either.
+    assert metric(CALLS[0], **CALLS[1]) - calls_before == 2
+    assert metric("keybroker_audit_rejected_events_total") - rejected_before == 1
     assert "the database refused 1 event(s)" in caplog.text
 
 

@@ -66,6 +66,7 @@ def test_no_surface_ever_shows_an_upstream_secret(
         browser.post("/admin/broker/backend/add/", {"name": "x", "new_secret": first}).content,
         browser.get(f"/no/such/{first}").content,
         api.get("/api/schema/").content,
+        api.get("/metrics").content,  # key states by backend: never a key or its fingerprint
     ]
     commands = [
         ["backend", "ls"],

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, clean_env, free_port
 from tests.waiting import wait_until
@@ -188,3 +189,30 @@ def test_a_bad_database_url_stops_serve_with_one_clear_line(
     assert expected in output
     assert "Traceback" not in output
     assert "hunter2" not in output
+
+
+def test_serve_gives_web_and_worker_processes_one_metrics_directory(broker: Broker) -> None:
+    """/metrics on any of serve's web workers counts the tasks its Celery worker ran."""
+    stale = broker.data_dir / "metrics" / "counter_999999.db"
+    stale.parent.mkdir()
+    stale.write_bytes(b"a file from an earlier run")
+    broker.env.update(KEYBROKER_WEB_WORKERS="2", KEYBROKER_METRICS_ALLOW="127.0.0.1")
+    broker.start()
+    broker.wait_ready()
+    assert not stale.exists()
+
+    def heartbeats_counted() -> float:
+        response = httpx.get(f"{broker.url}/metrics", timeout=5)
+        assert response.status_code == 200, response.text
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if sample.name == "keybroker_celery_tasks_total" and sample.labels == {
+                    "task": "broker.tasks.heartbeat",
+                    "outcome": "success",
+                }:
+                    return sample.value
+        return 0.0
+
+    # Beat sends the heartbeat task every 10 s; the worker's count reaches the web workers.
+    assert wait_until(heartbeats_counted, timeout=40, what="a heartbeat task counted", interval=1)
+    assert list((broker.data_dir / "metrics").glob("counter_*.db"))

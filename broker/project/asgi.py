@@ -23,6 +23,7 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 
 from audit.recorder import audit_flush  # noqa: E402
 from audit.routing import SameOriginOnly, websocket_urlpatterns  # noqa: E402
+from broker.infra.metrics import metrics_process_exit  # noqa: E402
 from broker.runtime.http_timeouts import body_read_timeout  # noqa: E402
 from keybroker.wire import is_proxy_path  # noqa: E402
 from proxy.app import proxy_application  # noqa: E402
@@ -66,6 +67,7 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             await proxy_application.shutdown()
             await audit_flush()
             await upstream_close()
+            metrics_process_exit()
             await send({"type": "lifespan.shutdown.complete"})
             return
 

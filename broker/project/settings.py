@@ -69,19 +69,24 @@ ALLOWED_HOSTS = sorted(
 CSRF_TRUSTED_ORIGINS = [f"{urlsplit(PUBLIC_URL).scheme}://{urlsplit(PUBLIC_URL).netloc}"]
 
 
-def _trusted_proxies(raw: str) -> list[str]:
-    """KEYBROKER_TRUSTED_PROXIES: the addresses (IPs or CIDRs) whose X-Forwarded-For and
-    X-Forwarded-Proto `serve` lets uvicorn believe; empty means nobody's (issue 19, item 10)."""
+def _networks(raw: str, *, variable: str) -> list[str]:
+    """A comma list of IP addresses or networks (CIDRs), as ``variable`` gave it."""
     entries = [entry.strip() for entry in raw.split(",") if entry.strip()]
     for entry in entries:
         try:
             ipaddress.ip_network(entry, strict=False)
         except ValueError:
             raise ImproperlyConfigured(
-                "KEYBROKER_TRUSTED_PROXIES lists IP addresses or networks such as "
+                f"{variable} lists IP addresses or networks such as "
                 f"10.0.0.5,10.1.0.0/16, not {entry!r}"
             ) from None
     return entries
+
+
+def _trusted_proxies(raw: str) -> list[str]:
+    """KEYBROKER_TRUSTED_PROXIES: the addresses (IPs or CIDRs) whose X-Forwarded-For and
+    X-Forwarded-Proto `serve` lets uvicorn believe; empty means nobody's (issue 19, item 10)."""
+    return _networks(raw, variable="KEYBROKER_TRUSTED_PROXIES")
 
 
 TRUSTED_PROXIES = _trusted_proxies(env_str("KEYBROKER_TRUSTED_PROXIES"))
@@ -441,3 +446,12 @@ POLICY_FAIL_OPEN = env_bool("KEYBROKER_POLICY_FAIL_OPEN", default=False)
 # The length of the rpm and tpm windows. Not an environment setting: the limits are per
 # minute by name; tests shorten it to see a window pass.
 POLICY_WINDOW_SECONDS = 60
+
+
+# --- Metrics -----------------------------------------------------------------------------
+# GET /metrics answers an admin token (or a staff session) with view_auditevent, or any client
+# from these addresses; empty: tokens only, since behind a proxy on the same machine every
+# client would come from loopback (docs/decisions.md, "Metrics").
+METRICS_ALLOW = _networks(env_str("KEYBROKER_METRICS_ALLOW"), variable="KEYBROKER_METRICS_ALLOW")
+# Agent names as a label of the per-call metrics: one series per agent, so opt-in.
+METRICS_AGENT_LABEL = env_bool("KEYBROKER_METRICS_AGENT_LABEL", default=False)

@@ -8,11 +8,13 @@ import os
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.migrations.executor import MigrationExecutor
 
+from broker.infra.metrics import MULTIPROC_DIRNAME, MULTIPROC_ENV, metrics_dir_reset
 from broker.runtime.embedded_redis import EmbeddedRedisError, start_embedded_redis
 from broker.runtime.health import check_redis
 from broker.runtime.supervisor import Supervisor, child_popen_options
@@ -99,6 +101,15 @@ def uvicorn_command(python: str, *, host: str, port: int, workers: int) -> list[
     ]  # fmt: skip
 
 
+def metrics_env() -> dict[str, str]:
+    """The children's environment, with the directory where every web and worker process
+    keeps its metrics for /metrics to add up (the operator's PROMETHEUS_MULTIPROC_DIR, else
+    one in the data dir), emptied of the last run's files."""
+    directory = Path(os.environ.get(MULTIPROC_ENV) or settings.DATA_DIR / MULTIPROC_DIRNAME)
+    metrics_dir_reset(directory)
+    return {**os.environ, MULTIPROC_ENV: str(directory)}
+
+
 def serve(*, workers: int, say: Callable[[str], None], log: Callable[[str], None]) -> None:
     """Start every component, tell ``say`` where the broker is once it answers, and return
     when Ctrl-C stops them all; ServeError when one cannot start or fails."""
@@ -124,11 +135,14 @@ def serve(*, workers: int, say: Callable[[str], None], log: Callable[[str], None
             raise ServeError("cannot reach Redis at REDIS_URL")
 
         python = sys.executable
-        supervisor.spawn("celery", celery_command(python, concurrency=settings.WORKER_CONCURRENCY))
+        env = metrics_env()
+        supervisor.spawn(
+            "celery", celery_command(python, concurrency=settings.WORKER_CONCURRENCY), env=env
+        )
         supervisor.spawn(
             "uvicorn",
             uvicorn_command(python, host=host, port=port, workers=workers),
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**env, "PYTHONUNBUFFERED": "1"},
         )
     except (EmbeddedRedisError, ServeError) as exc:
         supervisor.stop_all()

@@ -13,7 +13,7 @@ from django.utils import timezone
 from audit.models import AuditEvent
 from broker.infra.errors import NotFound
 from broker.infra.redis import redis_client, redis_key
-from broker.models import Backend, BackendKey
+from broker.models import Backend, BackendKey, ValidationState
 
 
 def keys_of(backend: Backend) -> list[BackendKey]:
@@ -24,6 +24,29 @@ def keys_of(backend: Backend) -> list[BackendKey]:
 def keys_enabled(backend: Backend) -> list[BackendKey]:
     """The keys calls may go out with, in order."""
     return list(BackendKey.objects.filter(backend=backend, enabled=True))
+
+
+# A key's state for monitoring: its validation state while enabled, else "disabled".
+KEY_STATES = (*ValidationState.values, "disabled")
+
+
+def keys_by_state() -> dict[tuple[str, str], int]:
+    """How many keys each backend has in each state of KEY_STATES, 0 included (so an alert
+    on invalid keys sees its series from the start). Two small queries: /metrics asks."""
+    counts = {
+        (name, state): 0
+        for name in Backend.objects.values_list("name", flat=True)
+        for state in KEY_STATES
+    }
+    groups = (
+        BackendKey.objects.order_by()
+        .values_list("backend__name", "enabled", "validation_state")
+        .annotate(count=Count("pk"))
+    )
+    for backend, enabled, state, count in groups:
+        key = (backend, state if enabled else "disabled")
+        counts[key] = counts.get(key, 0) + count
+    return counts
 
 
 def key_get(*, backend: Backend, fingerprint: str) -> BackendKey:
