@@ -38,6 +38,7 @@ from django.conf import settings
 from django.db import DataError, IntegrityError
 from django.utils import timezone
 
+from audit.chain import chain_write
 from audit.events import PROXY_COLUMNS, event_row
 from audit.models import ActorType, AuditEvent
 from audit.publish import audit_publish_async
@@ -134,7 +135,7 @@ class AuditWriteFailed(Exception):
 
 
 def _write(batch: list[Row]) -> list[AuditEvent]:
-    return AuditEvent.objects.bulk_create([AuditEvent(**row) for row in batch])
+    return chain_write(batch)
 
 
 def _write_one_by_one(batch: list[Row]) -> tuple[list[AuditEvent], list[Row], list[Row]]:
@@ -147,7 +148,7 @@ def _write_one_by_one(batch: list[Row]) -> tuple[list[AuditEvent], list[Row], li
     refused: list[Row] = []
     for index, row in enumerate(batch):
         try:
-            written.append(AuditEvent.objects.create(**row))
+            written.extend(chain_write([row]))
         except (DataError, IntegrityError):
             refused.append(row)
         except Exception:
