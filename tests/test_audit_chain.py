@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,6 +21,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection, transaction
+from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 
 from audit.chain import GENESIS, chain_verify, chain_write
@@ -26,7 +29,9 @@ from audit.models import AuditChain, AuditCheckpoint, AuditEvent
 from audit.recorder import audit_enqueue, audit_flush
 from audit.services import audit_prune, audit_record
 from audit.sink import audit_sink_stats
+from tests.conftest import REPO
 from tests.proxy_cast import Proxied
+from tests.servers import process_env
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -343,3 +348,40 @@ def test_two_web_processes_writing_at_once_keep_one_intact_chain(
     assert result.intact, result.breaks
     places = list(AuditEvent.objects.order_by("chain_seq").values_list("chain_seq", flat=True))
     assert places == list(range(1, AuditEvent.objects.count() + 1))
+
+
+def test_manage_py_audit_verify_as_a_process_exits_1_naming_the_edited_row() -> None:
+    events = some_events(3)
+    command = [sys.executable, "manage.py", "audit", "verify"]
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            command, cwd=REPO, env=process_env(), capture_output=True, text=True, timeout=120
+        )
+
+    intact = run()
+    assert intact.returncode == 0, intact.stderr
+    assert intact.stdout.strip() == "audit chain intact: 3 event(s), #1 to #3"
+    raw("UPDATE audit_auditevent SET backend = 'elsewhere' WHERE id = %s", events[1].pk)
+    edited = run()
+    assert edited.returncode == 1
+    assert f"the audit chain is broken at event {events[1].pk}: edited" in edited.stderr
+
+
+def test_the_migration_chains_the_events_written_before_it() -> None:
+    executor = MigrationExecutor(connection)
+    executor.migrate([("audit", "0004_cost_usd")])
+    before = executor.loader.project_state([("audit", "0004_cost_usd")]).apps
+    old_model = before.get_model("audit", "AuditEvent")
+    for number in range(3):
+        old_model.objects.create(
+            action="backend.added", actor_type="system", message=f"before {number}",
+            created_at=timezone.now(), detail={"n": number, "ratio": 2.0},
+        )  # fmt: skip
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate(executor.loader.graph.leaf_nodes())
+
+    assert list(AuditEvent.objects.order_by("id").values_list("chain_seq", flat=True)) == [1, 2, 3]
+    audit_record(action="backend.updated")  # the chain goes on from the migrated head
+    assert verify() == "audit chain intact: 4 event(s), #1 to #4\n"
