@@ -195,11 +195,12 @@ def chain_verify(*, since: datetime | None = None) -> Verification:
             .order_by("chain_seq")
             .first()
         )
-        if start is not None and start.chain_seq is not None:
-            before = AuditEvent.objects.filter(chain_seq=start.chain_seq - 1).first()
-            if before is not None:
-                # Trusted as the starting point, as a checkpoint is.
-                seq, previous = before.chain_seq or 0, before.chain_hash
+        if start is None or start.chain_seq is None:
+            return result  # nothing written since then
+        before = AuditEvent.objects.filter(chain_seq=start.chain_seq - 1).first()
+        if before is not None:
+            # Trusted as the starting point, as a checkpoint is.
+            seq, previous = before.chain_seq or 0, before.chain_hash
     breaks = result.breaks
     for event in _chained(seq):
         place = event.chain_seq or 0

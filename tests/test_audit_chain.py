@@ -197,6 +197,8 @@ def test_verify_since_starts_from_that_time() -> None:
     cut = AuditEvent.objects.get(pk=events[2].pk).created_at
     assert verify("--since", cut.isoformat()) == "audit chain intact: 2 event(s), #3 to #4\n"
     assert broken() == f"the audit chain is broken at event {events[0].pk}: edited"
+    later = (timezone.now() + timedelta(hours=1)).isoformat()
+    assert verify("--since", later) == "audit chain intact: no events to check\n"
     with pytest.raises(CommandError, match="a date, an ISO 8601 time or a duration"):
         verify("--since", "yesterday-ish")
 

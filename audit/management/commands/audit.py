@@ -77,11 +77,15 @@ class Command(BaseCommand):
             first = result.breaks[0]
             where = f"event {first.event_id}" if first.event_id is not None else "its end"
             raise CommandError(f"the audit chain is broken at {where}: {first.why}")
-        span = f"#{result.first_seq} to #{result.last_seq}" if result.checked else "no events"
+        span = (
+            f"{result.checked} event(s), #{result.first_seq} to #{result.last_seq}"
+            if result.checked
+            else "no events to check"
+        )
         after = (
             f", after the retention checkpoint at #{result.checkpoint}" if result.checkpoint else ""
         )
-        self.stdout.write(f"audit chain intact: {result.checked} event(s), {span}{after}")
+        self.stdout.write(f"audit chain intact: {span}{after}")
 
 
 HEADERS = [
