@@ -40,6 +40,9 @@ EXIT_NOT_ENROLLED = 6  # no config, or the server no longer knows this agent
 EXIT_INTERRUPTED = 130  # the shell's convention for Ctrl-C
 
 ENROLL_HINT = "run keybroker enroll URL --name N --can BACKEND"
+# The token cache beside the config, and its lock (keybroker/credentials.py).
+CACHE_FILE = "tokens.json"
+CACHE_LOCK_FILE = "tokens.lock"
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_POLL_INTERVAL = 2.0
 MAX_POLL_INTERVAL = 10.0  # an admin who approves should not wait long for the agent to notice
@@ -616,8 +619,10 @@ def cmd_unenroll(args: argparse.Namespace, path: Path) -> int:
         _note(f"the server no longer knows {config.name}; removing the local config only")
     else:
         expect(response, 204)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+    # The token cache beside it (keybroker/credentials.py) holds only revoked tokens now.
+    for gone in (path, path.parent / CACHE_FILE, path.parent / CACHE_LOCK_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            gone.unlink()
     print(f"unenrolled {config.name}; its tokens are revoked and {path} is deleted")
     return EXIT_OK
 

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keybroker.cli import (
+    CACHE_FILE,
+    CACHE_LOCK_FILE,
     EXIT_ERROR,
     CliError,
     Config,
@@ -47,8 +49,6 @@ from keybroker.wire import duration_parse
 if TYPE_CHECKING:
     from anthropic.lib.credentials import AccessToken
 
-CACHE_FILE = "tokens.json"
-LOCK_FILE = "tokens.lock"
 MIN_RENEW_SECONDS = 30.0
 RENEW_FRACTION = 0.2
 # A mint that fails while the cached token still has this long left serves the cached one.
@@ -109,7 +109,7 @@ class TokenStore:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        lock_path = self.path.with_name(LOCK_FILE)
+        lock_path = self.path.with_name(CACHE_LOCK_FILE)
         with self._thread_lock:
             try:
                 fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)

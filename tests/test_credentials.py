@@ -258,3 +258,15 @@ def test_importing_keybroker_does_not_import_the_sdk() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=clean_env()
     )
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_unenroll_deletes_the_token_cache_with_the_config(
+    bob: Enrolled, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["--config", str(bob.config), "get", "anthropic", "--cached"]) == 0
+    cache = bob.config.parent / CACHE_FILE
+    assert cache.exists()
+    assert cli.main(["--config", str(bob.config), "unenroll"]) == 0
+    assert not cache.exists()
+    assert not bob.config.exists()
+    assert not (bob.config.parent / "tokens.lock").exists()
