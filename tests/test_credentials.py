@@ -149,6 +149,21 @@ async def test_the_async_sdk_renews_and_recovers_from_a_401(bob: Enrolled) -> No
     await retrying.close()
 
 
+def test_a_token_is_served_until_its_renewal_point_and_replaced_after_it(bob: Enrolled) -> None:
+    clock = Clock()
+    creds = keybroker.Credentials("anthropic", ttl="1m", config=bob.config, clock=clock)
+    first = creds()
+    clock.skipped += 29  # 31 s left: more than the 30 s margin
+    assert creds().token == first.token
+    clock.skipped += 2  # 29 s left
+    renewed = creds()
+    assert renewed.token != first.token
+    assert len(tokens_of(bob.agent)) == 2
+    # The SDK is told the new token's real end: a minute from now.
+    assert renewed.expires_at is not None
+    assert 55 <= renewed.expires_at - time.time() <= 61
+
+
 def test_the_renewal_point_is_thirty_seconds_or_a_fifth_of_the_ttl() -> None:
     assert renew_margin(60) == 30
     assert renew_margin(15 * 60) == 180
