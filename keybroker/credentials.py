@@ -35,6 +35,7 @@ from keybroker.cli import (
     CACHE_FILE,
     CACHE_LOCK_FILE,
     EXIT_ERROR,
+    EXIT_UNREACHABLE,
     CliError,
     Config,
     Server,
@@ -159,20 +160,19 @@ class TokenStore:
                 cached.agent_id != str(config.agent_id) or cached.url != config.url
             ):
                 cached = None
-            if (
-                cached is not None
-                and cached.token != rejected
-                and self.clock() < cached.renew_at()
-                and (live is None or live(config, cached))
-            ):
-                return cached
+            if cached is not None and cached.token == rejected:
+                cached = None
+            if cached is not None and self.clock() < cached.renew_at():
+                if live is None or live(config, cached):
+                    return cached
+                cached = None  # revoked early: never a fallback
             asked = self.clock()
             try:
                 data = mint(config, backend, ttl)
             except CliError as exc:
                 if (
                     cached is not None
-                    and rejected is None
+                    and exc.code in (EXIT_UNREACHABLE, EXIT_ERROR)
                     and cached.expires - self.clock() > STILL_USABLE_SECONDS
                 ):
                     # Renewing early failed (server briefly away): the token still works.
@@ -180,7 +180,10 @@ class TokenStore:
                 raise CredentialsError(exc.message, exc.code) from None
             fresh = _cached_from(data, backend, asked, config)
             entries[key] = fresh
-            self.write(entries)
+            try:
+                self.write(entries)
+            except CliError as exc:
+                raise CredentialsError(exc.message, exc.code) from None
             return fresh
 
 

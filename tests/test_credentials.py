@@ -11,6 +11,7 @@ runs with max_retries=0 there, so such a 401 would fail the test instead of bein
 from __future__ import annotations
 
 import json
+import socket
 import stat
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from broker.models import Agent, Token
 from broker.services.access import access_changed
 from broker.services.tokens import token_revoke
 from keybroker import cli
-from keybroker.credentials import CACHE_FILE, TokenStore, renew_margin
+from keybroker.credentials import CACHE_FILE, CachedToken, TokenStore, cache_key, renew_margin
 from tests.conftest import REPO, clean_env
 from tests.fake_anthropic import FakeAnthropic
 from tests.proxy_cast import Enrolled
@@ -285,3 +286,28 @@ def test_unenroll_deletes_the_token_cache_with_the_config(
     assert not cache.exists()
     assert not bob.config.exists()
     assert not (bob.config.parent / "tokens.lock").exists()
+
+
+def test_a_server_briefly_away_keeps_a_token_with_time_left_in_use(tmp_path: Path) -> None:
+    """Renewing early fails (nothing listens on the server's port): the cached token is
+    served while it has time left; once it has not, the failure is raised."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    config = tmp_path / "kb" / "config.json"
+    cli.save_config(config, cli.Config(url=url, name="bob", agent_id="7", vend_token="ckr_x"))
+    clock = Clock()
+    cached = CachedToken(token="crd_cachedcached", id="1", backend="anthropic",
+                         base_url=f"{url}/v1/proxy/anthropic", ttl=60,
+                         expires=clock() + 20, agent_id="7", url=url)  # fmt: skip
+    store = TokenStore(config, clock=clock)
+    store.write({cache_key("anthropic", "1m"): cached})
+
+    creds = keybroker.Credentials("anthropic", ttl="1m", config=config, clock=clock)
+    assert creds().token == "crd_cachedcached"  # past its renewal point, 20 s left
+    clock.skipped += 16  # 4 s left: too little to hand out
+    with pytest.raises(keybroker.CredentialsError) as raised:
+        creds()
+    assert raised.value.code == cli.EXIT_UNREACHABLE
+    assert f"cannot reach {url}" in str(raised.value)
