@@ -125,6 +125,21 @@ def test_a_token_revoked_server_side_is_replaced_after_the_401(
     assert TokenStore(bob.config).read()["anthropic 900s"].id == str(second.pk)
 
 
+def test_after_a_401_a_token_another_process_renewed_is_taken_not_minted_again(
+    bob: Enrolled,
+) -> None:
+    # Two providers on one config, as two processes are: each its own lock file handle.
+    one = keybroker.Credentials("anthropic", ttl="10m", config=bob.config)
+    other = keybroker.Credentials("anthropic", ttl="10m", config=bob.config)
+    first = one()
+    assert other().token == first.token
+    token_revoke(token=tokens_of(bob.agent)[0])
+    renewed = other(force_refresh=True)  # its call got the 401 first
+    assert renewed.token != first.token
+    assert one(force_refresh=True).token == renewed.token  # then this one's did
+    assert len(tokens_of(bob.agent)) == 2
+
+
 async def test_the_async_sdk_renews_and_recovers_from_a_401(bob: Enrolled) -> None:
     from asgiref.sync import sync_to_async
 

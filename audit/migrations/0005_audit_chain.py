@@ -20,8 +20,9 @@ def chain_existing(apps: Any, schema_editor: Any) -> None:
         for event in chunk:
             seq += 1
             previous = link_hash(previous, seq, event_values(event))
-            # The historical model has none of AuditEvent's append-only guards.
-            event_model.objects.filter(pk=event.pk).update(chain_seq=seq, chain_hash=previous)
+            event.chain_seq, event.chain_hash = seq, previous
+        # The historical model has none of AuditEvent's append-only guards.
+        event_model.objects.bulk_update(chunk, ["chain_seq", "chain_hash"], batch_size=500)
         if len(chunk) < CHUNK:
             break
         after = chunk[-1].pk
