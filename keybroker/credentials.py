@@ -152,8 +152,8 @@ class TokenStore:
         whether the cached token still works (revoked early?) before it is served.
         """
         key = cache_key(backend, ttl)
+        config = _config(self.config_file)  # not enrolled: said before any lock is tried
         with self.locked():
-            config = _config(self.config_file)
             entries = self.read()
             cached = entries.get(key)
             if cached is not None and (

@@ -326,3 +326,12 @@ def test_a_server_briefly_away_keeps_a_token_with_time_left_in_use(tmp_path: Pat
         creds()
     assert raised.value.code == cli.EXIT_UNREACHABLE
     assert f"cannot reach {url}" in str(raised.value)
+
+
+def test_get_cached_without_a_config_says_not_enrolled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nowhere" / "config.json"
+    assert cli.main(["--config", str(missing), "get", "anthropic", "--cached"]) == 6
+    assert "not enrolled; run keybroker enroll" in capsys.readouterr().err
+    assert not missing.parent.exists()
