@@ -814,7 +814,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_claude_settings,
         "print Claude Code settings that use `keybroker get --cached` as its apiKeyHelper",
     )
-    claude.add_argument("backend", metavar="BACKEND", nargs="?", default="anthropic")
+    claude.add_argument(
+        "backend", metavar="BACKEND", nargs="?", default="anthropic", help="default: anthropic"
+    )
     claude.add_argument("--ttl", help="token lifetime: 90s, 30m, 1h or seconds")
     claude.add_argument(
         "--write", action="store_true", help="merge them into ./.claude/settings.json instead"
