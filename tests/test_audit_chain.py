@@ -18,9 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
+from asgiref.sync import sync_to_async
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 
@@ -94,17 +95,15 @@ async def test_the_proxy_recorder_writes_into_the_same_chain(proxied: Proxied) -
         audit_enqueue(action="proxy.request", agent="bob", backend="anthropic", status=200,
                       request_id=f"req_{number}", cost_usd=Decimal("0.0123"))  # fmt: skip
     await audit_flush()
-    result = await transaction_free(chain_verify)
-    assert result.intact, result.breaks
-    assert result.checked == await AuditEvent.objects.acount()
-    last = [e async for e in AuditEvent.objects.order_by("-chain_seq")[:3]]
-    assert [e.request_id for e in last] == ["req_2", "req_1", "req_0"]
-
-
-async def transaction_free(function: Any) -> Any:
-    from asgiref.sync import sync_to_async
-
-    return await sync_to_async(function)()
+    try:
+        result = await sync_to_async(chain_verify)()
+        assert result.intact, result.breaks
+        assert result.checked == await AuditEvent.objects.acount()
+        last = [e async for e in AuditEvent.objects.order_by("-chain_seq")[:3]]
+        assert [e.request_id for e in last] == ["req_2", "req_1", "req_0"]
+    finally:
+        # The executor thread's connection would outlive the test database otherwise.
+        await sync_to_async(connections.close_all)()
 
 
 def test_an_edited_row_fails_verify_naming_it() -> None:

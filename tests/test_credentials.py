@@ -22,6 +22,7 @@ from pathlib import Path
 import anthropic
 import httpx
 import pytest
+from django.db import connections
 from django.utils import timezone
 
 import keybroker
@@ -163,6 +164,8 @@ async def test_the_async_sdk_renews_and_recovers_from_a_401(bob: Enrolled) -> No
     assert len(await sync_to_async(tokens_of)(bob.agent)) == 3
     await client.close()
     await retrying.close()
+    # The executor thread's connection would outlive the test database otherwise.
+    await sync_to_async(connections.close_all)()
 
 
 def test_a_token_is_served_until_its_renewal_point_and_replaced_after_it(bob: Enrolled) -> None:
