@@ -119,6 +119,7 @@ class AuditEventAdmin(HistoryAdmin[AuditEvent]):
             "policy_result", "policy_reason",
         ]}),
         ("Detail", {"fields": ["detail_json"]}),
+        ("Hash chain", {"fields": ["chain_seq", "chain_hash"]}),
     ]  # fmt: skip
 
     def get_readonly_fields(self, request: HttpRequest, obj: AuditEvent | None = None) -> Any:

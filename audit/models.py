@@ -79,6 +79,10 @@ class AuditEvent(models.Model):
     policy_result = models.CharField(max_length=16, blank=True, choices=PolicyResult.choices)
     policy_reason = models.CharField(max_length=300, blank=True)
     detail = models.JSONField(default=dict, blank=True)
+    # The hash chain (audit/chain.py): this event's place in write order, and SHA-256 of the
+    # previous event's hash and this event's fields. Set once, by the chain writer only.
+    chain_seq = models.BigIntegerField(null=True, blank=True, unique=True)
+    chain_hash = models.CharField(max_length=64, blank=True)
 
     objects: ClassVar[AuditEventQuerySet] = AuditEventQuerySet.as_manager()  # type: ignore[assignment]
 
@@ -164,3 +168,33 @@ class UsageCursor(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} at {self.last_id}"
+
+
+class AuditChain(models.Model):
+    """The head of the hash chain: the last event written (one row, ``pk=1``).
+
+    Every writer locks this row in the transaction that writes its events, so events get
+    their places in one order across processes; it is one locked row per batch.
+    """
+
+    seq = models.BigIntegerField(default=0)
+    hash = models.CharField(max_length=64, default="0" * 64)
+
+    def __str__(self) -> str:
+        return f"audit chain at #{self.seq}"
+
+
+class AuditCheckpoint(models.Model):
+    """Where retention cut the chain: every event up to ``seq`` was deleted, and ``hash`` was
+    the last one's. Verification starts after the latest checkpoint."""
+
+    created_at = models.DateTimeField(default=timezone.now)
+    seq = models.BigIntegerField(unique=True)
+    hash = models.CharField(max_length=64)
+    deleted = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-seq"]
+
+    def __str__(self) -> str:
+        return f"audit checkpoint at #{self.seq}"

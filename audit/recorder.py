@@ -38,6 +38,7 @@ from django.conf import settings
 from django.db import DataError, IntegrityError
 from django.utils import timezone
 
+from audit.chain import chain_write
 from audit.events import PROXY_COLUMNS, event_json, event_row
 from audit.metrics import calls_observe
 from audit.models import ActorType, AuditEvent
@@ -145,7 +146,7 @@ class AuditWriteFailed(Exception):
 
 
 def _write(batch: list[Row]) -> list[AuditEvent]:
-    events = AuditEvent.objects.bulk_create([AuditEvent(**row) for row in batch])
+    events = chain_write(batch)
     # Counted once written, in this thread: the metrics cost the event loop nothing.
     calls_observe(batch)
     return events
@@ -163,7 +164,7 @@ def _write_one_by_one(batch: list[Row]) -> tuple[list[AuditEvent], list[Row], li
     rest: list[Row] = []
     for index, row in enumerate(batch):
         try:
-            written.append(AuditEvent.objects.create(**row))
+            written.extend(chain_write([row]))
             written_rows.append(row)
         except (DataError, IntegrityError):
             refused.append(row)

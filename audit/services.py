@@ -17,6 +17,7 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
 from django.utils import timezone
 
+from audit.chain import chain_prune, chain_write
 from audit.events import RECORD_COLUMNS, event_row
 from audit.models import ActorType, AuditEvent
 from audit.publish import audit_publish
@@ -67,7 +68,7 @@ def audit_record(
         fields=detail,
         columns=RECORD_COLUMNS,
     )
-    event = AuditEvent.objects.create(**row)
+    (event,) = chain_write([row])
     transaction.on_commit(lambda: audit_publish([event]))
     return event
 
@@ -75,21 +76,14 @@ def audit_record(
 def audit_prune(*, now: datetime | None = None, days: int | None = None) -> int:
     """Delete events older than the retention window; returns how many went.
 
-    In chunks, each its own statement, so a first run over a large table neither holds one
-    huge transaction nor locks the table against the recorder's writes for long.
+    Whole segments from the start of the hash chain (audit/chain.py), with a checkpoint
+    recorded first so verification still holds; in chunks, each its own statement, so a
+    first run over a large table neither holds one huge transaction nor locks the table
+    against the recorder's writes for long.
     """
     days = settings.AUDIT_RETENTION_DAYS if days is None else days
     cutoff = (now or timezone.now()) - timedelta(days=days)
-    deleted = 0
-    while True:
-        ids = list(
-            AuditEvent.objects.filter(created_at__lt=cutoff)
-            .order_by("id")
-            .values_list("id", flat=True)[:PRUNE_CHUNK]
-        )
-        if not ids:
-            break
-        deleted += AuditEvent.objects.filter(id__in=ids).prune()
+    deleted = chain_prune(cutoff=cutoff, chunk=PRUNE_CHUNK)
     if deleted:
         logger.info("audit retention: deleted %d event(s) older than %d days", deleted, days)
     return deleted

@@ -14,11 +14,13 @@ import json
 import os
 import random
 import shlex
+import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
@@ -38,6 +40,9 @@ EXIT_NOT_ENROLLED = 6  # no config, or the server no longer knows this agent
 EXIT_INTERRUPTED = 130  # the shell's convention for Ctrl-C
 
 ENROLL_HINT = "run keybroker enroll URL --name N --can BACKEND"
+# The token cache beside the config, and its lock (keybroker/credentials.py).
+CACHE_FILE = "tokens.json"
+CACHE_LOCK_FILE = "tokens.lock"
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_POLL_INTERVAL = 2.0
 MAX_POLL_INTERVAL = 10.0  # an admin who approves should not wait long for the agent to notice
@@ -434,9 +439,89 @@ def mint(config: Config, backend: str, ttl: str | None) -> dict[str, Any]:
 
 
 def cmd_get(args: argparse.Namespace, path: Path) -> int:
-    data = mint(require_config(path), args.backend, args.ttl)
+    if args.cached:
+        data = cached_token(path, args.backend, args.ttl)
+    else:
+        data = mint(require_config(path), args.backend, args.ttl)
     print(json.dumps(data, indent=2) if args.json else data["token"])
     return EXIT_OK
+
+
+def cached_token(path: Path, backend: str, ttl: str | None) -> dict[str, Any]:
+    """A live token from the shared cache beside the config, or a new one (cached)."""
+    # Loaded here: keybroker.credentials builds on this module.
+    from keybroker.credentials import CredentialsError, TokenStore, token_is_live
+
+    try:
+        # An apiKeyHelper has no force_refresh: the server is asked whether the cached token
+        # is still live (revoked early?) before it is handed out again.
+        cached = TokenStore(path).token(backend, ttl, live=token_is_live)
+    except CredentialsError as exc:
+        raise CliError(exc.code, str(exc)) from None
+    expires = datetime.fromtimestamp(cached.expires, UTC).isoformat().replace("+00:00", "Z")
+    return {
+        "id": cached.id,
+        "token": cached.token,
+        "backend": cached.backend,
+        "expires_at": expires,
+        "ttl": cached.ttl,
+        "base_url": cached.base_url,
+    }
+
+
+CLAUDE_SETTINGS = Path(".claude") / "settings.json"
+
+
+def cmd_claude_settings(args: argparse.Namespace, path: Path) -> int:
+    from keybroker.credentials import renew_margin
+
+    data = cached_token(path, args.backend, args.ttl)
+    command = [*_self_command(), "--config", str(path.resolve()), "get", args.backend, "--cached"]
+    if args.ttl:
+        command += ["--ttl", args.ttl]
+    # Claude Code keeps the helper's key this long: half the time a cached token is still
+    # served for, so the key it holds always has a quarter of that left at least.
+    helper_ms = int(renew_margin(data["ttl"]) / 2 * 1000)
+    settings: dict[str, Any] = {
+        "apiKeyHelper": shlex.join(command),
+        "env": {
+            "ANTHROPIC_BASE_URL": data["base_url"],
+            "CLAUDE_CODE_API_KEY_HELPER_TTL_MS": str(helper_ms),
+        },
+    }
+    if not args.write:
+        print(json.dumps(settings, indent=2))
+        return EXIT_OK
+    target = Path.cwd() / CLAUDE_SETTINGS
+    merged = _json_object(target)
+    merged["apiKeyHelper"] = settings["apiKeyHelper"]
+    env = merged.get("env")
+    merged["env"] = {**(env if isinstance(env, dict) else {}), **settings["env"]}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_private(target, json.dumps(merged, indent=2) + "\n", prefix=".settings-")
+    print(f"wrote apiKeyHelper and env to {target}")
+    return EXIT_OK
+
+
+def _self_command() -> list[str]:
+    """How Claude Code can run this very keybroker, whatever its PATH."""
+    script = Path(sys.argv[0])
+    if script.name == "keybroker" and script.is_file():
+        return [str(script.resolve())]
+    found = shutil.which("keybroker")
+    return [found] if found else [sys.executable, "-m", "keybroker.cli"]
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise CliError(EXIT_ERROR, f"{path} is not readable JSON ({exc}); fix or move it") from None
+    if not isinstance(data, dict):
+        raise CliError(EXIT_ERROR, f"{path} is not a JSON object; fix or move it")
+    return data
 
 
 def cmd_env(args: argparse.Namespace, path: Path) -> int:
@@ -579,8 +664,10 @@ def cmd_unenroll(args: argparse.Namespace, path: Path) -> int:
         _note(f"the server no longer knows {config.name}; removing the local config only")
     else:
         expect(response, 204)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+    # The token cache beside it (keybroker/credentials.py) holds only revoked tokens now.
+    for gone in (path, path.parent / CACHE_FILE, path.parent / CACHE_LOCK_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            gone.unlink()
     print(f"unenrolled {config.name}; its tokens are revoked and {path} is deleted")
     return EXIT_OK
 
@@ -761,6 +848,24 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--ttl", help="token lifetime: 90s, 30m, 1h or seconds")
         if name == "get":
             sub.add_argument("--json", action="store_true", help="print the whole answer")
+            sub.add_argument(
+                "--cached",
+                action="store_true",
+                help="a live token from the cache shared by this agent's processes, or a new one "
+                "(for Claude Code's apiKeyHelper)",
+            )
+    claude = command(
+        "claude-settings",
+        cmd_claude_settings,
+        "print Claude Code settings that use `keybroker get --cached` as its apiKeyHelper",
+    )
+    claude.add_argument(
+        "backend", metavar="BACKEND", nargs="?", default="anthropic", help="default: anthropic"
+    )
+    claude.add_argument("--ttl", help="token lifetime: 90s, 30m, 1h or seconds")
+    claude.add_argument(
+        "--write", action="store_true", help="merge them into ./.claude/settings.json instead"
+    )
 
     ls = command("ls", cmd_ls, "list this agent's live tokens")
     ls.add_argument("--json", action="store_true", help="print the server's answer")

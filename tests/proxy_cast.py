@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.contrib.auth.models import AbstractBaseUser
 
-from broker.models import Backend
+from broker.models import Agent, Backend
 from broker.services.agents import agent_enroll
 from broker.services.backends import backend_add
 from broker.services.tokens import token_issue
+from keybroker import cli
 from tests.fake_anthropic import FakeAnthropic
 from tests.keys import api_key
 from tests.servers import live_server_settled
@@ -66,4 +68,40 @@ def proxied(
     # The server runs in this process, so it answers with the URL the test reaches it on.
     settings.PUBLIC_URL = live_url
     yield proxied_for(live_url=live_url, fake=fake_anthropic, alice=alice)
+    audit_drained()
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    agent: Agent
+    config: Path  # its keybroker config, as `keybroker enroll` writes it
+    key: str  # the real upstream key behind the backend
+
+
+@pytest.fixture
+def bob_enrolled(
+    live_url: str,
+    fake_anthropic: FakeAnthropic,
+    alice: AbstractBaseUser,
+    settings: Any,
+    tmp_path: Path,
+) -> Iterator[Enrolled]:
+    """bob, approved for anthropic (1-minute tokens allowed), with his keybroker config:
+    he mints his own tokens, through the live server."""
+    settings.PUBLIC_URL = live_url
+    key = api_key(tail="Rn3w")
+    fake_anthropic.valid_keys.add(key)
+    backend_add(name="anthropic", secret=key, base_url=fake_anthropic.url)
+    enrolled = agent_enroll(name="bob", scopes=["anthropic"], approved_by=alice)
+    config = tmp_path / "kb" / "config.json"
+    cli.save_config(
+        config,
+        cli.Config(
+            url=live_url,
+            name="bob",
+            agent_id=str(enrolled.agent.pk),
+            vend_token=enrolled.vend_token,
+        ),
+    )
+    yield Enrolled(agent=enrolled.agent, config=config, key=key)
     audit_drained()

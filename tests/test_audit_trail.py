@@ -11,6 +11,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from audit import services as audit_services
+from audit.chain import chain_write
 from audit.models import AppendOnly, AuditEvent
 from audit.services import audit_prune, audit_record
 from audit.tasks import audit_prune_task
@@ -133,12 +134,12 @@ def test_a_channel_layer_that_is_down_never_breaks_the_write(
 def test_retention_deletes_only_events_older_than_the_window(settings: Any) -> None:
     settings.AUDIT_RETENTION_DAYS = 30
     now = timezone.now()
-    AuditEvent.objects.bulk_create(
+    chain_write(
         [
-            AuditEvent(action="old", actor_type="system", created_at=now - timedelta(days=31)),
-            AuditEvent(action="old", actor_type="system", created_at=now - timedelta(days=45)),
-            AuditEvent(action="kept", actor_type="system", created_at=now - timedelta(days=29)),
-            AuditEvent(action="kept", actor_type="system", created_at=now),
+            {"action": "old", "actor_type": "system", "created_at": now - timedelta(days=31)},
+            {"action": "old", "actor_type": "system", "created_at": now - timedelta(days=45)},
+            {"action": "kept", "actor_type": "system", "created_at": now - timedelta(days=29)},
+            {"action": "kept", "actor_type": "system", "created_at": now},
         ]
     )
     audit_prune_task()
@@ -149,9 +150,7 @@ def test_retention_deletes_only_events_older_than_the_window(settings: Any) -> N
 def test_retention_works_through_a_table_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(audit_services, "PRUNE_CHUNK", 7)
     old = timezone.now() - timedelta(days=400)
-    AuditEvent.objects.bulk_create(
-        [AuditEvent(action="old", actor_type="system", created_at=old) for _ in range(30)]
-    )
+    chain_write([{"action": "old", "actor_type": "system", "created_at": old}] * 30)
     audit_record(action="kept")
     assert audit_prune(days=90) == 30
     assert list(AuditEvent.objects.values_list("action", flat=True)) == ["kept"]

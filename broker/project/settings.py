@@ -425,6 +425,20 @@ PROXY_BUFFERED_BODY_BYTES = env_int(
 # Audit events older than this are deleted by the retention task; nothing else deletes one.
 AUDIT_RETENTION_DAYS = env_int("KEYBROKER_AUDIT_RETENTION_DAYS", default=90, minimum=1)
 AUDIT_RETENTION_INTERVAL_SECONDS = 3600
+# A copy of every event, as it is written, for a SIEM: udp://HOST:PORT or tcp://HOST:PORT
+# (RFC 5424 syslog; audit/sink.py). Off when empty.
+AUDIT_SYSLOG = env_str("KEYBROKER_AUDIT_SYSLOG")
+if AUDIT_SYSLOG:
+    _syslog = urlsplit(AUDIT_SYSLOG)
+    try:
+        _syslog_port = _syslog.port
+    except ValueError:
+        _syslog_port = None
+    if _syslog.scheme not in ("udp", "tcp") or not _syslog.hostname or _syslog_port is None:
+        raise ImproperlyConfigured(
+            "KEYBROKER_AUDIT_SYSLOG must be udp://HOST:PORT or tcp://HOST:PORT, "
+            f"not {AUDIT_SYSLOG!r}"
+        )
 CELERY_BEAT_SCHEDULE["audit-retention"] = {
     "task": "audit.tasks.audit_prune_task",
     "schedule": AUDIT_RETENTION_INTERVAL_SECONDS,
