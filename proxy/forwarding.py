@@ -121,7 +121,8 @@ class UpstreamRequest:
 
     method: str
     url: str
-    headers: Headers = field(repr=False)
+    # As aiohttp takes them, text: decoded once, as they were sorted.
+    headers: list[tuple[str, str]] = field(repr=False)
     body: bytes | AsyncIterator[bytes] = field(repr=False)
     route: Route
     # A batch's JSON answer is rewritten (results_url): it is asked for uncompressed.
@@ -134,6 +135,57 @@ class UpstreamRequest:
     rekey: Callable[[RouteKey], UpstreamRequest] | None = field(default=None, repr=False)
 
 
+_NOT_FORWARDED = HOP_BY_HOP | CREDENTIAL_HEADERS
+
+
+def upstream_headers(
+    headers: Headers,
+    route: Route,
+    secret: tuple[AuthScheme, str],
+    *,
+    body_streamed: bool,
+    rewritten: bool,
+) -> list[tuple[str, str]]:
+    """The client's headers as they go upstream, in one pass: hop-by-hop headers and every
+    credential dropped, the provider's defaults added where absent, the upstream's
+    credential set, everything else verbatim."""
+    forwarded: list[tuple[str, str]] = []
+    present: set[bytes] = set()
+    betas: list[str] = []
+    asked: list[bytes] = []
+    declared = ""
+    for name, value in headers:
+        if name in _NOT_FORWARDED:
+            if name == b"content-length":
+                declared = value.decode("latin-1")
+            continue
+        if name == b"accept-encoding":
+            asked.append(value)
+            continue
+        present.add(name)
+        text = value.decode("latin-1")
+        if name == b"anthropic-beta":
+            betas.append(text)
+        forwarded.append((name.decode("latin-1"), text))
+    forwarded.extend(
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in wire_for(route.kind).default_headers
+        if name not in present
+    )
+    scheme, key = secret
+    credential = scheme.headers(key, anthropic_beta=",".join(betas) or None)
+    if "anthropic-beta" in credential:
+        forwarded = [(k, v) for k, v in forwarded if k != "anthropic-beta"]
+    forwarded.extend(credential.items())
+    if body_streamed and declared.isdigit():
+        forwarded.append(("content-length", declared))
+    # Only codings the meter reads are asked for (br or zstd would leave usage unread); a
+    # client that did not ask for compression must never get it.
+    encoding = b"identity" if rewritten else meterable_accept_encoding(b", ".join(asked) or None)
+    forwarded.append(("accept-encoding", encoding.decode("latin-1")))
+    return forwarded
+
+
 def upstream_request(
     *,
     method: str,
@@ -144,31 +196,12 @@ def upstream_request(
     route: Route,
     secret: tuple[AuthScheme, str],
 ) -> UpstreamRequest:
-    """The client's request as it goes upstream: hop-by-hop headers and every credential
-    dropped, the upstream's credential set, everything else verbatim."""
-    forwarded = [
-        (name, value)
-        for name, value in headers
-        if name not in HOP_BY_HOP and name not in CREDENTIAL_HEADERS
-    ]
-    forwarded = wire_for(route.kind).with_defaults(forwarded)
-    scheme, key = secret
-    beta = ",".join(v.decode("latin-1") for k, v in forwarded if k == b"anthropic-beta")
-    credential = scheme.headers(key, anthropic_beta=beta or None)
-    if "anthropic-beta" in credential:
-        forwarded = [(k, v) for k, v in forwarded if k != b"anthropic-beta"]
-    forwarded.extend((k.encode(), v.encode("latin-1")) for k, v in credential.items())
-    declared = header_value(headers, b"content-length")
-    if not isinstance(body, bytes) and declared.isdigit():
-        forwarded.append((b"content-length", declared.encode()))
-    # Only codings the meter reads are asked for (br or zstd would leave usage unread); a
-    # client that did not ask for compression must never get it.
+    """The client's request as it goes upstream (its headers: ``upstream_headers``)."""
     rewritten = path.startswith(BATCH_PATH)
-    asked = b", ".join(v for k, v in forwarded if k == b"accept-encoding") or None
-    forwarded = [(k, v) for k, v in forwarded if k != b"accept-encoding"]
-    forwarded.append(
-        (b"accept-encoding", b"identity" if rewritten else meterable_accept_encoding(asked))
+    forwarded = upstream_headers(
+        headers, route, secret, body_streamed=not isinstance(body, bytes), rewritten=rewritten
     )
+    key = secret[1]
     on_unauthorized: Callable[[], None] | None = None
     if route.federation is not None:
         federation = route.federation
@@ -388,7 +421,7 @@ async def _ask(
         request.method,
         # As built and checked: no re-quoting or path normalisation by the client.
         URL(request.url, encoded=True),
-        headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers],
+        headers=request.headers,
         data=request.body or None,
         allow_redirects=False,
         timeout=upstream_timeout(),

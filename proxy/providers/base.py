@@ -98,12 +98,6 @@ class Wire:
         """An error that ends an SSE stream between two events, as the SDKs read one."""
         raise NotImplementedError
 
-    def with_defaults(self, headers: Headers) -> Headers:
-        present = {name for name, _ in headers}
-        return headers + [
-            (name, value) for name, value in self.default_headers if name not in present
-        ]
-
     def max_tokens(self, payload: dict[str, object]) -> object:
         """The body's output cap under whichever name this provider reads, or None."""
         for name in self.max_tokens_fields:
