@@ -36,20 +36,25 @@ def form(**overrides: Any) -> dict[str, Any]:
     }
 
 
-def test_alice_adds_a_backend_and_never_sees_its_secret_again(admin_client: Client) -> None:
+def test_alice_adds_a_backend_and_never_sees_its_secret_again(
+    admin_client: Client, fake_anthropic: FakeAnthropic
+) -> None:
     key = api_key(tail="Xy9Q")
-    response = admin_client.post("/admin/broker/backend/add/", form(new_secret=key))
+    fake_anthropic.valid_keys.add(key)
+    response = admin_client.post(
+        "/admin/broker/backend/add/", form(new_secret=key, base_url=fake_anthropic.url)
+    )
     assert response.status_code == 302, response.content.decode()[:2000]
     backend = Backend.objects.get()
     assert backend.secret == key
-    assert backend.base_url == "https://api.anthropic.com"
     listing = admin_client.get("/admin/broker/backend/")
     change = admin_client.get(f"/admin/broker/backend/{backend.pk}/change/")
     for page in (listing, change):
         assert page.status_code == 200
         assert key not in page.content.decode()
     assert "sk-ant-api03-…Xy9Q" in listing.content.decode()
-    assert 'class="kb-status kb-status-unknown"' in listing.content.decode()
+    # Checked against the upstream when it was added.
+    assert 'class="kb-status kb-status-valid"' in listing.content.decode()
     # The password box is never pre-filled.
     assert 'name="new_secret"' in change.content.decode()
     assert 'name="new_secret" value' not in change.content.decode()

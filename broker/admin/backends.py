@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import admin, messages
@@ -16,6 +17,9 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from broker.admin.forms import service_checked
+
+if TYPE_CHECKING:
+    from django.utils.functional import _StrOrPromise
 from broker.admin.widgets import acted_on, may, post_only
 from broker.infra.errors import ServiceError
 from broker.kinds import PROVIDERS
@@ -31,8 +35,12 @@ from broker.services.backend_keys import (
 from broker.services.backends import (
     FederationSettings,
     TtlBounds,
+    ValidationResult,
     backend_add,
     backend_add_check,
+    backend_check_new_key,
+    backend_check_outcome,
+    backend_clean_base_url,
     backend_remove,
     backend_remove_refusal,
     backend_rotate,
@@ -75,7 +83,7 @@ BACKEND_FIELDS = (
     *FEDERATION_FORM_FIELDS,
     "token_ttl_min", "token_ttl_default", "token_ttl_max", "enabled", "secret_fingerprint",
     "auth_scheme", "status", "validation_message", "validation_checked_at", "created_at",
-    "rotated_at", "key_pool", "add_key", "add_key_weight",
+    "rotated_at", "key_pool", "add_key", "add_key_weight", "allow_invalid",
 )  # fmt: skip
 
 STATE_COLOURS = {
@@ -121,6 +129,18 @@ class BackendForm(forms.ModelForm[Backend]):
     add_key_weight = forms.IntegerField(
         label="Its weight", required=False, min_value=1, initial=1, help_text="share of calls"
     )
+    # A key entered here is checked against the upstream before it is saved (as `backend
+    # add` and `rotate` do): one the upstream refuses is not saved unless this is ticked.
+    allow_invalid = forms.BooleanField(
+        label="Save even if the upstream refuses the key",
+        required=False,
+        help_text="A key is checked against the upstream before it is saved; one it refuses "
+        "is not saved unless this is ticked. An upstream that cannot be reached does not stop "
+        "the save: the key is checked again by the scheduled validation.",
+    )
+    # What the upstream said about each key entered, asked once in clean() and stored with
+    # the key by save_model.
+    key_checks: dict[str, ValidationResult]
 
     class Meta:
         model = Backend
@@ -138,6 +158,7 @@ class BackendForm(forms.ModelForm[Backend]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.key_checks = {}
         if self.instance.pk:
             self.fields["new_secret"].help_text = (
                 "Leave blank to keep the keys as they are; a new one replaces the key chosen "
@@ -189,6 +210,22 @@ class BackendForm(forms.ModelForm[Backend]):
         when there are several)."""
         return self.cleaned_data.get("rotate_fingerprint") or None
 
+    def check_key(self, field: str, candidate: Backend, secret: str) -> None:
+        """Ask the upstream about a key typed into ``field`` (only once the rest of the form
+        is right); a refusal goes on that field."""
+        if self.errors:
+            return
+        with service_checked(self, {"secret": field}):
+            self.key_checks[field] = backend_check_new_key(
+                backend=candidate,
+                secret=secret,
+                allow_invalid=bool(self.cleaned_data.get("allow_invalid")),
+            )
+        if field in self.errors:
+            self.add_error(
+                field, "Tick “Save even if the upstream refuses the key” to save it anyway."
+            )
+
     def validate_unique(self) -> None:
         """A name that is taken is the service's refusal (backend_add_check), in its words."""
 
@@ -198,8 +235,9 @@ class BackendForm(forms.ModelForm[Backend]):
         # the REST API use, and nothing is saved.
         secret = data.get("new_secret") or ""
         if not self.instance.pk:
+            candidate = None
             with service_checked(self, SERVICE_FIELDS):
-                backend_add_check(
+                candidate = backend_add_check(
                     name=data.get("name") or "",
                     kind=data.get("kind") or "",
                     secret=secret,
@@ -208,6 +246,8 @@ class BackendForm(forms.ModelForm[Backend]):
                     ttl=self.ttl(),
                     federation=self.federation(),
                 )
+            if candidate is not None and secret:
+                self.check_key("new_secret", candidate, secret)
             return data
         backend = self.instance
         if data.get("add_key"):
@@ -230,6 +270,13 @@ class BackendForm(forms.ModelForm[Backend]):
                 federation=self.federation() if backend.federated else None,
                 key_entered=bool(secret),
             )
+        if data.get("add_key"):
+            self.check_key("add_key", backend, data["add_key"])
+        if secret and not self.errors:
+            # Against the base URL the backend moves to, if it moves: the key goes there.
+            moved = copy.copy(backend)
+            moved.base_url = backend_clean_base_url(data.get("base_url") or backend.base_url)
+            self.check_key("new_secret", moved, secret)
         return data
 
 
@@ -382,9 +429,12 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
                 base_url=data.get("base_url") or None,
                 ttl=ttl,
                 federation=form.federation() if PROVIDERS[data["kind"]].federated else None,
+                validate=True,
+                checked=form.key_checks.get("new_secret"),
                 by=request.user,
             )
             obj.pk = created.pk
+            self._tell_checked(request, created, form.key_checks.get("new_secret"))
             return
         current = Backend.objects.get(pk=obj.pk)
         if data.get("add_key"):
@@ -392,8 +442,10 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
                 backend=current,
                 secret=data["add_key"],
                 weight=data.get("add_key_weight") or 1,
+                checked=form.key_checks.get("add_key"),
                 by=request.user,
             )
+            self._tell_checked(request, current, form.key_checks.get("add_key"))
         secret = data.get("new_secret") or None
         if secret:
             # First, so that the key entered is the one a move to a new host sends there.
@@ -401,8 +453,10 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
                 backend=current,
                 secret=secret,
                 fingerprint=form.rotated_fingerprint(),
+                checked=form.key_checks.get("new_secret"),
                 by=request.user,
             )
+            self._tell_checked(request, current, form.key_checks.get("new_secret"))
         backend_update(
             backend=current,
             base_url=data.get("base_url") or None,
@@ -412,6 +466,35 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
             secret=secret,
             by=request.user,
         )
+
+    def _tell_checked(
+        self, request: HttpRequest, backend: Backend, result: ValidationResult | None
+    ) -> None:
+        """What the check of a key entered found, in place of Django's green "added
+        successfully" when the key is not known to work."""
+        if result is None:
+            return
+        valid = result.state == ValidationState.VALID
+        if not valid:
+            request._kb_key_not_valid = True  # type: ignore[attr-defined]
+        self.message_user(
+            request,
+            f"backend {backend.name}: {backend_check_outcome(backend, result)}",
+            messages.SUCCESS if valid else messages.WARNING,
+        )
+
+    def message_user(
+        self,
+        request: HttpRequest,
+        message: _StrOrPromise,
+        level: int | str = messages.INFO,
+        extra_tags: str = "",
+        fail_silently: bool = False,
+    ) -> None:
+        if level == messages.SUCCESS and getattr(request, "_kb_key_not_valid", False):
+            # Django's "was added/changed successfully" would read as "the key works".
+            level = messages.INFO
+        super().message_user(request, message, level, extra_tags, fail_silently)
 
     @admin.action(description="Validate now against the upstream", permissions=["change"])
     def validate_now(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
