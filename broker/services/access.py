@@ -142,10 +142,18 @@ def agent_require_enrolled(agent: Agent) -> None:
 
 
 def agent_require_approved(agent: Agent) -> None:
-    """Raise the agent's refusal (403 pending or rejected, 401 unenrolled) unless approved."""
+    """Raise the agent's refusal (403 pending or rejected, 401 unenrolled) unless approved;
+    a rejected agent is told the admin's reason, when one was given."""
     refused = agent_refusal(name=agent.name, status=agent.status)
-    if refused is not None:
-        raise refused.error()
+    if refused is None:
+        return
+    if agent.status == AgentStatus.REJECTED:
+        from broker.selectors.agents import agent_rejection  # reads the audit trail
+
+        rejection = agent_rejection(agent)
+        if rejection is not None and rejection.reason:
+            refused = Refusal(refused.status, f"{refused.message}: {rejection.reason}")
+    raise refused.error()
 
 
 def access_changed() -> None:
