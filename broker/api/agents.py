@@ -15,9 +15,8 @@ from broker.api.auth import AgentAuthentication, IsAgent, client_address
 from broker.api.serializers import StrictCharField, StrictInputSerializer
 from broker.infra.ratelimit import rate_limit_hit
 from broker.models import Agent, Grant, Token
-from broker.selectors.agents import agent_rejection
 from broker.selectors.policy import policy_left
-from broker.services.access import agent_require_approved
+from broker.services.access import agent_rejection, agent_require_approved
 from broker.services.agents import agent_enroll, agent_request_scopes, agent_scopes, agent_unenroll
 from broker.services.oidc import oidc_client_create, oidc_discovery
 from broker.services.policy import grant_policy, grants_of

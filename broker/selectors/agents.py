@@ -22,33 +22,6 @@ def agents_waiting() -> list[Agent]:
     return list(Agent.objects.waiting().order_by("created_at"))
 
 
-class Rejection(NamedTuple):
-    """An admin's last "no" to an agent: what it declined and the reason given ("" none)."""
-
-    declined: list[str]
-    reason: str
-
-
-DECISIONS = ("agent.approved", "agent.rejected", "agent.request_rejected")
-
-
-def agent_rejection(agent: Agent) -> Rejection | None:
-    """The admin's refusal, when the agent's last decision was one (its enrollment rejected,
-    or more scopes declined); None otherwise. Read from the audit trail, where the decision
-    and its reason are recorded (so it is kept as long as the trail keeps the event)."""
-    last = (
-        AuditEvent.objects.filter(
-            agent=agent.name, created_at__gte=agent.created_at, action__in=DECISIONS
-        )
-        .order_by("-created_at", "-pk")
-        .first()
-    )
-    if last is None or last.action == "agent.approved":
-        return None
-    declined = last.detail.get("declined") if isinstance(last.detail, dict) else None
-    return Rejection(list(declined or []), last.message)
-
-
 def agent_recent_events(agent: Agent, limit: int = RECENT_EVENTS) -> list[AuditEvent]:
     """The agent's latest audit events, newest first."""
     # Events name the agent, not its id, and an unenrolled agent's name may be taken again:
