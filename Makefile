@@ -24,8 +24,7 @@ install: $(VENV)/.installed
 
 run: $(VENV)/.installed
 	$(BIN)/python manage.py migrate --noinput
-	$(BIN)/python manage.py ensure_admin
-	exec $(BIN)/python manage.py serve
+	exec $(BIN)/python manage.py serve --ensure-admin
 
 test: lint pytest
 

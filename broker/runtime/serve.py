@@ -99,9 +99,16 @@ def uvicorn_command(python: str, *, host: str, port: int, workers: int) -> list[
     ]  # fmt: skip
 
 
-def serve(*, workers: int, say: Callable[[str], None], log: Callable[[str], None]) -> None:
-    """Start every component, tell ``say`` where the broker is once it answers, and return
-    when Ctrl-C stops them all; ServeError when one cannot start or fails."""
+def serve(
+    *,
+    workers: int,
+    say: Callable[[str], None],
+    log: Callable[[str], None],
+    when_up: Callable[[], None] | None = None,
+) -> None:
+    """Start every component, tell ``say`` where the broker is once it answers (then call
+    ``when_up``), and return when Ctrl-C stops them all; ServeError when one cannot start
+    or fails."""
     host, port = settings.HOST, settings.PORT
     port_free(host, port)
     database_ready()
@@ -143,6 +150,8 @@ def serve(*, workers: int, say: Callable[[str], None], log: Callable[[str], None
             f"  API docs:  {url}/api/docs/\n"
             "Press Ctrl-C to stop."
         )
+        if when_up is not None:
+            when_up()
         code = supervisor.wait()
     if code:
         raise ServeError("stopped because a component failed (see above)")
