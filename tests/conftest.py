@@ -70,6 +70,8 @@ def clean_env(**overrides: str) -> dict[str, str]:
         if not key.startswith(("KEYBROKER_", "DJANGO_"))
         and key not in {"DATABASE_URL", "REDIS_URL"}
     }
+    # A developer's own .env in the checkout must not reach the processes tests start.
+    env["KEYBROKER_ENV_FILE"] = os.devnull
     env.update(overrides)
     return env
 

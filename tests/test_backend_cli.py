@@ -204,7 +204,9 @@ def test_the_command_runs_as_an_operator_types_it(tmp_path: object) -> None:
         check=False,
     )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
+    where, error = result.stderr.strip().splitlines()
+    assert where.startswith(f"keybroker: database: SQLite {tmp_path}")
+    assert error == (
         "CommandError: name: use 1-63 lowercase letters, digits and dashes, starting and ending "
         "with a letter or digit"
-    ]
+    )

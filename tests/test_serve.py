@@ -119,6 +119,12 @@ def test_serve_runs_redis_worker_and_web_and_stops_cleanly_on_sigterm(broker: Br
         what="serve to print the broker's URLs",
     )
     assert f"{broker.url}/admin/" in broker.output()
+    # Which database and Redis it uses, once (issue 20, item 8).
+    assert broker.output().count("keybroker: database: ") == 1
+    assert (
+        f"keybroker: database: SQLite {broker.data_dir / 'keybroker.sqlite3'} (DATABASE_URL is "
+        "not set); redis: the embedded one on"
+    ) in broker.output()
     assert (broker.data_dir / "secret_key").stat().st_mode & 0o777 == 0o600
 
     # Beat schedules the heartbeat task through the embedded Redis and the worker runs it:

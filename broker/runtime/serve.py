@@ -16,6 +16,7 @@ from django.db.migrations.executor import MigrationExecutor
 from broker.runtime.embedded_redis import EmbeddedRedisError, start_embedded_redis
 from broker.runtime.health import check_redis
 from broker.runtime.supervisor import Supervisor, child_popen_options
+from broker.runtime.where import where
 
 
 class ServeError(Exception):
@@ -112,6 +113,7 @@ def serve(
     host, port = settings.HOST, settings.PORT
     port_free(host, port)
     database_ready()
+    log(where())
 
     supervisor = Supervisor(log=log)
     supervisor.install_signal_handlers()
