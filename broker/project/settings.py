@@ -346,6 +346,8 @@ SPECTACULAR_SETTINGS = {
         "drf_spectacular.hooks.postprocess_schema_enums",
         # Each operation's refusals, which the exception handler answers in one shape.
         "broker.api.schema.document_refusals",
+        # Tags by audience (agent, admin, OIDC, health) and the proxy, which is not DRF's.
+        "broker.api.schema.tag_by_audience",
     ],
 }
 
