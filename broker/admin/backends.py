@@ -77,14 +77,21 @@ SERVICE_FIELDS = {
     "ttl": "token_ttl_min",
 }
 
-KEY_POOL_FIELDS = ("key_pool", "rotate_fingerprint", "add_key", "add_key_weight")
-BACKEND_FIELDS = (
-    "name", "kind", "base_url", "client_key", "new_secret", "rotate_fingerprint",
-    *FEDERATION_FORM_FIELDS,
-    "token_ttl_min", "token_ttl_default", "token_ttl_max", "enabled", "secret_fingerprint",
-    "auth_scheme", "status", "validation_message", "validation_checked_at", "created_at",
-    "rotated_at", "key_pool", "add_key", "add_key_weight", "allow_invalid",
+TTL_FIELDS = ("token_ttl_min", "token_ttl_default", "token_ttl_max")
+VALIDATION_FIELDS = (
+    "status", "validation_message", "validation_checked_at", "secret_fingerprint",
+    "auth_scheme", "created_at", "rotated_at",
 )  # fmt: skip
+FEDERATION_FIELDSET = (
+    "Workload identity (kind anthropic-wif)",
+    {
+        "fields": FEDERATION_FORM_FIELDS,
+        "classes": ["kb-federation"],
+        "description": "keybroker exchanges its own JWT for short-lived access tokens; no "
+        "key is stored (docs/workload-identity.md).",
+    },
+)
+TOKENS_FIELDSET = ("Tokens agents mint", {"fields": (*TTL_FIELDS, "enabled")})
 
 STATE_COLOURS = {
     ValidationState.VALID: "#1a7f37",
@@ -294,17 +301,50 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
     list_filter = ["validation_state", "kind", "enabled"]
     search_fields = ["name"]
     actions = ["validate_now", "delete_selected"]
-    fields = BACKEND_FIELDS
-    readonly_fields = [
-        "secret_fingerprint", "auth_scheme", "status", "validation_message",
-        "validation_checked_at", "created_at", "rotated_at", "key_pool",
-    ]  # fmt: skip
+    readonly_fields = [*VALIDATION_FIELDS, "key_pool"]
 
-    def get_fields(self, request: HttpRequest, obj: Backend | None = None) -> tuple[str, ...]:
-        # The pool is there to see and grow once the backend exists (with its first key).
-        if obj is None or obj.client_key or obj.federated:
-            return tuple(f for f in BACKEND_FIELDS if f not in KEY_POOL_FIELDS)
-        return BACKEND_FIELDS
+    def get_fieldsets(
+        self, request: HttpRequest, obj: Backend | None = None
+    ) -> list[tuple[str | None, dict[str, Any]]]:
+        """Only what applies to this backend (issue 20, item 6): the add form shows the key
+        or, for kind anthropic-wif, the workload identity settings (the page's script
+        switches them with the kind); a change page, its key pool or its federation."""
+        if obj is None:
+            return [
+                (None, {"fields": ("name", "kind", "base_url", "client_key", "new_secret",
+                                   "allow_invalid")}),
+                FEDERATION_FIELDSET,
+                TOKENS_FIELDSET,
+            ]  # fmt: skip
+        first: list[tuple[str | None, dict[str, Any]]] = [
+            (None, {"fields": ("name", "kind", "base_url", "client_key")})
+        ]
+        if obj.federated:
+            first.append(FEDERATION_FIELDSET)
+        elif not obj.client_key:
+            first.append(
+                (
+                    "Keys",
+                    {
+                        "fields": ("key_pool", "new_secret", "rotate_fingerprint",
+                                   "allow_invalid", "add_key", "add_key_weight"),
+                    },
+                )
+            )  # fmt: skip
+        return [*first, TOKENS_FIELDSET, ("Validation", {"fields": VALIDATION_FIELDS})]
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Backend | None = None,
+    ) -> HttpResponse:
+        # The kinds whose add form shows the workload identity settings instead of a key.
+        context["kb_federated_kinds"] = [k for k, p in PROVIDERS.items() if p.federated]
+        return super().render_change_form(request, context, add, change, form_url, obj)
 
     @admin.display(description="keys")
     def key_pool(self, backend: Backend) -> SafeString:

@@ -308,6 +308,8 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 
 LANGUAGE_CODE = "en-us"
+# Short ISO-like dates in the admin (broker/project/formats/en/formats.py).
+FORMAT_MODULE_PATH = ["broker.project.formats"]
 TIME_ZONE = "UTC"
 USE_I18N = False
 USE_TZ = True
