@@ -19,6 +19,7 @@ from django.utils.safestring import SafeString
 from broker.admin.forms import service_checked
 
 if TYPE_CHECKING:
+    from django.contrib.admin.options import _FieldOpts, _FieldsetSpec
     from django.utils.functional import _StrOrPromise
 from broker.admin.widgets import acted_on, may, post_only
 from broker.infra.errors import ServiceError
@@ -82,7 +83,7 @@ VALIDATION_FIELDS = (
     "status", "validation_message", "validation_checked_at", "secret_fingerprint",
     "auth_scheme", "created_at", "rotated_at",
 )  # fmt: skip
-FEDERATION_FIELDSET = (
+FEDERATION_FIELDSET: tuple[str, _FieldOpts] = (
     "Workload identity (kind anthropic-wif)",
     {
         "fields": FEDERATION_FORM_FIELDS,
@@ -91,7 +92,10 @@ FEDERATION_FIELDSET = (
         "key is stored (docs/workload-identity.md).",
     },
 )
-TOKENS_FIELDSET = ("Tokens agents mint", {"fields": (*TTL_FIELDS, "enabled")})
+TOKENS_FIELDSET: tuple[str, _FieldOpts] = (
+    "Tokens agents mint",
+    {"fields": (*TTL_FIELDS, "enabled")},
+)
 
 STATE_COLOURS = {
     ValidationState.VALID: "#1a7f37",
@@ -303,9 +307,7 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
     actions = ["validate_now", "delete_selected"]
     readonly_fields = [*VALIDATION_FIELDS, "key_pool"]
 
-    def get_fieldsets(
-        self, request: HttpRequest, obj: Backend | None = None
-    ) -> list[tuple[str | None, dict[str, Any]]]:
+    def get_fieldsets(self, request: HttpRequest, obj: Backend | None = None) -> _FieldsetSpec:
         """Only what applies to this backend (issue 20, item 6): the add form shows the key
         or, for kind anthropic-wif, the workload identity settings (the page's script
         switches them with the kind); a change page, its key pool or its federation."""
@@ -316,7 +318,7 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
                 FEDERATION_FIELDSET,
                 TOKENS_FIELDSET,
             ]  # fmt: skip
-        first: list[tuple[str | None, dict[str, Any]]] = [
+        first: list[tuple[str | None, _FieldOpts]] = [
             (None, {"fields": ("name", "kind", "base_url", "client_key")})
         ]
         if obj.federated:
