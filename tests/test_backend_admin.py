@@ -60,9 +60,12 @@ def test_alice_adds_a_backend_and_never_sees_its_secret_again(
     assert 'name="new_secret" value' not in change.content.decode()
 
 
-def test_a_blank_secret_keeps_it_and_a_new_one_rotates(admin_client: Client) -> None:
+def test_a_blank_secret_keeps_it_and_a_new_one_rotates(
+    admin_client: Client, fake_anthropic: FakeAnthropic
+) -> None:
     key, new_key = api_key(), api_key(tail="N3w2")
-    backend = backend_add(name="anthropic", secret=key)
+    fake_anthropic.valid_keys.add(new_key)  # a new key is checked before it is saved
+    backend = backend_add(name="anthropic", secret=key, base_url=fake_anthropic.url)
     url = f"/admin/broker/backend/{backend.pk}/change/"
     assert admin_client.post(url, form(new_secret="", token_ttl_max=1800)).status_code == 302
     backend.refresh_from_db()
