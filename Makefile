@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test lint pytest bench install clean agent-dist agent-check
+.PHONY: run test lint pytest bench install clean agent-dist agent-check screenshots
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "keybroker needs Python 3.11 or newer")'
@@ -54,6 +54,10 @@ lint: $(VENV)/.installed-dev
 
 pytest: $(VENV)/.installed-dev
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# docs/screenshots/: each admin page at 1,400 x 900, from the browser tests.
+screenshots: $(VENV)/.installed-dev
+	KEYBROKER_SCREENSHOTS_DIR=docs/screenshots $(BIN)/pytest tests/test_operator_screens.py -q
 
 # The proxy benchmark (bench/README.md): timings live here, never in `make test`.
 bench: $(VENV)/.installed-dev
