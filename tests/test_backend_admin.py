@@ -110,3 +110,25 @@ def test_validate_now_checks_the_upstream(
     assert "Backend anthropic: valid" in response.content.decode()
     assert 'class="kb-status kb-status-valid"' in response.content.decode()
     assert key not in response.content.decode()
+
+
+def test_a_key_added_to_the_pool_is_checked_first(
+    admin_client: Client, fake_anthropic: FakeAnthropic
+) -> None:
+    good, wrong = api_key(tail="G00d"), api_key(tail="Wr0n")
+    fake_anthropic.valid_keys.add(good)
+    backend = backend_add(name="anthropic", secret=good, base_url=fake_anthropic.url)
+    url = f"/admin/broker/backend/{backend.pk}/change/"
+    refused = admin_client.post(url, form(new_secret="", add_key=wrong, add_key_weight=1))
+    assert refused.status_code == 200
+    page = refused.content.decode()
+    assert "refused this key (upstream answered 401" in page
+    assert "to save it anyway" in page
+    assert wrong not in page
+    assert backend.keys.count() == 1
+    stored = admin_client.post(
+        url, form(new_secret="", add_key=wrong, add_key_weight=1, allow_invalid="on")
+    )
+    assert stored.status_code == 302
+    added = backend.keys.get(fingerprint="sk-ant-api03-…Wr0n")
+    assert added.validation_state == "invalid"  # stored as ticked, and known for what it is

@@ -281,13 +281,14 @@ class BackendForm(forms.ModelForm[Backend]):
                 federation=self.federation() if backend.federated else None,
                 key_entered=bool(secret),
             )
-        if data.get("add_key"):
-            self.check_key("add_key", backend, data["add_key"])
-        if secret and not self.errors:
-            # Against the base URL the backend moves to, if it moves: the key goes there.
+        if (secret or data.get("add_key")) and not self.errors:
+            # Against the base URL the backend moves to, if it moves: the keys go there.
             moved = copy.copy(backend)
             moved.base_url = backend_clean_base_url(data.get("base_url") or backend.base_url)
-            self.check_key("new_secret", moved, secret)
+            if secret:
+                self.check_key("new_secret", moved, secret)
+            if data.get("add_key"):
+                self.check_key("add_key", moved, data["add_key"])
         return data
 
 
