@@ -134,3 +134,20 @@ def test_an_agent_enrolled_from_the_api_sees_no_rejection_while_it_waits(
         403,
         "agent dave was rejected by an admin",
     )
+
+
+def test_login_with_a_wrong_token_writes_nothing(
+    live_url: str, anthropic: Backend, tmp_path: Path
+) -> None:
+    erin = AgentShell(tmp_path, "erin")
+    config = Path(erin.env["XDG_CONFIG_HOME"]) / "keybroker" / "config.json"
+    pasted_key = erin("login", live_url, "--vend-token", "-", stdin="sk-ant-api03-oops\n")
+    assert pasted_key.returncode == 2
+    assert "a vend token starts with ckr_ (what `manage.py agent create` printed)" in (
+        pasted_key.stderr
+    )
+    unknown = erin("login", live_url, "--vend-token", "-", stdin="ckr_" + "x" * 40 + "\n")
+    assert unknown.returncode == 6
+    assert "invalid, expired or unknown agent credential" in unknown.stderr
+    assert "x" * 40 not in unknown.stderr
+    assert not config.exists()
