@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
+
+# Commands that touch no database, and `serve`, which says where it is itself once its
+# own checks passed.
+QUIET = {"help", "version", "serve", "check", "makemigrations", "--help", "-h", "--version"}
 
 
 def main() -> None:
@@ -11,6 +16,16 @@ def main() -> None:
     from django.core.management import execute_from_command_line
 
     try:
+        from broker.runtime.where import env_file_load, where
+
+        # Before the settings are read: a .env (or KEYBROKER_ENV_FILE) fills in what the
+        # environment leaves unset.
+        env_file_load(Path.cwd())
+        if len(sys.argv) > 1 and not QUIET & set(sys.argv[1:]):
+            import django
+
+            django.setup()
+            sys.stderr.write(f"keybroker: {where()}\n")
         execute_from_command_line(sys.argv)
     except ImproperlyConfigured as exc:
         # A configuration mistake deserves one line that names it, not a traceback.

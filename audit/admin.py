@@ -11,6 +11,7 @@ from django.utils.safestring import SafeString
 
 from audit.models import AuditEvent, PolicyResult
 from broker.admin.history import HistoryAdmin
+from broker.admin.widgets import cut
 
 STATUS_COLOURS = {"2": "#1a7f37", "3": "#6e7781", "4": "#cf222e", "5": "#cf222e"}
 DENIED_COLOUR = "#bf8700"
@@ -92,8 +93,8 @@ class AuditEventAdmin(HistoryAdmin[AuditEvent]):
     """Read-only: nobody adds, edits or deletes history from the admin."""
 
     list_display = [
-        "created_at", "action", "who", "agent", "backend", "model", "status_badge", "tokens",
-        "cost", "latency", "message",
+        "created_at", "action", "who", "agent_cut", "backend", "model_cut", "status_badge",
+        "tokens", "cost", "latency", "message_cut",
     ]  # fmt: skip
     list_filter = [
         ProxiedFilter, "action", AgentFilter, "backend", StatusFilter, "outcome", "model",
@@ -128,8 +129,23 @@ class AuditEventAdmin(HistoryAdmin[AuditEvent]):
         ]  # fmt: skip
 
     @admin.display(description="actor")
-    def who(self, event: AuditEvent) -> str:
-        return f"{event.actor_type}: {event.actor}" if event.actor else event.actor_type
+    def who(self, event: AuditEvent) -> SafeString | str:
+        # An agent acting for itself is named once, in the agent column.
+        if not event.actor or (event.actor_type == "agent" and event.actor == event.agent):
+            return event.actor_type
+        return cut(f"{event.actor_type}: {event.actor}", width_em=12)
+
+    @admin.display(description="agent", ordering="agent")
+    def agent_cut(self, event: AuditEvent) -> SafeString:
+        return cut(event.agent, width_em=12)
+
+    @admin.display(description="model", ordering="model")
+    def model_cut(self, event: AuditEvent) -> SafeString:
+        return cut(event.model, width_em=10)
+
+    @admin.display(description="message")
+    def message_cut(self, event: AuditEvent) -> SafeString:
+        return cut(event.message, width_em=18)
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, event: AuditEvent) -> SafeString | str:

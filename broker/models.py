@@ -411,6 +411,7 @@ class OidcClient(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        verbose_name = "OIDC client"  # not Django's "Oidc client"
 
     def __str__(self) -> str:
         return self.client_id

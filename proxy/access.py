@@ -54,6 +54,7 @@ from broker.services.access import (
 )
 from broker.services.federation import Federation, federation_of
 from broker.services.policy import Policy, grant_policy
+from keybroker.wire import PROXY_PREFIX
 from proxy.errors import ProxyError
 from proxy.keys import RouteKey
 
@@ -502,7 +503,9 @@ class AccessCache:
             raise AccessDenied(
                 403,
                 "permission_error",
-                f"this token is for backend {access.backend}, not {backend}",
+                f"this token is for backend {access.backend}, not {backend}; send it to "
+                f"{PROXY_PREFIX}{access.backend}/ (the base_url `keybroker get` printed), or "
+                f"mint one for {backend} with `keybroker get {backend}`",
             )
         if not access.has_grant:
             raise AccessDenied(

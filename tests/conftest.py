@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import subprocess
@@ -27,6 +28,35 @@ pytest_plugins = [
     "tests.wif",
     "tests.fake_openai",
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_internet() -> Iterator[None]:
+    """The suite talks to loopback only, on any machine: a host name other than localhost
+    does not resolve, as in a sandbox without DNS. Adding or rotating a key asks its
+    upstream at once (issue 20, item 1); a test that forgot to point its backend at the
+    fake upstream must find api.anthropic.com unreachable, not get a real 401 from it."""
+    real = socket.getaddrinfo
+
+    def loopback_only(host: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host
+        if name is None or name == "localhost" or _is_address(name):
+            return real(host, *args, **kwargs)
+        raise socket.gaierror(socket.EAI_NONAME, f"the tests reach no internet host ({name})")
+
+    socket.getaddrinfo = loopback_only  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        socket.getaddrinfo = real
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -70,6 +100,8 @@ def clean_env(**overrides: str) -> dict[str, str]:
         if not key.startswith(("KEYBROKER_", "DJANGO_"))
         and key not in {"DATABASE_URL", "REDIS_URL"}
     }
+    # A developer's own .env in the checkout must not reach the processes tests start.
+    env["KEYBROKER_ENV_FILE"] = os.devnull
     env.update(overrides)
     return env
 

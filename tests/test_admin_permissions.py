@@ -549,7 +549,11 @@ def test_in_the_admin_a_new_host_needs_the_key_on_the_form(
     assert moved.status_code == 302, moved.content.decode()[:3000]
     backend.refresh_from_db()
     assert (backend.base_url, backend.secret) == (listener.url, new_key)
-    assert listener.received == []
+    # The key entered was checked at the new host before saving (it is that host's key);
+    # the key it replaced never went there.
+    assert len(listener.received) == 1
+    assert new_key.encode() in listener.received[0]
+    assert KEY.encode() not in b"".join(listener.received)
 
 
 def test_in_the_admin_only_who_may_change_a_backend_validates_it(world: dict[str, str]) -> None:

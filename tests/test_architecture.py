@@ -15,7 +15,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
-PACKAGES = ("broker", "proxy", "audit", "keybroker")
+# Each package and where it lives in the checkout (the agent side is its own distribution).
+PACKAGES = {
+    "broker": "broker",
+    "proxy": "proxy",
+    "audit": "audit",
+    "keybroker": "agent/keybroker",
+}
 
 
 def _lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
@@ -31,9 +37,9 @@ def _lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    for package in PACKAGES:
+    for package, source in PACKAGES.items():
         shutil.copytree(
-            REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__")
+            REPO / source, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__")
         )
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
     return tmp_path

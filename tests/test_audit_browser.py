@@ -95,7 +95,7 @@ def test_alice_watches_calls_arrive_pauses_filters_and_sees_her_approval(
     agent_box.fill("dave")
     agent_box.press("Enter")
     admin.wait_for_url("**agent=dave**")
-    agents = admin.locator("#result_list tbody td.field-agent").all_inner_texts()
+    agents = admin.locator("#result_list tbody td.field-agent_cut").all_inner_texts()
     assert agents == ["dave"] * 3  # enrolled, granted, approved
     admin.screenshot(path=str(ARTIFACTS / "admin-audit-events.png"), full_page=True)
     admin.close()

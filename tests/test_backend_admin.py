@@ -36,28 +36,36 @@ def form(**overrides: Any) -> dict[str, Any]:
     }
 
 
-def test_alice_adds_a_backend_and_never_sees_its_secret_again(admin_client: Client) -> None:
+def test_alice_adds_a_backend_and_never_sees_its_secret_again(
+    admin_client: Client, fake_anthropic: FakeAnthropic
+) -> None:
     key = api_key(tail="Xy9Q")
-    response = admin_client.post("/admin/broker/backend/add/", form(new_secret=key))
+    fake_anthropic.valid_keys.add(key)
+    response = admin_client.post(
+        "/admin/broker/backend/add/", form(new_secret=key, base_url=fake_anthropic.url)
+    )
     assert response.status_code == 302, response.content.decode()[:2000]
     backend = Backend.objects.get()
     assert backend.secret == key
-    assert backend.base_url == "https://api.anthropic.com"
     listing = admin_client.get("/admin/broker/backend/")
     change = admin_client.get(f"/admin/broker/backend/{backend.pk}/change/")
     for page in (listing, change):
         assert page.status_code == 200
         assert key not in page.content.decode()
     assert "sk-ant-api03-…Xy9Q" in listing.content.decode()
-    assert 'class="kb-status kb-status-unknown"' in listing.content.decode()
+    # Checked against the upstream when it was added.
+    assert 'class="kb-status kb-status-valid"' in listing.content.decode()
     # The password box is never pre-filled.
     assert 'name="new_secret"' in change.content.decode()
     assert 'name="new_secret" value' not in change.content.decode()
 
 
-def test_a_blank_secret_keeps_it_and_a_new_one_rotates(admin_client: Client) -> None:
+def test_a_blank_secret_keeps_it_and_a_new_one_rotates(
+    admin_client: Client, fake_anthropic: FakeAnthropic
+) -> None:
     key, new_key = api_key(), api_key(tail="N3w2")
-    backend = backend_add(name="anthropic", secret=key)
+    fake_anthropic.valid_keys.add(new_key)  # a new key is checked before it is saved
+    backend = backend_add(name="anthropic", secret=key, base_url=fake_anthropic.url)
     url = f"/admin/broker/backend/{backend.pk}/change/"
     assert admin_client.post(url, form(new_secret="", token_ttl_max=1800)).status_code == 302
     backend.refresh_from_db()
@@ -102,3 +110,25 @@ def test_validate_now_checks_the_upstream(
     assert "Backend anthropic: valid" in response.content.decode()
     assert 'class="kb-status kb-status-valid"' in response.content.decode()
     assert key not in response.content.decode()
+
+
+def test_a_key_added_to_the_pool_is_checked_first(
+    admin_client: Client, fake_anthropic: FakeAnthropic
+) -> None:
+    good, wrong = api_key(tail="G00d"), api_key(tail="Wr0n")
+    fake_anthropic.valid_keys.add(good)
+    backend = backend_add(name="anthropic", secret=good, base_url=fake_anthropic.url)
+    url = f"/admin/broker/backend/{backend.pk}/change/"
+    refused = admin_client.post(url, form(new_secret="", add_key=wrong, add_key_weight=1))
+    assert refused.status_code == 200
+    page = refused.content.decode()
+    assert "refused this key (upstream answered 401" in page
+    assert "to save it anyway" in page
+    assert wrong not in page
+    assert backend.keys.count() == 1
+    stored = admin_client.post(
+        url, form(new_secret="", add_key=wrong, add_key_weight=1, allow_invalid="on")
+    )
+    assert stored.status_code == 302
+    added = backend.keys.get(fingerprint="sk-ant-api03-…Wr0n")
+    assert added.validation_state == "invalid"  # stored as ticked, and known for what it is

@@ -10,6 +10,7 @@ from django.test import Client
 
 from broker.models import Backend
 from broker.services.admin_tokens import admintoken_create, admintoken_revoke
+from tests.conftest import free_port
 from tests.fake_anthropic import FakeAnthropic
 from tests.keys import api_key
 
@@ -38,14 +39,17 @@ def post(client: Client, url: str, body: Any) -> Any:
 
 
 def test_it_adds_lists_and_inspects_a_backend_without_ever_returning_the_secret(
-    api: Client,
+    api: Client, fake_anthropic: FakeAnthropic
 ) -> None:
     key = api_key(tail="Xy9Q")
-    created = post(api, URL, {"name": "anthropic", "secret": key})
+    fake_anthropic.valid_keys.add(key)
+    created = post(api, URL, {"name": "anthropic", "secret": key, "base_url": fake_anthropic.url})
     assert created.status_code == 201, created.content
     body = created.json()
     assert body["fingerprint"] == "sk-ant-api03-…Xy9Q"
-    assert body["validation"]["state"] == "unknown"
+    # Checked against the upstream before the answer, not queued.
+    assert body["validation"]["state"] == "valid"
+    assert body["keys"][0]["validation"]["state"] == "valid"
     assert body["ttl"] == {"min": 60, "default": 600, "max": 3600}
     listed = api.get(URL)
     inspected = api.get(URL + "anthropic")
@@ -59,12 +63,13 @@ def test_it_adds_lists_and_inspects_a_backend_without_ever_returning_the_secret(
 def test_it_rotates_validates_updates_and_removes(
     api: Client, fake_anthropic: FakeAnthropic
 ) -> None:
-    new_key = api_key(tail="N3w2")
-    fake_anthropic.valid_keys.add(new_key)
-    post(api, URL, {"name": "anthropic", "secret": api_key(), "base_url": fake_anthropic.url})
+    old_key, new_key = api_key(), api_key(tail="N3w2")
+    fake_anthropic.valid_keys |= {old_key, new_key}
+    post(api, URL, {"name": "anthropic", "secret": old_key, "base_url": fake_anthropic.url})
     rotated = post(api, URL + "anthropic/rotate", {"secret": new_key})
     assert rotated.status_code == 200
     assert rotated.json()["fingerprint"].endswith("N3w2")
+    assert rotated.json()["validation"]["state"] == "valid"
     validated = api.post(URL + "anthropic/validate")
     assert validated.json()["validation"]["state"] == "valid"
     assert fake_anthropic.requests[-1].headers["x-api-key"] == new_key
@@ -77,6 +82,48 @@ def test_it_rotates_validates_updates_and_removes(
     assert updated.json()["ttl"] == {"min": 30, "default": 300, "max": 900}
     assert api.delete(URL + "anthropic").status_code == 204
     assert not Backend.objects.exists()
+
+
+def test_a_key_the_upstream_refuses_is_a_422_unless_allowed(
+    api: Client, fake_anthropic: FakeAnthropic
+) -> None:
+    wrong, right = api_key(tail="Wr0n"), api_key(tail="R1gt")
+    fake_anthropic.valid_keys.add(right)
+    body = {"name": "anthropic", "secret": wrong, "base_url": fake_anthropic.url}
+    refused = post(api, URL, body)
+    assert refused.status_code == 422
+    host = fake_anthropic.url.removeprefix("http://")
+    assert refused.json()["error"]["type"] == "key_invalid"
+    assert refused.json()["error"]["message"] == (
+        f"secret: {host} refused this key (upstream answered 401 (authentication_error: "
+        "invalid x-api-key)); nothing was saved: check that it is the whole key, of the right "
+        "account"
+    )
+    assert not Backend.objects.exists()
+    stored = post(api, URL, {**body, "allow_invalid": True})
+    assert stored.status_code == 201
+    assert stored.json()["validation"]["state"] == "invalid"
+    refused_rotation = post(api, URL + "anthropic/rotate", {"secret": api_key(tail="Wr2n")})
+    assert (refused_rotation.status_code, refused_rotation.json()["error"]["type"]) == (
+        422,
+        "key_invalid",
+    )
+    refused_key = post(api, URL + "anthropic/keys", {"secret": api_key(tail="Wr3n")})
+    assert refused_key.status_code == 422
+    assert Backend.objects.get().keys.count() == 1
+    rotated = post(api, URL + "anthropic/rotate", {"secret": right})
+    assert rotated.json()["validation"]["state"] == "valid"
+    for response in (refused, stored, refused_rotation, rotated):
+        assert wrong.encode() not in response.content
+        assert right.encode() not in response.content
+
+
+def test_an_unreachable_upstream_saves_the_key_unchecked(api: Client) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    created = post(api, URL, {"name": "anthropic", "secret": api_key(), "base_url": url})
+    assert created.status_code == 201
+    assert created.json()["validation"]["state"] == "unreachable"
+    assert created.json()["validation"]["message"].startswith("cannot reach 127.0.0.1")
 
 
 @pytest.mark.parametrize(

@@ -46,11 +46,23 @@ def validate(name: str) -> tuple[str, int, str]:
 def test_the_cli_adds_a_federated_backend_that_stores_no_secret(
     fake_anthropic: FakeAnthropic,
 ) -> None:
-    said = manage("backend", "add", "wif", *WIF_FLAGS, "--base-url", fake_anthropic.url)
-    assert said == (
+    out = io.StringIO()
+    with pytest.raises(CommandError) as refused:
+        call_command(
+            "backend", "add", "wif", *WIF_FLAGS, "--base-url", fake_anthropic.url, stdout=out
+        )
+    said = out.getvalue().splitlines()
+    assert said[0] == (
         "added backend wif: no key stored; it exchanges keybroker's JWT (sub backend:wif, "
-        "aud https://api.anthropic.com) under fdrl_01Abc; validation is queued "
-        "(see `backend inspect`)\n"
+        "aud https://api.anthropic.com) under fdrl_01Abc"
+    )
+    # Validated at once: the console trusts no keybroker yet, so the exchange is refused;
+    # the settings are stored (they hold no secret) and the exit status says so.
+    assert said[1].startswith("wif: saved, but invalid: token exchange refused")
+    assert refused.value.returncode == 3
+    assert str(refused.value) == (
+        "the token exchange of wif is refused: check its federation settings "
+        "(`manage.py backend inspect wif`); the backend is stored"
     )
     backend = Backend.objects.get()
     assert backend.secret == ""
@@ -174,19 +186,23 @@ def test_validation_exchanges_then_lists_models_with_the_access_token(
 ) -> None:
     settings.PUBLIC_URL = live_url
     rule_id = trust_keybroker(fake_anthropic, live_url, subject="backend:wif")
-    manage(
+    said = manage(
         "backend", "add", "wif", "--kind", "anthropic-wif", "--federation-rule-id", rule_id,
         "--organization-id", ORGANIZATION, "--service-account-id", SERVICE_ACCOUNT,
         "--base-url", fake_anthropic.url,
     )  # fmt: skip
+    host = fake_anthropic.url.removeprefix("http://")
+    # The add validated it already; a later validation reuses its access token.
+    assert said.splitlines()[1] == f"wif: valid: {host} accepted the federated access token"
     said, status, _ = validate("wif")
     assert status == 0
-    host = fake_anthropic.url.removeprefix("http://")
     assert said == f"wif: valid ({host} accepted the federated access token)\n"
     [exchange] = fake_anthropic.exchanges
-    [models] = [r for r in fake_anthropic.requests if r.path == "/v1/models"]
-    assert models.headers["authorization"] == f"Bearer {exchange.access_token}"
-    assert models.headers["anthropic-beta"] == "oauth-2025-04-20"
+    models = [r for r in fake_anthropic.requests if r.path == "/v1/models"]
+    assert len(models) == 2
+    for request in models:
+        assert request.headers["authorization"] == f"Bearer {exchange.access_token}"
+        assert request.headers["anthropic-beta"] == "oauth-2025-04-20"
 
     # The next check reuses the shared token: no second exchange.
     assert backend_validate(backend=Backend.objects.get()).state == ValidationState.VALID
@@ -203,11 +219,13 @@ def test_a_refused_exchange_makes_the_backend_invalid_and_an_outage_unreachable(
     settings.PUBLIC_URL = live_url
     # The console's rule expects another subject: the JWT is verified, then refused.
     rule_id = trust_keybroker(fake_anthropic, live_url, subject="backend:other")
-    manage(
-        "backend", "add", "wif", "--kind", "anthropic-wif", "--federation-rule-id", rule_id,
-        "--organization-id", ORGANIZATION, "--service-account-id", SERVICE_ACCOUNT,
-        "--base-url", fake_anthropic.url,
-    )  # fmt: skip
+    with pytest.raises(CommandError, match="the backend is stored"):
+        manage(
+            "backend", "add", "wif", "--kind", "anthropic-wif", "--federation-rule-id", rule_id,
+            "--organization-id", ORGANIZATION, "--service-account-id", SERVICE_ACCOUNT,
+            "--base-url", fake_anthropic.url,
+        )  # fmt: skip
+    fake_anthropic.exchange_refusals.clear()
     said, status, error = validate("wif")
     assert (status, error) == (
         3,

@@ -31,8 +31,15 @@ def test_it_generates_and_prints_a_password_once(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("KEYBROKER_ADMIN_PASSWORD", raising=False)
     first = run()
     admin = get_user_model().objects.get(username="admin")
-    printed = first.split("with password ")[1].split()[0]
+    printed = first.split("user admin, password ")[1].split()[0]
     assert admin.check_password(printed)
+    # Framed, so it stands out of a log, and saying where to change it.
+    lines = first.splitlines()
+    assert lines[0] == lines[-1] == "+" + "-" * (len(lines[1]) - 2) + "+"
+    assert all(line.startswith("| ") and line.endswith(" |") for line in lines[1:-1])
+    assert "shown only this once" in first
+    assert "/admin/ and change it there (Change password," in first
+    assert "manage.py changepassword admin" in first
     second = run()
     assert printed not in second
     assert "exists" in second

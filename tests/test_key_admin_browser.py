@@ -22,6 +22,7 @@ def test_alice_picks_a_key_of_the_pool_and_pastes_its_new_secret(
     page: Any, live_url: str, fake_anthropic: FakeAnthropic
 ) -> None:
     first, second, new = api_key(tail="Brw1"), api_key(tail="Brw2"), api_key(tail="Brw9")
+    fake_anthropic.valid_keys.add(new)  # the admin checks it against the upstream first
     backend = backend_add(name="anthropic", secret=first, base_url=fake_anthropic.url)
     key_add(backend=backend, secret=second, weight=2)
     log_in(page, live_url, next_path=f"/admin/broker/backend/{backend.pk}/change/")

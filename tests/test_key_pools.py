@@ -438,9 +438,13 @@ def run(*args: str, stdin: str = "") -> str:
 
 
 @pytest.mark.django_db
-def test_the_cli_adds_lists_disables_enables_and_removes_keys() -> None:
+def test_the_cli_adds_lists_disables_enables_and_removes_keys(
+    fake_anthropic: FakeAnthropic,
+) -> None:
     first, second = api_key(tail="Cli1"), api_key(tail="Cli2")
-    backend_add(name="anthropic", secret=first)
+    third, fifth = api_key(tail="Cli3"), api_key(tail="Cli5")
+    fake_anthropic.valid_keys |= {second, third, fifth}
+    backend_add(name="anthropic", secret=first, base_url=fake_anthropic.url)
     added = run("key-add", "anthropic", "--api-key", "-", "--weight", "3", stdin=second + "\n")
     assert added.startswith("added key sk-ant-api03-…Cli2 to anthropic (weight 3)")
     listed = run("keys", "anthropic")
@@ -450,7 +454,7 @@ def test_the_cli_adds_lists_disables_enables_and_removes_keys() -> None:
     ]  # fmt: skip
     assert [line.split()[:5] for line in listed.splitlines()[1:]] == [
         ["sk-ant-api03-…Cli1", "unknown", "1", "yes", "ok"],
-        ["sk-ant-api03-…Cli2", "unknown", "3", "yes", "ok"],
+        ["sk-ant-api03-…Cli2", "valid", "3", "yes", "ok"],
     ]
     as_json = json.loads(run("keys", "anthropic", "--json"))
     assert [(k["fingerprint"], k["weight"], k["health"]["state"]) for k in as_json] == [
@@ -467,21 +471,27 @@ def test_the_cli_adds_lists_disables_enables_and_removes_keys() -> None:
     assert run("key-rm", "anthropic", "sk-ant-api03-…Cli2").startswith("removed key")
     with pytest.raises(CommandError, match="has no key"):
         run("key-rm", "anthropic", "sk-ant-api03-…Cli2")
-    run("key-add", "anthropic", "--api-key", api_key(tail="Cli3"))
+    run("key-add", "anthropic", "--api-key", third)
     with pytest.raises(CommandError, match="name the one to replace"):
         run("rotate", "anthropic", "--api-key", api_key(tail="Cli4"))
     rotated = run(
-        "rotate", "anthropic", "--api-key", api_key(tail="Cli5"), "--fingerprint",
+        "rotate", "anthropic", "--api-key", fifth, "--fingerprint",
         "sk-ant-api03-…Cli3",
     )  # fmt: skip
-    assert rotated == "rotated anthropic: sk-ant-api03-…Cli3 -> sk-ant-api03-…Cli5\n"
+    assert rotated.splitlines() == [
+        "rotated anthropic: sk-ant-api03-…Cli3 -> sk-ant-api03-…Cli5",
+        f"anthropic: valid: {fake_anthropic.url.removeprefix('http://')} accepted the key",
+    ]
 
 
 @pytest.mark.django_db
-def test_the_rest_api_manages_keys_with_the_backends_permissions(admin_api: Client) -> None:
-    backend_add(name="anthropic", secret=api_key(tail="Api1"))
+def test_the_rest_api_manages_keys_with_the_backends_permissions(
+    admin_api: Client, fake_anthropic: FakeAnthropic
+) -> None:
+    backend_add(name="anthropic", secret=api_key(tail="Api1"), base_url=fake_anthropic.url)
     url = "/v1/admin/backends/anthropic/keys"
     secret = api_key(tail="Api2")
+    fake_anthropic.valid_keys.add(secret)
     created = admin_api.post(url, {"secret": secret, "weight": 2}, content_type="application/json")
     assert created.status_code == 201, created.content
     assert (created.json()["fingerprint"], created.json()["weight"]) == ("sk-ant-api03-…Api2", 2)

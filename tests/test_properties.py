@@ -1,7 +1,7 @@
 """Properties of the pure functions that stand between a hostile client (or upstream) and the
 backend's key, checked by hypothesis over many generated inputs (issue 14):
 
-- the path joiner (proxy/paths.py, keybroker/wire.py): whatever path and query a client
+- the path joiner (proxy/paths.py, agent/keybroker/wire.py): whatever path and query a client
   sends, the URL either stays on the backend's own scheme, host and port, under its base
   path, with no dot segment and the query as sent, or is refused;
 - the SSE meter (proxy/metering.py): a stream split into chunks anywhere meters as the

@@ -40,7 +40,12 @@ def test_no_surface_ever_shows_an_upstream_secret(
     seen: list[bytes] = [
         post(
             "/v1/admin/backends/",
-            {"name": "anthropic", "secret": first, "base_url": fake_anthropic.url},
+            {
+                "name": "anthropic",
+                "secret": first,
+                "base_url": fake_anthropic.url,
+                "allow_invalid": True,
+            },
         ),
         post(
             "/v1/admin/backends/",
@@ -52,7 +57,7 @@ def test_no_surface_ever_shows_an_upstream_secret(
         post("/v1/admin/backends/", {"name": second, "secret": second}),
         api.get(f"/v1/admin/backends/{second}").content,
         post("/v1/admin/backends/anthropic/validate", {}),  # fails: 401 upstream
-        post("/v1/admin/backends/anthropic/rotate", {"secret": second}),
+        post("/v1/admin/backends/anthropic/rotate", {"secret": second, "allow_invalid": True}),
         post("/v1/admin/backends/anthropic/rotate", {"secret": "sk-ant-api03-short"}),
         post("/v1/admin/backends/oauth/validate", {}),
         api.get("/v1/admin/backends/").content,
@@ -65,6 +70,10 @@ def test_no_surface_ever_shows_an_upstream_secret(
         browser.get("/admin/audit/auditevent/").content,
         browser.post("/admin/broker/backend/add/", {"name": "x", "new_secret": first}).content,
         browser.get(f"/no/such/{first}").content,
+        # A key the upstream refuses, refused on add (422, naming the upstream's answer).
+        post(
+            "/v1/admin/backends/", {"name": "y", "secret": second, "base_url": fake_anthropic.url}
+        ),
         api.get("/api/schema/").content,
         api.get("/metrics").content,  # key states by backend: never a key or its fingerprint
     ]

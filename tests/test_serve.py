@@ -37,9 +37,9 @@ class Broker:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
         self.process = subprocess.Popen(
-            [sys.executable, "manage.py", "serve"],
+            [sys.executable, "manage.py", "serve", *args],
             cwd=REPO,
             env=self.env,
             stdout=(self.data_dir / "stdout").open("wb"),
@@ -120,6 +120,12 @@ def test_serve_runs_redis_worker_and_web_and_stops_cleanly_on_sigterm(broker: Br
         what="serve to print the broker's URLs",
     )
     assert f"{broker.url}/admin/" in broker.output()
+    # Which database and Redis it uses, once (issue 20, item 8).
+    assert broker.output().count("keybroker: database: ") == 1
+    assert (
+        f"keybroker: database: SQLite {broker.data_dir / 'keybroker.sqlite3'} (DATABASE_URL is "
+        "not set); redis: the embedded one on"
+    ) in broker.output()
     assert (broker.data_dir / "secret_key").stat().st_mode & 0o777 == 0o600
 
     # Beat schedules the heartbeat task through the embedded Redis and the worker runs it:
@@ -144,6 +150,36 @@ def test_serve_runs_redis_worker_and_web_and_stops_cleanly_on_sigterm(broker: Br
     assert not [name for name, pid in children.items() if alive(pid)]
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{broker.url}/health", timeout=2)
+
+
+def test_make_runs_first_admin_password_is_the_last_thing_serve_prints(broker: Broker) -> None:
+    """`make run` is `serve --ensure-admin`: the password comes after the URLs, framed, so
+    the start-up lines do not scroll it away (issue 20, item 5)."""
+    broker.start("--ensure-admin")
+    stdout = broker.data_dir / "stdout"
+    wait_until(
+        lambda: "changepassword admin" in stdout.read_text(),
+        timeout=90,
+        what=lambda: f"serve to print the first admin's password:\n{broker.output()}",
+        interval=0.3,
+    )
+    printed = stdout.read_text()
+    assert printed.index(f"{broker.url}/api/docs/") < printed.index("The first admin")
+    box = printed[printed.index("+--") :].splitlines()
+    assert box[0] == box[5] == "+" + "-" * (len(box[1]) - 2) + "+"
+    assert box[4].startswith("| top right), or run: .venv/bin/python manage.py changepassword")
+    password = box[1].split("password ")[1].split()[0]
+    assert f"Log in at {broker.url}/admin/ and change it there" in box[3]
+    # The password works: alice's log-in form, as a person would use it.
+    with httpx.Client(base_url=broker.url) as client:
+        form = client.get("/admin/login/")
+        csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.text)
+        assert csrf is not None
+        logged_in = client.post(
+            "/admin/login/?next=/admin/",
+            data={"username": "admin", "password": password, "csrfmiddlewaretoken": csrf[1]},
+        )
+        assert (logged_in.status_code, logged_in.headers["location"]) == (302, "/admin/")
 
 
 def test_a_child_that_dies_is_reported_and_stops_everything(broker: Broker) -> None:

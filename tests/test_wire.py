@@ -1,4 +1,4 @@
-"""keybroker/wire.py: what the CLI and the server agree on, written once."""
+"""agent/keybroker/wire.py: what the CLI and the server agree on, written once."""
 
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import admin, messages
@@ -16,6 +17,10 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from broker.admin.forms import service_checked
+
+if TYPE_CHECKING:
+    from django.contrib.admin.options import _FieldOpts, _FieldsetSpec
+    from django.utils.functional import _StrOrPromise
 from broker.admin.widgets import acted_on, may, post_only
 from broker.infra.errors import ServiceError
 from broker.kinds import PROVIDERS
@@ -31,8 +36,12 @@ from broker.services.backend_keys import (
 from broker.services.backends import (
     FederationSettings,
     TtlBounds,
+    ValidationResult,
     backend_add,
     backend_add_check,
+    backend_check_new_key,
+    backend_check_outcome,
+    backend_clean_base_url,
     backend_remove,
     backend_remove_refusal,
     backend_rotate,
@@ -69,14 +78,24 @@ SERVICE_FIELDS = {
     "ttl": "token_ttl_min",
 }
 
-KEY_POOL_FIELDS = ("key_pool", "rotate_fingerprint", "add_key", "add_key_weight")
-BACKEND_FIELDS = (
-    "name", "kind", "base_url", "client_key", "new_secret", "rotate_fingerprint",
-    *FEDERATION_FORM_FIELDS,
-    "token_ttl_min", "token_ttl_default", "token_ttl_max", "enabled", "secret_fingerprint",
-    "auth_scheme", "status", "validation_message", "validation_checked_at", "created_at",
-    "rotated_at", "key_pool", "add_key", "add_key_weight",
+TTL_FIELDS = ("token_ttl_min", "token_ttl_default", "token_ttl_max")
+VALIDATION_FIELDS = (
+    "status", "validation_message", "validation_checked_at", "secret_fingerprint",
+    "auth_scheme", "created_at", "rotated_at",
 )  # fmt: skip
+FEDERATION_FIELDSET: tuple[str, _FieldOpts] = (
+    "Workload identity (kind anthropic-wif)",
+    {
+        "fields": FEDERATION_FORM_FIELDS,
+        "classes": ["kb-federation"],
+        "description": "keybroker exchanges its own JWT for short-lived access tokens; no "
+        "key is stored (docs/workload-identity.md).",
+    },
+)
+TOKENS_FIELDSET: tuple[str, _FieldOpts] = (
+    "Tokens agents mint",
+    {"fields": (*TTL_FIELDS, "enabled")},
+)
 
 STATE_COLOURS = {
     ValidationState.VALID: "#1a7f37",
@@ -121,6 +140,18 @@ class BackendForm(forms.ModelForm[Backend]):
     add_key_weight = forms.IntegerField(
         label="Its weight", required=False, min_value=1, initial=1, help_text="share of calls"
     )
+    # A key entered here is checked against the upstream before it is saved (as `backend
+    # add` and `rotate` do): one the upstream refuses is not saved unless this is ticked.
+    allow_invalid = forms.BooleanField(
+        label="Save even if the upstream refuses the key",
+        required=False,
+        help_text="A key is checked against the upstream before it is saved; one it refuses "
+        "is not saved unless this is ticked. An upstream that cannot be reached does not stop "
+        "the save: the key is checked again by the scheduled validation.",
+    )
+    # What the upstream said about each key entered, asked once in clean() and stored with
+    # the key by save_model.
+    key_checks: dict[str, ValidationResult]
 
     class Meta:
         model = Backend
@@ -138,6 +169,7 @@ class BackendForm(forms.ModelForm[Backend]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.key_checks = {}
         if self.instance.pk:
             self.fields["new_secret"].help_text = (
                 "Leave blank to keep the keys as they are; a new one replaces the key chosen "
@@ -189,6 +221,22 @@ class BackendForm(forms.ModelForm[Backend]):
         when there are several)."""
         return self.cleaned_data.get("rotate_fingerprint") or None
 
+    def check_key(self, field: str, candidate: Backend, secret: str) -> None:
+        """Ask the upstream about a key typed into ``field`` (only once the rest of the form
+        is right); a refusal goes on that field."""
+        if self.errors:
+            return
+        with service_checked(self, {"secret": field}):
+            self.key_checks[field] = backend_check_new_key(
+                backend=candidate,
+                secret=secret,
+                allow_invalid=bool(self.cleaned_data.get("allow_invalid")),
+            )
+        if field in self.errors:
+            self.add_error(
+                field, "Tick “Save even if the upstream refuses the key” to save it anyway."
+            )
+
     def validate_unique(self) -> None:
         """A name that is taken is the service's refusal (backend_add_check), in its words."""
 
@@ -198,8 +246,9 @@ class BackendForm(forms.ModelForm[Backend]):
         # the REST API use, and nothing is saved.
         secret = data.get("new_secret") or ""
         if not self.instance.pk:
+            candidate = None
             with service_checked(self, SERVICE_FIELDS):
-                backend_add_check(
+                candidate = backend_add_check(
                     name=data.get("name") or "",
                     kind=data.get("kind") or "",
                     secret=secret,
@@ -208,6 +257,8 @@ class BackendForm(forms.ModelForm[Backend]):
                     ttl=self.ttl(),
                     federation=self.federation(),
                 )
+            if candidate is not None and secret:
+                self.check_key("new_secret", candidate, secret)
             return data
         backend = self.instance
         if data.get("add_key"):
@@ -230,6 +281,14 @@ class BackendForm(forms.ModelForm[Backend]):
                 federation=self.federation() if backend.federated else None,
                 key_entered=bool(secret),
             )
+        if (secret or data.get("add_key")) and not self.errors:
+            # Against the base URL the backend moves to, if it moves: the keys go there.
+            moved = copy.copy(backend)
+            moved.base_url = backend_clean_base_url(data.get("base_url") or backend.base_url)
+            if secret:
+                self.check_key("new_secret", moved, secret)
+            if data.get("add_key"):
+                self.check_key("add_key", moved, data["add_key"])
         return data
 
 
@@ -247,17 +306,48 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
     list_filter = ["validation_state", "kind", "enabled"]
     search_fields = ["name"]
     actions = ["validate_now", "delete_selected"]
-    fields = BACKEND_FIELDS
-    readonly_fields = [
-        "secret_fingerprint", "auth_scheme", "status", "validation_message",
-        "validation_checked_at", "created_at", "rotated_at", "key_pool",
-    ]  # fmt: skip
+    readonly_fields = [*VALIDATION_FIELDS, "key_pool"]
 
-    def get_fields(self, request: HttpRequest, obj: Backend | None = None) -> tuple[str, ...]:
-        # The pool is there to see and grow once the backend exists (with its first key).
-        if obj is None or obj.client_key or obj.federated:
-            return tuple(f for f in BACKEND_FIELDS if f not in KEY_POOL_FIELDS)
-        return BACKEND_FIELDS
+    def get_fieldsets(self, request: HttpRequest, obj: Backend | None = None) -> _FieldsetSpec:
+        """Only what applies to this backend (issue 20, item 6): the add form shows the key
+        or, for kind anthropic-wif, the workload identity settings (the page's script
+        switches them with the kind); a change page, its key pool or its federation."""
+        if obj is None:
+            return [
+                (None, {"fields": ("name", "kind", "base_url", "client_key", "new_secret",
+                                   "allow_invalid")}),
+                FEDERATION_FIELDSET,
+                TOKENS_FIELDSET,
+            ]  # fmt: skip
+        first: list[tuple[str | None, _FieldOpts]] = [
+            (None, {"fields": ("name", "kind", "base_url", "client_key")})
+        ]
+        if obj.federated:
+            first.append(FEDERATION_FIELDSET)
+        elif not obj.client_key:
+            first.append(
+                (
+                    "Keys",
+                    {
+                        "fields": ("key_pool", "new_secret", "rotate_fingerprint",
+                                   "allow_invalid", "add_key", "add_key_weight"),
+                    },
+                )
+            )  # fmt: skip
+        return [*first, TOKENS_FIELDSET, ("Validation", {"fields": VALIDATION_FIELDS})]
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Backend | None = None,
+    ) -> HttpResponse:
+        # The kinds whose add form shows the workload identity settings instead of a key.
+        context["kb_federated_kinds"] = [k for k, p in PROVIDERS.items() if p.federated]
+        return super().render_change_form(request, context, add, change, form_url, obj)
 
     @admin.display(description="keys")
     def key_pool(self, backend: Backend) -> SafeString:
@@ -382,9 +472,12 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
                 base_url=data.get("base_url") or None,
                 ttl=ttl,
                 federation=form.federation() if PROVIDERS[data["kind"]].federated else None,
+                validate=True,
+                checked=form.key_checks.get("new_secret"),
                 by=request.user,
             )
             obj.pk = created.pk
+            self._tell_checked(request, created, form.key_checks.get("new_secret"))
             return
         current = Backend.objects.get(pk=obj.pk)
         if data.get("add_key"):
@@ -392,8 +485,10 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
                 backend=current,
                 secret=data["add_key"],
                 weight=data.get("add_key_weight") or 1,
+                checked=form.key_checks.get("add_key"),
                 by=request.user,
             )
+            self._tell_checked(request, current, form.key_checks.get("add_key"))
         secret = data.get("new_secret") or None
         if secret:
             # First, so that the key entered is the one a move to a new host sends there.
@@ -401,8 +496,10 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
                 backend=current,
                 secret=secret,
                 fingerprint=form.rotated_fingerprint(),
+                checked=form.key_checks.get("new_secret"),
                 by=request.user,
             )
+            self._tell_checked(request, current, form.key_checks.get("new_secret"))
         backend_update(
             backend=current,
             base_url=data.get("base_url") or None,
@@ -412,6 +509,35 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
             secret=secret,
             by=request.user,
         )
+
+    def _tell_checked(
+        self, request: HttpRequest, backend: Backend, result: ValidationResult | None
+    ) -> None:
+        """What the check of a key entered found, in place of Django's green "added
+        successfully" when the key is not known to work."""
+        if result is None:
+            return
+        valid = result.state == ValidationState.VALID
+        if not valid:
+            request._kb_key_not_valid = True  # type: ignore[attr-defined]
+        self.message_user(
+            request,
+            f"backend {backend.name}: {backend_check_outcome(backend, result)}",
+            messages.SUCCESS if valid else messages.WARNING,
+        )
+
+    def message_user(
+        self,
+        request: HttpRequest,
+        message: _StrOrPromise,
+        level: int | str = messages.INFO,
+        extra_tags: str = "",
+        fail_silently: bool = False,
+    ) -> None:
+        if level == messages.SUCCESS and getattr(request, "_kb_key_not_valid", False):
+            # Django's "was added/changed successfully" would read as "the key works".
+            level = messages.INFO
+        super().message_user(request, message, level, extra_tags, fail_silently)
 
     @admin.action(description="Validate now against the upstream", permissions=["change"])
     def validate_now(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:

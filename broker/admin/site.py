@@ -1,4 +1,5 @@
-"""The admin index, with the agents that wait for a decision on top and a link to usage."""
+"""The admin index, with the agents that wait for a decision and the backends whose key
+does not work on top, and a link to usage."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 
 from broker.admin.widgets import may
-from broker.models import Agent
+from broker.models import Agent, Backend
 from broker.selectors.agents import agents_waiting
+from broker.selectors.backend_keys import backends_not_working
 
 WAITING_SHOWN = 5
 
@@ -27,6 +29,7 @@ def _waiting_context(request: HttpRequest) -> dict[str, Any]:
         "kb_waiting": waiting[:WAITING_SHOWN],
         "kb_waiting_count": len(waiting),
         "kb_waiting_url": f"{reverse('admin:broker_agent_changelist')}?waiting=yes",
+        "kb_may_decide": may(request, "change", Agent),
     }
 
 
@@ -37,12 +40,25 @@ def _usage_context(request: HttpRequest) -> dict[str, Any]:
     return {"kb_usage_url": reverse("usage")}
 
 
+def _broken_backends_context(request: HttpRequest) -> dict[str, Any]:
+    if not (may(request, "view", Backend) or may(request, "change", Backend)):
+        return {}
+    return {"kb_broken_backends": backends_not_working()}
+
+
 def _index_with_waiting_agents(stock: IndexView) -> IndexView:
     def index(
         request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> TemplateResponse:
-        context = {**_waiting_context(request), **_usage_context(request)}
-        return stock(request, {**context, **(extra_context or {})})
+        return stock(
+            request,
+            {
+                **_waiting_context(request),
+                **_broken_backends_context(request),
+                **_usage_context(request),
+                **(extra_context or {}),
+            },
+        )
 
     return index
 

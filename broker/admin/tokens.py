@@ -13,7 +13,7 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from broker.admin.history import HistoryAdmin
-from broker.admin.widgets import acted_on, back, may, post_only, token_badge
+from broker.admin.widgets import acted_on, back, cut, may, post_only, token_badge
 from broker.models import Token, TokenQuerySet, TokenState
 from broker.services.tokens import token_revoke, tokens_revoke
 
@@ -61,7 +61,7 @@ class TokenAdmin(HistoryAdmin[Token]):
     @admin.display(description="agent", ordering="agent__name")
     def agent_link(self, token: Token) -> SafeString:
         url = reverse("admin:broker_agent_change", args=[token.agent_id])
-        return format_html('<a href="{}">{}</a>', url, token.agent.name)
+        return format_html('<a href="{}">{}</a>', url, cut(token.agent.name, width_em=12))
 
     @admin.display(description="state")
     def state(self, token: Token) -> SafeString:

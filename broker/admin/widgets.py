@@ -41,6 +41,14 @@ def badge(kind: str, value: str, colour: str, title: str = "") -> SafeString:
     )
 
 
+def cut(text: str, *, width_em: int = 14) -> SafeString:
+    """``text`` on one line, cut to ``width_em`` with an ellipsis; the whole in its title
+    (lists stay one line a row at a laptop's width; issue 20, item 6)."""
+    return format_html(
+        '<span class="kb-cut" style="max-width:{}em" title="{}">{}</span>', width_em, text, text
+    )
+
+
 def token_badge(token: Token, now: datetime | None = None) -> SafeString:
     state = token.state(now)
     return badge("token", state, TOKEN_STATE_COLOURS[state])

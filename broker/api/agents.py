@@ -16,7 +16,7 @@ from broker.api.serializers import StrictCharField, StrictInputSerializer
 from broker.infra.ratelimit import rate_limit_hit
 from broker.models import Agent, Grant, Token
 from broker.selectors.policy import policy_left
-from broker.services.access import agent_require_approved
+from broker.services.access import agent_rejection, agent_require_approved
 from broker.services.agents import agent_enroll, agent_request_scopes, agent_scopes, agent_unenroll
 from broker.services.oidc import oidc_client_create, oidc_discovery
 from broker.services.policy import grant_policy, grants_of
@@ -52,18 +52,36 @@ class CredentialsInput(StrictInputSerializer):
     )
 
 
+class RejectionOutput(serializers.Serializer[Any]):
+    declined = serializers.ListField(
+        child=serializers.CharField(), help_text="the backends the admin declined"
+    )
+    reason = serializers.CharField(help_text="the admin's reason; empty when none was given")
+
+
 class EnrollmentOutput(serializers.ModelSerializer[Agent]):
     scopes = serializers.SerializerMethodField(help_text="backends the agent holds a grant for")
     requested_scopes = serializers.ListField(
         child=serializers.CharField(), help_text="backends it asked for, awaiting an admin"
     )
+    rejection = serializers.SerializerMethodField(
+        help_text="when the admin's last decision was a refusal (the enrollment rejected, or "
+        "more scopes declined): what was declined and why; else null"
+    )
 
     class Meta:
         model = Agent
-        fields = ["id", "name", "status", "scopes", "requested_scopes"]
+        fields = ["id", "name", "status", "scopes", "requested_scopes", "rejection"]
 
     def get_scopes(self, agent: Agent) -> list[str]:
         return agent_scopes(agent)
+
+    @extend_schema_field(RejectionOutput(allow_null=True))
+    def get_rejection(self, agent: Agent) -> dict[str, Any] | None:
+        if agent.is_waiting:
+            return None  # a new request waits: the old refusal is not the news
+        rejection = agent_rejection(agent)
+        return rejection._asdict() if rejection is not None else None
 
 
 class EnrolledOutput(EnrollmentOutput):

@@ -16,7 +16,12 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from broker.api.auth import admin_permissions
-from broker.api.serializers import StrictBooleanField, StrictCharField, StrictInputSerializer
+from broker.api.serializers import (
+    StrictBooleanField,
+    StrictCharField,
+    StrictInputSerializer,
+    allow_invalid_field,
+)
 from broker.models import Backend, BackendKey
 from broker.selectors.backend_keys import KeyHealth, key_get, keys_calls, keys_health, keys_of
 from broker.services.backend_keys import key_add, key_remove, key_update
@@ -103,6 +108,7 @@ def pool_output(backend: Backend) -> list[dict[str, Any]]:
 class KeyCreateInput(StrictInputSerializer):
     secret = StrictCharField(write_only=True, trim_whitespace=True, max_length=4096)
     weight = serializers.IntegerField(default=1, help_text="share of calls, 1-1000")
+    allow_invalid = allow_invalid_field()
 
 
 class KeyUpdateInput(StrictInputSerializer):
@@ -126,8 +132,11 @@ class BackendKeyListView(APIView):
         operation_id="admin_backend_keys_add",
         request=KeyCreateInput,
         responses={201: BackendKeyOutput},
-        description="Add a key to the backend's pool; it serves calls at once and is "
-        "validated. The secret is write-only. 409 when the pool has a key of that fingerprint.",
+        description="Add a key to the backend's pool; it serves calls at once. It is checked "
+        "against the upstream first: 422 `key_invalid` when the upstream refuses it (nothing is "
+        "saved, unless `allow_invalid`); an upstream that cannot be reached saves it unchecked "
+        "(`validation.state` unreachable). The secret is write-only. 409 when the pool has a "
+        "key of that fingerprint.",
     )
     def post(self, request: Request, name: str) -> Response:
         backend = backend_get(name=name)
@@ -137,8 +146,11 @@ class BackendKeyListView(APIView):
             backend=backend,
             secret=data.validated_data["secret"],
             weight=data.validated_data["weight"],
+            validate=True,
+            allow_invalid=data.validated_data["allow_invalid"],
             by=request.user,
         )
+        key.refresh_from_db()
         return Response(key_output(key, KeyHealth("ok")), status=status.HTTP_201_CREATED)
 
 

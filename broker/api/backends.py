@@ -12,7 +12,12 @@ from rest_framework.views import APIView
 
 from broker.api.auth import admin_permissions
 from broker.api.backend_keys import PoolKeyOutput, pool_output
-from broker.api.serializers import StrictBooleanField, StrictCharField, StrictInputSerializer
+from broker.api.serializers import (
+    StrictBooleanField,
+    StrictCharField,
+    StrictInputSerializer,
+    allow_invalid_field,
+)
 from broker.kinds import DEFAULT_KIND
 from broker.models import Backend
 from broker.services.backends import (
@@ -123,6 +128,7 @@ class BackendCreateInput(StrictInputSerializer):
     base_url = StrictCharField(max_length=300, required=False)
     ttl = TtlInput(required=False)
     federation = FederationInput(required=False, help_text="kind anthropic-wif only")
+    allow_invalid = allow_invalid_field()
 
 
 class BackendUpdateInput(StrictInputSerializer):
@@ -154,6 +160,7 @@ class SecretInput(StrictInputSerializer):
         required=False,
         help_text="the key to replace, when the backend has several (see …/keys)",
     )
+    allow_invalid = allow_invalid_field()
 
 
 def _ttl(data: dict[str, Any]) -> TtlBounds | None:
@@ -177,8 +184,12 @@ class BackendListView(APIView):
         operation_id="admin_backends_create",
         request=BackendCreateInput,
         responses={201: BackendOutput},
-        description="Add a backend. The secret is write-only: no response ever contains it. "
-        "An anthropic-wif backend takes `federation` instead of a secret.",
+        description="Add a backend. Its key is checked against the upstream first (a few "
+        "seconds at most): 422 `key_invalid` naming the upstream's answer when it refuses the "
+        "key (nothing is saved, unless `allow_invalid`); an upstream that cannot be reached "
+        "saves it unchecked (`validation.state` unreachable; the scheduled validation checks it "
+        "again). The secret is write-only: no response ever contains it. An anthropic-wif "
+        "backend takes `federation` instead of a secret.",
     )
     def post(self, request: Request) -> Response:
         data = BackendCreateInput(data=request.data)
@@ -191,8 +202,11 @@ class BackendListView(APIView):
             base_url=data.validated_data.get("base_url"),
             ttl=_ttl(data.validated_data),
             federation=_federation(data.validated_data),
+            validate=True,
+            allow_invalid=data.validated_data["allow_invalid"],
             by=request.user,
         )
+        backend.refresh_from_db()
         return Response(BackendOutput(backend).data, status=status.HTTP_201_CREATED)
 
 
@@ -241,7 +255,8 @@ class BackendRotateView(APIView):
         request=SecretInput,
         responses=BackendOutput,
         description="Replace the key (the only one, or the one named by `fingerprint`); "
-        "agents and their live tokens keep working.",
+        "agents and their live tokens keep working. The new key is checked first, as on add: "
+        "422 `key_invalid` when the upstream refuses it, unless `allow_invalid`.",
     )
     def post(self, request: Request, name: str) -> Response:
         backend = backend_get(name=name)
@@ -251,8 +266,11 @@ class BackendRotateView(APIView):
             backend=backend,
             secret=data.validated_data["secret"],
             fingerprint=data.validated_data.get("fingerprint"),
+            validate=True,
+            allow_invalid=data.validated_data["allow_invalid"],
             by=request.user,
         )
+        backend.refresh_from_db()
         return Response(BackendOutput(backend).data)
 
 

@@ -113,3 +113,161 @@ def document_refusals(
                     },
                 )
     return result
+
+
+# Who each path is for, so the docs list agent, admin, OIDC, health and proxy operations
+# apart instead of 38 under one "v1" (issue 20, item 7). First match wins.
+AUDIENCES: tuple[tuple[str, str], ...] = (
+    ("/v1/admin/backends/", "admin: backends"),
+    ("/v1/admin/agents/", "admin: agents"),
+    ("/v1/admin/pending/", "admin: agents"),
+    ("/v1/admin/tokens/", "admin: tokens"),
+    ("/v1/admin/audit/", "admin: audit"),
+    ("/v1/admin/usage/", "admin: usage and monitoring"),
+    ("/metrics", "admin: usage and monitoring"),
+    ("/v1/proxy/", "proxy"),
+    ("/v1/", "agent"),
+    ("/.well-known/", "oidc"),
+    ("/oauth/", "oidc"),
+    ("/health", "health"),
+    ("/ready", "health"),
+)
+TAGS: list[dict[str, str]] = [
+    {
+        "name": "agent",
+        "description": "For agents: enroll, read their status and limits, mint crd_ tokens. "
+        "Authenticated by the vend token (ckr_…) or a JWT from /oauth/token.",
+    },
+    {
+        "name": "proxy",
+        "description": "For agents' SDKs: the upstream API through keybroker, with a crd_ token.",
+    },
+    {"name": "oidc", "description": "keybroker as an OIDC issuer: discovery, keys, tokens."},
+    {"name": "admin: backends", "description": "Upstream credentials, key pools and defaults."},
+    {"name": "admin: agents", "description": "Approvals, agents, grants and their policy."},
+    {"name": "admin: tokens", "description": "crd_ tokens: list, inspect, revoke."},
+    {"name": "admin: audit", "description": "The audit trail and its exports."},
+    {
+        "name": "admin: usage and monitoring",
+        "description": "Calls, tokens and cost per agent, backend and model; Prometheus metrics.",
+    },
+    {"name": "health", "description": "Liveness and readiness, for load balancers."},
+]
+
+PROXY_ERROR = "ProxyError"
+PROXY_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "keybroker's own refusals at the proxy, in Anthropic's error shape (an "
+    'OpenAI backend\'s in OpenAI\'s: {"error": {"message", "type", "code"}}), so the SDKs '
+    "raise their usual exceptions. docs/errors.md has every condition.",
+    "properties": {
+        "type": {"type": "string", "example": "error"},
+        "error": {
+            "type": "object",
+            "properties": {
+                "type": {"type": "string", "example": "permission_error"},
+                "message": {"type": "string"},
+            },
+            "required": ["type", "message"],
+        },
+    },
+    "required": ["type", "error"],
+}
+PROXY_REFUSALS = {
+    "401": "no crd_ token, or one unknown, expired or revoked (a vend token or an upstream "
+    "key sent instead is told what to send)",
+    "403": "the agent is not approved, has no grant for the backend, the backend is "
+    "disabled, or a policy rule refuses the call (naming it)",
+    "404": "no backend of that name for this token",
+    "413": "the body is over KEYBROKER_PROXY_MAX_BODY",
+    "429": "a rate or budget of the grant is used up; `retry-after` says when to retry",
+    "502": "the upstream could not be reached",
+    "503": "every key of the backend was found invalid (`x-should-retry: false`), or "
+    "keybroker cannot count a limit now",
+    "504": "the upstream did not answer in time",
+}
+PROXY_DESCRIPTION = (
+    "Any method and any path under the backend's base URL: `{path}` is the upstream's path "
+    "(`v1/messages`, `v1/chat/completions`, `v1/models`, …) and may hold slashes. The "
+    "crd_ token from `POST /v1/credentials/{backend}` goes in `x-api-key` or "
+    "`Authorization: Bearer`; keybroker swaps it for the backend's real key and forwards "
+    "the request as sent (other headers, query string and body), then the upstream's "
+    "answer as it came (status, headers such as `request-id` and `retry-after`, JSON or a "
+    "stream of server-sent events chunk by chunk). Point an SDK's base URL at "
+    "`{public_url}/v1/proxy/{backend}` (the credential's `base_url`). Only keybroker's own "
+    "refusals are listed here; every other answer is the upstream's."
+)
+
+
+def _proxy_operation(method: str) -> dict[str, Any]:
+    error = {"application/json": {"schema": {"$ref": f"#/components/schemas/{PROXY_ERROR}"}}}
+    operation: dict[str, Any] = {
+        "operationId": f"proxy_{method}",
+        "summary": "Call the upstream API through keybroker",
+        "description": PROXY_DESCRIPTION,
+        "tags": ["proxy"],
+        "parameters": [
+            {
+                "name": "backend",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string"},
+                "description": "the backend's name, as the credential names it",
+            },
+            {
+                "name": "path",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string"},
+                "description": "the upstream path, slashes included (v1/messages)",
+            },
+        ],
+        "security": [{"proxyToken": []}, {"proxyBearer": []}],
+        "responses": {
+            "default": {"description": "the upstream's answer, passed through unchanged"},
+            **{
+                code: {"description": why, "content": error} for code, why in PROXY_REFUSALS.items()
+            },
+        },
+    }
+    if method in {"post", "put", "patch"}:
+        operation["requestBody"] = {
+            "description": "passed to the upstream as sent (at most KEYBROKER_PROXY_MAX_BODY)",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    return operation
+
+
+def tag_by_audience(
+    result: dict[str, Any], generator: Any, request: Any, public: bool
+) -> dict[str, Any]:
+    """drf-spectacular's postprocessing hook: each operation tagged by who it is for, and
+    the proxy, which is not a DRF view, documented beside them."""
+    paths = result.setdefault("paths", {})
+    paths["/v1/proxy/{backend}/{path}"] = {
+        method: _proxy_operation(method) for method in ("get", "post", "put", "patch", "delete")
+    }
+    for path, operations in paths.items():
+        tag = next((name for prefix, name in AUDIENCES if path.startswith(prefix)), None)
+        for operation in operations.values():
+            if tag is not None:
+                operation["tags"] = [tag]
+    components = result.setdefault("components", {})
+    components.setdefault("schemas", {})[PROXY_ERROR] = PROXY_ERROR_SCHEMA
+    components.setdefault("securitySchemes", {}).update(
+        {
+            "proxyToken": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "x-api-key",
+                "description": "a crd_ token (as the Anthropic SDKs send their key)",
+            },
+            "proxyBearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "a crd_ token (as the OpenAI SDKs and Claude Code send it)",
+            },
+        }
+    )
+    result["tags"] = TAGS
+    return result

@@ -52,3 +52,12 @@ class StrictBooleanField(serializers.BooleanField):
         if not isinstance(data, bool):
             self.fail("invalid", input=data)
         return data
+
+
+def allow_invalid_field() -> StrictBooleanField:
+    """Store a key the upstream refuses (by default it is refused with 422 key_invalid)."""
+    return StrictBooleanField(
+        default=False,
+        help_text="store the key even when the upstream refuses it; by default an invalid "
+        "key is a 422 `key_invalid` and nothing is saved",
+    )

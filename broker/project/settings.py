@@ -313,6 +313,8 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 
 LANGUAGE_CODE = "en-us"
+# Short ISO-like dates in the admin (broker/project/formats/en/formats.py).
+FORMAT_MODULE_PATH = ["broker.project.formats"]
 TIME_ZONE = "UTC"
 USE_I18N = False
 USE_TZ = True
@@ -351,6 +353,8 @@ SPECTACULAR_SETTINGS = {
         "drf_spectacular.hooks.postprocess_schema_enums",
         # Each operation's refusals, which the exception handler answers in one shape.
         "broker.api.schema.document_refusals",
+        # Tags by audience (agent, admin, OIDC, health) and the proxy, which is not DRF's.
+        "broker.api.schema.tag_by_audience",
     ],
 }
 

@@ -23,6 +23,8 @@ admin.site.site_title = "keybroker admin"
 admin.site.index_title = "Credentials, agents and activity"
 # "View site" would lead back to the admin itself; the API docs link replaces it.
 admin.site.site_url = None
+# The index and the breadcrumbs lead everywhere; the sidebar's 300 px are the lists' width.
+admin.site.enable_nav_sidebar = False
 
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="admin:index"), name="home"),

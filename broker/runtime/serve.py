@@ -18,6 +18,7 @@ from broker.infra.metrics import MULTIPROC_DIRNAME, MULTIPROC_ENV, metrics_dir_r
 from broker.runtime.embedded_redis import EmbeddedRedisError, start_embedded_redis
 from broker.runtime.health import check_redis
 from broker.runtime.supervisor import Supervisor, child_popen_options
+from broker.runtime.where import where
 
 
 class ServeError(Exception):
@@ -110,12 +111,20 @@ def metrics_env() -> dict[str, str]:
     return {**os.environ, MULTIPROC_ENV: str(directory)}
 
 
-def serve(*, workers: int, say: Callable[[str], None], log: Callable[[str], None]) -> None:
-    """Start every component, tell ``say`` where the broker is once it answers, and return
-    when Ctrl-C stops them all; ServeError when one cannot start or fails."""
+def serve(
+    *,
+    workers: int,
+    say: Callable[[str], None],
+    log: Callable[[str], None],
+    when_up: Callable[[], None] | None = None,
+) -> None:
+    """Start every component, tell ``say`` where the broker is once it answers (then call
+    ``when_up``), and return when Ctrl-C stops them all; ServeError when one cannot start
+    or fails."""
     host, port = settings.HOST, settings.PORT
     port_free(host, port)
     database_ready()
+    log(where())
 
     supervisor = Supervisor(log=log)
     supervisor.install_signal_handlers()
@@ -157,6 +166,8 @@ def serve(*, workers: int, say: Callable[[str], None], log: Callable[[str], None
             f"  API docs:  {url}/api/docs/\n"
             "Press Ctrl-C to stop."
         )
+        if when_up is not None:
+            when_up()
         code = supervisor.wait()
     if code:
         raise ServeError("stopped because a component failed (see above)")

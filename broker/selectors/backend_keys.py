@@ -129,3 +129,38 @@ def keys_calls(backend: Backend) -> dict[str, int]:
         for row in rows
         if row["detail__key_fingerprint"]
     }
+
+
+@dataclass(frozen=True)
+class BrokenBackend:
+    """An enabled backend whose last validation found no working key, and what to do."""
+
+    backend: Backend
+    problem: str
+    fix: str
+
+
+def backends_not_working() -> list[BrokenBackend]:
+    """Enabled backends whose last validation found their key invalid (calls to them fail)
+    or could not reach the upstream, with the fix for each: the admin index shows them."""
+    broken = Backend.objects.filter(
+        enabled=True,
+        validation_state__in=[ValidationState.INVALID, ValidationState.UNREACHABLE],
+    ).order_by("validation_state", "name")
+    found = []
+    for backend in broken:
+        if backend.validation_state == ValidationState.INVALID:
+            problem = "refused by the upstream: every call to it fails"
+            fix = (
+                "check its workload identity settings on its page"
+                if backend.federated
+                else f"enter a new key on its page (or `manage.py backend rotate {backend.name}`)"
+            )
+        else:
+            problem = "the upstream could not be reached at the last check"
+            fix = (
+                "check its base URL and the network, then validate it again "
+                f"(`manage.py backend validate {backend.name}`)"
+            )
+        found.append(BrokenBackend(backend, problem, fix))
+    return found

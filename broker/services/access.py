@@ -14,10 +14,12 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 import redis
 from django.db import IntegrityError, transaction
 
+from audit.models import AuditEvent
 from broker.infra.errors import NotPermitted, ServiceError, Unauthenticated
 from broker.infra.redis import redis_client, redis_key
 from broker.models import AccessGeneration, Agent, AgentStatus, TokenState, token_state_at
@@ -141,11 +143,44 @@ def agent_require_enrolled(agent: Agent) -> None:
         raise refusal(AgentStatus.UNENROLLED, name=agent.name).error()
 
 
+class Rejection(NamedTuple):
+    """An admin's last "no" to an agent: what it declined and the reason given ("" none)."""
+
+    declined: list[str]
+    reason: str
+
+
+DECISIONS = ("agent.approved", "agent.rejected", "agent.request_rejected")
+
+
+def agent_rejection(agent: Agent) -> Rejection | None:
+    """The admin's refusal, when the agent's last decision was one (its enrollment rejected,
+    or more scopes declined); None otherwise. Read from the audit trail, where the decision
+    and its reason are recorded (so it is kept as long as the trail keeps the event)."""
+    last = (
+        AuditEvent.objects.filter(
+            agent=agent.name, created_at__gte=agent.created_at, action__in=DECISIONS
+        )
+        .order_by("-created_at", "-pk")
+        .first()
+    )
+    if last is None or last.action == "agent.approved":
+        return None
+    declined = last.detail.get("declined") if isinstance(last.detail, dict) else None
+    return Rejection(list(declined or []), last.message)
+
+
 def agent_require_approved(agent: Agent) -> None:
-    """Raise the agent's refusal (403 pending or rejected, 401 unenrolled) unless approved."""
+    """Raise the agent's refusal (403 pending or rejected, 401 unenrolled) unless approved;
+    a rejected agent is told the admin's reason, when one was given."""
     refused = agent_refusal(name=agent.name, status=agent.status)
-    if refused is not None:
-        raise refused.error()
+    if refused is None:
+        return
+    if agent.status == AgentStatus.REJECTED:
+        rejection = agent_rejection(agent)
+        if rejection is not None and rejection.reason:
+            refused = Refusal(refused.status, f"{refused.message}: {rejection.reason}")
+    raise refused.error()
 
 
 def access_changed() -> None:

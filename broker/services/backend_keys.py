@@ -16,8 +16,11 @@ from broker.models import Backend, BackendKey
 from broker.services.access import access_changed
 from broker.services.backends import (
     User,
+    ValidationResult,
+    backend_check_new_key,
     backend_check_secret,
     backend_queue_validation,
+    backend_record_checked,
     backend_summarize,
 )
 
@@ -49,9 +52,28 @@ def key_add_check(*, backend: Backend, secret: str, weight: int = 1) -> BackendK
     )
 
 
+def key_add(
+    *,
+    backend: Backend,
+    secret: str,
+    weight: int = 1,
+    validate: bool = False,
+    allow_invalid: bool = False,
+    checked: ValidationResult | None = None,
+    by: User = None,
+) -> BackendKey:
+    """Add a key at the end of the pool; it serves calls at once and is validated (now,
+    with ``validate``: ``allow_invalid`` and ``checked`` as for backend_add)."""
+    if validate and checked is None:
+        key_add_check(backend=backend, secret=secret, weight=weight)
+        checked = backend_check_new_key(backend=backend, secret=secret, allow_invalid=allow_invalid)
+    return _key_add(backend=backend, secret=secret, weight=weight, checked=checked, by=by)
+
+
 @transaction.atomic
-def key_add(*, backend: Backend, secret: str, weight: int = 1, by: User = None) -> BackendKey:
-    """Add a key at the end of the pool; it serves calls at once and is validated."""
+def _key_add(
+    *, backend: Backend, secret: str, weight: int, checked: ValidationResult | None, by: User
+) -> BackendKey:
     key = key_add_check(backend=backend, secret=secret, weight=weight)
     last = BackendKey.objects.filter(backend=backend).aggregate(last=Max("position"))["last"]
     key.position = 0 if last is None else last + 1
@@ -71,7 +93,10 @@ def key_add(*, backend: Backend, secret: str, weight: int = 1, by: User = None) 
         fingerprint=key.fingerprint,
         weight=key.weight,
     )
-    backend_queue_validation(backend, key)
+    if checked is not None:
+        backend_record_checked(backend, key, checked)
+    else:
+        backend_queue_validation(backend, key)
     return key
 
 

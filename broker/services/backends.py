@@ -375,7 +375,6 @@ def backend_add_check(
     return backend
 
 
-@transaction.atomic
 def _name_taken(name: str) -> str:
     # Someone adding a backend under a name in use usually means to change its key.
     return (
@@ -393,8 +392,15 @@ def backend_add(
     base_url: str | None = None,
     ttl: TtlBounds | None = None,
     federation: FederationSettings | None = None,
+    validate: bool = False,
+    allow_invalid: bool = False,
+    checked: ValidationResult | None = None,
     by: User = None,
 ) -> Backend:
+    """Store a backend. With ``validate`` its key is checked against the upstream first (an
+    invalid one is refused with KeyRefused, unless ``allow_invalid``) and the answer is
+    stored with it; ``checked`` is that answer when the caller already asked (the admin
+    form). Otherwise the worker validates it after the commit."""
     backend = backend_add_check(
         name=name,
         secret=secret,
@@ -405,13 +411,37 @@ def backend_add(
         federation=federation,
     )
     pending: PendingKey | None = getattr(backend, "_pending_key", None)
+    if validate and checked is None and pending is not None:
+        checked = backend_check_new_key(
+            backend=backend, secret=pending.secret, allow_invalid=allow_invalid
+        )
+    backend = _backend_save_new(
+        backend, pending, client_key=client_key, checked=checked, queue=not validate, by=by
+    )
+    if validate and backend.federated:
+        # Nothing to refuse before saving: the exchange needs the backend's own settings.
+        backend_validate(backend=backend)
+    return backend
+
+
+@transaction.atomic
+def _backend_save_new(
+    backend: Backend,
+    pending: PendingKey | None,
+    *,
+    client_key: bool,
+    checked: ValidationResult | None,
+    queue: bool,
+    by: User,
+) -> Backend:
     try:
         with transaction.atomic():
             backend.save()
     except IntegrityError:
         raise Conflict(_name_taken(backend.name), "name") from None
+    key = None
     if pending is not None:
-        BackendKey.objects.create(
+        key = BackendKey.objects.create(
             backend=backend,
             secret=pending.secret,
             fingerprint=pending.fingerprint,
@@ -429,7 +459,9 @@ def backend_add(
         client_key=client_key,
         **backend_federation(backend),
     )
-    if not client_key:
+    if key is not None and checked is not None:
+        backend_record_checked(backend, key, checked)
+    elif queue and not client_key:
         backend_queue_validation(backend)
     return backend
 
@@ -588,12 +620,36 @@ def backend_rotate_check(
     return replaced
 
 
-@transaction.atomic
 def backend_rotate(
-    *, backend: Backend, secret: str, fingerprint: str | None = None, by: User = None
+    *,
+    backend: Backend,
+    secret: str,
+    fingerprint: str | None = None,
+    validate: bool = False,
+    allow_invalid: bool = False,
+    checked: ValidationResult | None = None,
+    by: User = None,
 ) -> Backend:
     """Replace a key in place (the only one, or the one named by ``fingerprint``): agents
-    and their tokens refer to the backend, not the key; its weight and place stay."""
+    and their tokens refer to the backend, not the key; its weight and place stay.
+    ``validate``, ``allow_invalid`` and ``checked`` as for backend_add."""
+    if validate and checked is None:
+        backend_rotate_check(backend=backend, secret=secret, fingerprint=fingerprint)
+        checked = backend_check_new_key(backend=backend, secret=secret, allow_invalid=allow_invalid)
+    return _backend_rotate(
+        backend=backend, secret=secret, fingerprint=fingerprint, checked=checked, by=by
+    )
+
+
+@transaction.atomic
+def _backend_rotate(
+    *,
+    backend: Backend,
+    secret: str,
+    fingerprint: str | None,
+    checked: ValidationResult | None,
+    by: User,
+) -> Backend:
     replaced = backend_rotate_check(backend=backend, secret=secret, fingerprint=fingerprint)
     scheme, new_fingerprint = backend_check_secret(kind=backend.kind, secret=secret)
     key = replaced or BackendKey(backend=backend)
@@ -613,7 +669,10 @@ def backend_rotate(
         old_fingerprint=old_fingerprint,
         fingerprint=new_fingerprint,
     )
-    backend_queue_validation(backend, key)
+    if checked is not None:
+        backend_record_checked(backend, key, checked)
+    else:
+        backend_queue_validation(backend, key)
     return backend
 
 
@@ -693,9 +752,13 @@ def _upstream_error_message(response: httpx.Response) -> str:
     return f"upstream answered {response.status_code}" + (f" ({detail})" if detail else "")
 
 
-def backend_check(*, backend: Backend, key: BackendKey | None = None) -> ValidationResult:
+def backend_check(
+    *, backend: Backend, key: BackendKey | None = None, timeout: float | None = None
+) -> ValidationResult:
     """Ask the upstream whether a key works: GET {base_url}/v1/models with ``key`` (by
-    default the backend's first enabled key), or with a federated access token."""
+    default the backend's first enabled key), or with a federated access token, waiting
+    ``timeout`` seconds for it (KEYBROKER_VALIDATE_TIMEOUT by default)."""
+    timeout = timeout or settings.BACKEND_VALIDATE_TIMEOUT_SECONDS
     if backend.client_key:
         return ValidationResult(
             ValidationState.UNKNOWN, "keys come from the agents; there is no stored key to check"
@@ -717,13 +780,13 @@ def backend_check(*, backend: Backend, key: BackendKey | None = None) -> Validat
         response = httpx.get(
             url,
             headers=provider.validation_headers(secret),
-            timeout=settings.BACKEND_VALIDATE_TIMEOUT_SECONDS,
+            timeout=timeout,
             follow_redirects=False,
         )
     except httpx.TimeoutException:
         return ValidationResult(
             ValidationState.UNREACHABLE,
-            f"{host} did not answer within {settings.BACKEND_VALIDATE_TIMEOUT_SECONDS}s",
+            f"{host} did not answer within {timeout:g}s",
         )
     except httpx.TransportError as exc:
         return ValidationResult(
@@ -738,6 +801,72 @@ def backend_check(*, backend: Backend, key: BackendKey | None = None) -> Validat
         return ValidationResult(ValidationState.INVALID, message)
     # 429, 5xx, 529 and the like say nothing about the key itself.
     return ValidationResult(ValidationState.UNREACHABLE, message)
+
+
+# How long adding or rotating a key waits for the upstream's verdict: someone is waiting at
+# a prompt or a form. The scheduled validation keeps KEYBROKER_VALIDATE_TIMEOUT.
+NEW_KEY_CHECK_TIMEOUT_SECONDS = 5
+
+
+class KeyRefused(ServiceError):
+    """The upstream refused a key being added or rotated in; nothing was saved."""
+
+    status_code = 422
+    error_type = "key_invalid"
+
+    def __init__(self, message: str, result: ValidationResult) -> None:
+        super().__init__(message, "secret")
+        self.result = result
+
+
+def backend_check_new_key(
+    *, backend: Backend, secret: str, allow_invalid: bool = False
+) -> ValidationResult:
+    """Ask the upstream about a key before it is stored (add, rotate, a key added to the
+    pool), as the scheduled validation asks about stored ones, but within a few seconds.
+    An invalid key is refused (KeyRefused) unless ``allow_invalid``; an upstream that
+    cannot be reached is no reason to refuse: the key is saved unchecked."""
+    result = backend_check(
+        backend=backend,
+        key=BackendKey(backend=backend, secret=secret.strip()),
+        timeout=min(settings.BACKEND_VALIDATE_TIMEOUT_SECONDS, NEW_KEY_CHECK_TIMEOUT_SECONDS),
+    )
+    if result.state == ValidationState.INVALID and not allow_invalid:
+        raise KeyRefused(
+            f"{urlsplit(backend.base_url).netloc} refused this key ({redact(result.message)}); "
+            "nothing was saved: check that it is the whole key, of the right account",
+            result,
+        )
+    return result
+
+
+def backend_check_outcome(backend: Backend, result: ValidationResult) -> str:
+    """What a new or rotated key's check found and what to do next, in one sentence for
+    the CLI and the admin."""
+    if result.state == ValidationState.VALID:
+        return f"valid: {result.message}"
+    if result.state == ValidationState.INVALID and backend.federated:
+        return (
+            f"saved, but invalid: {result.message}; calls to it fail until its federation "
+            "settings match the Claude Console's (docs/workload-identity.md)"
+        )
+    if result.state == ValidationState.INVALID:
+        return (
+            f"saved, but invalid: {result.message}; calls with it fail until it is replaced "
+            f"(`manage.py backend rotate {backend.name}`)"
+        )
+    every = settings.BACKEND_VALIDATE_INTERVAL_SECONDS // 60
+    return (
+        f"saved unchecked: {result.message}; the scheduled validation (every {every} min) "
+        f"checks it again, or run `manage.py backend validate {backend.name}`"
+    )
+
+
+def backend_record_checked(backend: Backend, key: BackendKey, result: ValidationResult) -> None:
+    """Store the check made before saving as the key's validation (the same state and
+    audit event as a scheduled one), then the backend's summary of its pool."""
+    _record_validation(BackendKey.objects.filter(pk=key.pk), result, backend=backend, key=key)
+    backend_summarize(backend)
 
 
 _VALIDATION_ACTIONS = {

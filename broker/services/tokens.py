@@ -101,12 +101,18 @@ def token_issue(
     agent_require_approved(agent)
     backend = Backend.objects.filter(name=backend_name).first()
     if backend is None:
-        raise NotFound(f"no backend named {backend_name!r}")
+        # The agent learns the names of the backends it may use, and nothing else.
+        granted = sorted(agent.grants.values_list("backend__name", flat=True))
+        raise NotFound(
+            f"no backend named {backend_name!r}; agent {agent.name} may use "
+            + (", ".join(granted) if granted else "none yet")
+            + " (`keybroker status` lists them)"
+        )
     grant = agent.grants.filter(backend=backend).first()
     if grant is None:
         raise NotPermitted(
             f"agent {agent.name} has no grant for backend {backend.name}; "
-            "ask for it with POST /v1/request"
+            f"ask for it with `keybroker request --can {backend.name}` (POST /v1/request)"
         )
     if not backend.enabled:
         raise NotPermitted(f"backend {backend.name} is disabled")

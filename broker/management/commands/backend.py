@@ -18,8 +18,11 @@ from broker.services.backend_keys import key_add, key_disable, key_enable, key_r
 from broker.services.backends import (
     FEDERATION_FIELDS,
     FederationSettings,
+    KeyRefused,
     TtlBounds,
+    ValidationResult,
     backend_add,
+    backend_check_outcome,
     backend_check_secret,
     backend_get,
     backend_remove,
@@ -32,6 +35,23 @@ from broker.services.oidc import backend_subject
 # `backend validate`'s exit status: 0 valid, these otherwise (README, Server CLI).
 EXIT_INVALID = 3
 EXIT_UNREACHABLE = 4
+
+
+def _allow_invalid(parser: CommandParser) -> None:
+    parser.add_argument(
+        "--allow-invalid",
+        action="store_true",
+        help="store the key even when the upstream refuses it (by default it is refused, "
+        "exit status 3)",
+    )
+
+
+def _summary(backend: Backend) -> ValidationResult | None:
+    """The validation a new backend was saved with; None when nothing was checked."""
+    backend.refresh_from_db()
+    if backend.client_key:
+        return None
+    return ValidationResult(ValidationState(backend.validation_state), backend.validation_message)
 
 
 class Command(BaseCommand):
@@ -61,6 +81,7 @@ class Command(BaseCommand):
             "--audience", help="aud of keybroker's JWT (default https://api.anthropic.com)"
         )
         add.add_argument("--ttl-min", type=int, default=60, help="seconds (default 60)")
+        _allow_invalid(add)
         add.add_argument("--ttl-default", type=int, default=600, help="seconds (default 600)")
         add.add_argument("--ttl-max", type=int, default=3600, help="seconds (default 3600)")
         sub.add_parser("ls", help="list backends")
@@ -75,6 +96,7 @@ class Command(BaseCommand):
         rotate.add_argument(
             "--fingerprint", help="the key to replace, when the backend has several (see `keys`)"
         )
+        _allow_invalid(rotate)
         keys = sub.add_parser("keys", help="list a backend's keys (state, weight, health)")
         keys.add_argument("name")
         keys.add_argument("--json", action="store_true")
@@ -82,6 +104,7 @@ class Command(BaseCommand):
         key_add_.add_argument("name")
         key_add_.add_argument("--api-key", help="the secret; '-' reads stdin; omitted: prompt")
         key_add_.add_argument("--weight", type=int, default=1, help="share of calls (default 1)")
+        _allow_invalid(key_add_)
         for action, what in (
             ("key-enable", "let a key serve calls again"),
             ("key-disable", "stop a key serving calls (not the last enabled one)"),
@@ -96,7 +119,33 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         with service_errors():
-            getattr(self, f"do_{options['action'].replace('-', '_')}")(**options)
+            try:
+                getattr(self, f"do_{options['action'].replace('-', '_')}")(**options)
+            except KeyRefused as exc:
+                raise CommandError(
+                    f"{exc.text}; to store it anyway, add --allow-invalid",
+                    returncode=EXIT_INVALID,
+                ) from None
+
+    def _report_check(self, backend: Backend, result: ValidationResult | None) -> None:
+        """The new key's check, then the exit status `backend validate` would give."""
+        if result is None:
+            return
+        self.stdout.write(f"{backend.name}: {backend_check_outcome(backend, result)}")
+        if result.state == ValidationState.INVALID:
+            raise CommandError(
+                f"the token exchange of {backend.name} is refused: check its federation "
+                f"settings (`manage.py backend inspect {backend.name}`); the backend is stored"
+                if backend.federated
+                else f"the key of {backend.name} is invalid (stored, as --allow-invalid asked)",
+                returncode=EXIT_INVALID,
+            )
+        if result.state == ValidationState.UNREACHABLE:
+            what = "backend" if backend.federated else "key"
+            raise CommandError(
+                f"{backend.name}'s upstream could not be reached; the {what} is stored unchecked",
+                returncode=EXIT_UNREACHABLE,
+            )
 
     def do_add(self, **options: Any) -> None:
         client_key = options["client_key"]
@@ -113,24 +162,24 @@ class Command(BaseCommand):
             base_url=options["base_url"],
             ttl=TtlBounds(options["ttl_min"], options["ttl_max"], options["ttl_default"]),
             federation=FederationSettings(**{name: options[name] for name in FEDERATION_FIELDS}),
+            validate=True,
+            allow_invalid=options["allow_invalid"],
         )
         if backend.federated:
             self.stdout.write(
                 f"added backend {backend.name}: no key stored; it exchanges keybroker's JWT "
                 f"(sub {backend_subject(backend.name)}, aud {backend.federation_audience}) "
-                f"under {backend.federation_rule_id}; validation is queued "
-                "(see `backend inspect`)"
+                f"under {backend.federation_rule_id}"
             )
+            self._report_check(backend, _summary(backend))
             return
         if client_key:
             self.stdout.write(
                 f"added backend {backend.name}; agents send their own key in X-Anthropic-Key"
             )
             return
-        self.stdout.write(
-            f"added backend {backend.name} ({backend.secret_fingerprint}); "
-            "validation against the upstream is queued (see `backend inspect`)"
-        )
+        self.stdout.write(f"added backend {backend.name} ({backend.secret_fingerprint})")
+        self._report_check(backend, _summary(backend))
 
     def do_ls(self, **options: Any) -> None:
         rows = [
@@ -197,9 +246,19 @@ class Command(BaseCommand):
         fingerprint = options["fingerprint"]
         old = fingerprint or backend.secret_fingerprint
         secret = read_secret(options["api_key"], prompt="New API key (not echoed): ")
-        backend = backend_rotate(backend=backend, secret=secret, fingerprint=fingerprint)
+        backend = backend_rotate(
+            backend=backend,
+            secret=secret,
+            fingerprint=fingerprint,
+            validate=True,
+            allow_invalid=options["allow_invalid"],
+        )
         new = backend_check_secret(kind=backend.kind, secret=secret)[1]
         self.stdout.write(f"rotated {backend.name}: {old} -> {new}")
+        key = key_get(backend=backend, fingerprint=new)
+        self._report_check(
+            backend, ValidationResult(ValidationState(key.validation_state), key.validation_message)
+        )
 
     def do_rm(self, **options: Any) -> None:
         backend_remove(backend=backend_get(name=options["name"]), force=options["force"])
@@ -230,10 +289,13 @@ class Command(BaseCommand):
             backend=backend,
             secret=read_secret(options["api_key"], prompt="API key (not echoed): "),
             weight=options["weight"],
+            validate=True,
+            allow_invalid=options["allow_invalid"],
         )
-        self.stdout.write(
-            f"added key {key.fingerprint} to {backend.name} (weight {key.weight}); "
-            "validation against the upstream is queued (see `backend keys`)"
+        self.stdout.write(f"added key {key.fingerprint} to {backend.name} (weight {key.weight})")
+        key.refresh_from_db()
+        self._report_check(
+            backend, ValidationResult(ValidationState(key.validation_state), key.validation_message)
         )
 
     def _key(self, options: dict[str, Any]) -> BackendKey:

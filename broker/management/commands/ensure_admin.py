@@ -2,8 +2,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand
 
+from broker.management.commands._output import first_admin_box
 from broker.project.env import env_secret, env_str
 from broker.services.admins import admin_ensure_first
 
@@ -24,8 +26,9 @@ class Command(BaseCommand):
             self.stdout.write(f"admin user {name!r} exists; leaving it as it is")
         elif result.generated_password:
             self.stdout.write(
-                f"created admin user {name!r} with password {result.generated_password}\n"
-                "  (shown only this once; change it with `python manage.py changepassword`)"
+                first_admin_box(
+                    name=name, password=result.generated_password, url=settings.PUBLIC_URL
+                )
             )
         else:
             self.stdout.write(f"created admin user {name!r} with the password from the environment")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import email.utils
+import getpass
 import json
 import os
 import random
@@ -43,6 +44,7 @@ ENROLL_HINT = "run keybroker enroll URL --name N --can BACKEND"
 # The token cache beside the config, and its lock (keybroker/credentials.py).
 CACHE_FILE = "tokens.json"
 CACHE_LOCK_FILE = "tokens.lock"
+VEND_TOKEN_START = "ckr_"  # noqa: S105 (the kind of a vend token, not one)
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_POLL_INTERVAL = 2.0
 MAX_POLL_INTERVAL = 10.0  # an admin who approves should not wait long for the agent to notice
@@ -377,7 +379,12 @@ def cmd_enroll(args: argparse.Namespace, path: Path) -> int:
         print(f"{config.name} is approved for: {_words(status.get('scopes'))}")
         return EXIT_OK
     if verdict == "rejected":
-        raise CliError(EXIT_NOT_APPROVED, f"an admin rejected {config.name}; it gets no tokens")
+        rejection = status.get("rejection")
+        reason = rejection.get("reason") if isinstance(rejection, dict) else None
+        why = f" ({reason})" if isinstance(reason, str) and reason else ""
+        raise CliError(
+            EXIT_NOT_APPROVED, f"an admin rejected {config.name}{why}; it gets no tokens"
+        )
     if verdict != "pending":
         raise CliError(EXIT_NOT_APPROVED, f"{config.name} is {verdict}; it gets no tokens")
     if args.timeout == 0:
@@ -388,6 +395,41 @@ def cmd_enroll(args: argparse.Namespace, path: Path) -> int:
         f"{config.name} is still {verdict} after {duration_format(args.timeout)}; the enrollment "
         f"is kept in {path}: run the same keybroker enroll again to keep waiting",
     )
+
+
+def cmd_login(args: argparse.Namespace, path: Path) -> int:
+    """Use a vend token an admin created (`manage.py agent create`): checked with the server,
+    then written to the config as `enroll` writes it."""
+    url = server_url(args.url)
+    if args.vend_token == "-":  # noqa: S105 (stdin, not a token)
+        token = sys.stdin.readline().strip()
+    elif sys.stdin.isatty():
+        token = getpass.getpass("vend token (ckr_…, not echoed): ").strip()
+    else:
+        raise CliError(EXIT_USAGE, "give the vend token on stdin with --vend-token -")
+    if not token.startswith(VEND_TOKEN_START):
+        raise CliError(
+            EXIT_USAGE,
+            f"a vend token starts with {VEND_TOKEN_START} (what `manage.py agent create` printed)",
+        )
+    existing = load_config(path)
+    with Server(url, token) as server:
+        data = _object(expect(server.request("GET", "/v1/enroll/status"), 200), "status")
+    name, agent_id = data.get("name"), data.get("id")
+    if not isinstance(name, str) or not isinstance(agent_id, str | int):
+        raise CliError(EXIT_ERROR, "the server's status answer has no name or id")
+    if existing is not None and (existing.url, existing.name) != (url, name):
+        raise CliError(
+            EXIT_ERROR,
+            f"{path} already holds {existing.name} at {existing.url}; run keybroker unenroll "
+            "first, or pass --config PATH for another agent",
+        )
+    save_config(path, Config(url=url, name=name, agent_id=agent_id, vend_token=token))
+    print(
+        f"logged in as {name} at {url} ({data.get('status')}; may use "
+        f"{_words(data.get('scopes'))}); config in {path}"
+    )
+    return EXIT_OK
 
 
 # --- the other commands ----------------------------------------------------------------------
@@ -424,7 +466,58 @@ def cmd_status(args: argparse.Namespace, path: Path) -> int:
                 for v in (bounds.get("min"), bounds.get("default"), bounds.get("max"))
             )
             print(f"  {grant.get('backend')}  {grant.get('base_url')}  ttl min/default/max {ttl}")
+            limits = grant.get("limits")
+            for line in _limit_lines(limits) if isinstance(limits, dict) else ():
+                print(f"    {line}")
+    rejection = data.get("rejection")
+    if isinstance(rejection, dict):
+        print(f"rejected:   {_rejection_words(rejection)}")
     return EXIT_OK
+
+
+def _rejection_words(rejection: dict[str, Any]) -> str:
+    """What an admin declined and why, as `status` and `enroll` say it."""
+    reason = rejection.get("reason")
+    declined = _words(rejection.get("declined"))
+    return f"{declined} ({reason})" if isinstance(reason, str) and reason else declined
+
+
+# /v1/status names its limits by their policy field; people read these.
+# A window's usage comes back bit by bit ("more in"); a budget renews all at once.
+_COUNTED = (
+    ("rpm", "requests/min", "requests", "more in"),
+    ("tpm", "tokens/min", "tokens", "more in"),
+    ("daily_tokens", "tokens today", "tokens", "renews in"),
+    ("daily_usd", "USD today", "USD", "renews in"),
+    ("monthly_usd", "USD this month", "USD", "renews in"),
+)
+
+
+def _limit_lines(limits: dict[str, Any]) -> list[str]:
+    """A grant's limits and what is left of them, one per line; "no limits" when none."""
+    lines = []
+    for field, what in (("models", "models"), ("paths", "paths")):
+        if isinstance(allowed := limits.get(field), list) and allowed:
+            lines.append(f"{what}: {', '.join(str(glob) for glob in allowed)}")
+    if (cap := limits.get("max_tokens")) is not None:
+        lines.append(f"max_tokens per request: {cap}")
+    if (concurrent := limits.get("max_concurrent")) is not None:
+        lines.append(f"calls at once: {concurrent}")
+    for field, label, unit, comes_back in _COUNTED:
+        counted = limits.get(field)
+        if not isinstance(counted, dict):
+            continue
+        used, remaining, resets = (counted.get(k) for k in ("used", "remaining", "resets_in"))
+        line = f"{label}: {counted.get('limit')}"
+        if used is None:
+            line += " (usage cannot be read now)"
+        else:
+            line += f", used {used}, {remaining} {unit} left"
+            spent = used not in (0, "0", "0.00")
+            if isinstance(resets, int | float) and resets > 0 and (spent or "renews" in comes_back):
+                line += f", {comes_back} {duration_format(round(resets))}"
+        lines.append(line)
+    return lines or ["no limits"]
 
 
 def mint(config: Config, backend: str, ttl: str | None) -> dict[str, Any]:
@@ -836,7 +929,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="first pause between status checks; it grows to 10s (default 2s)",
     )
 
-    status = command("status", cmd_status, "show name, status, scopes and grants")
+    login = command(
+        "login", cmd_login, "use a vend token an admin created (manage.py agent create)"
+    )
+    login.add_argument("url", metavar="URL", help="the keybroker server")
+    login.add_argument(
+        "--vend-token",
+        metavar="-",
+        choices=["-"],
+        help="read the vend token from stdin (without it, it is asked for without echo)",
+    )
+
+    status = command("status", cmd_status, "show name, status, scopes, grants and limits")
     status.add_argument("--json", action="store_true", help="print the server's answer")
 
     for name, handler, what in (

@@ -13,8 +13,8 @@ half of it): a 1-minute token is used for 30 s, a 15-minute one for 12 minutes, 
 48 minutes. 30 s is also when the SDK's own cache insists on a fresh token; 20 % leaves a
 long token room for a server that is briefly away. docs/decisions.md has the reasoning.
 
-``anthropic`` is an optional extra (``pip install 'keybroker[sdk]'``): it is imported only when
-a provider hands the SDK a token, never when ``keybroker`` is imported.
+``anthropic`` is an optional extra (``pip install 'keybroker[anthropic]'``): it is imported
+only when a provider hands the SDK a token, never when ``keybroker`` is imported.
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ def _access_token(left: float, token: str) -> AccessToken:
         from anthropic.lib.credentials import AccessToken
     except ImportError:  # pragma: no cover - the extra is installed wherever the SDK runs
         raise CredentialsError(
-            "the anthropic SDK (2.12 or later) is not installed: pip install 'keybroker[sdk]'"
+            "the anthropic SDK (2.12 or later) is not installed: pip install 'keybroker[anthropic]'"
         ) from None
     # The SDK compares expires_at with the wall clock: it is told how long the token has left
     # (by the provider's clock) from now. It asks again as the end nears; when to renew is ours.
