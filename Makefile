@@ -57,7 +57,8 @@ pytest: $(VENV)/.installed-dev
 
 # docs/screenshots/: each admin page at 1,400 x 900, from the browser tests.
 screenshots: $(VENV)/.installed-dev
-	KEYBROKER_SCREENSHOTS_DIR=docs/screenshots $(BIN)/pytest tests/test_operator_screens.py -q
+	KEYBROKER_SCREENSHOTS_DIR=docs/screenshots $(BIN)/pytest -q \
+	  tests/test_operator_screens.py tests/test_usage_browser.py
 
 # The proxy benchmark (bench/README.md): timings live here, never in `make test`.
 bench: $(VENV)/.installed-dev
