@@ -38,6 +38,7 @@ from django.conf import settings
 from django.db import DataError, IntegrityError
 from django.utils import timezone
 
+from audit.alerts import ALERTED_ACTIONS, alerts_dispatch, alerts_spilled
 from audit.events import PROXY_COLUMNS, event_row
 from audit.models import ActorType, AuditEvent
 from audit.publish import audit_publish_async
@@ -134,7 +135,16 @@ class AuditWriteFailed(Exception):
 
 
 def _write(batch: list[Row]) -> list[AuditEvent]:
-    return AuditEvent.objects.bulk_create([AuditEvent(**row) for row in batch])
+    return _alert(AuditEvent.objects.bulk_create([AuditEvent(**row) for row in batch]))
+
+
+def _alert(written: list[AuditEvent]) -> list[AuditEvent]:
+    """Hand the few events that are alerts (a budget crossed) to the dispatcher; a batch
+    of proxied calls alone costs one set lookup per event."""
+    alerted = [event for event in written if event.action in ALERTED_ACTIONS]
+    if alerted:
+        alerts_dispatch(alerted)
+    return written
 
 
 def _write_one_by_one(batch: list[Row]) -> tuple[list[AuditEvent], list[Row], list[Row]]:
@@ -151,8 +161,8 @@ def _write_one_by_one(batch: list[Row]) -> tuple[list[AuditEvent], list[Row], li
         except (DataError, IntegrityError):
             refused.append(row)
         except Exception:
-            return written, refused, batch[index:]
-    return written, refused, []
+            return _alert(written), refused, batch[index:]
+    return _alert(written), refused, []
 
 
 _write_async = db_call(_write)
@@ -297,6 +307,7 @@ def _spill(rows: list[Row], stats: RecorderStats, *, reason: str) -> None:
     _append_lines(path, rows)
     stats.spilled += len(rows)
     logger.error("%s: %d audit event(s) spilled to %s", reason, len(rows), path)
+    alerts_spilled(count=len(rows), reason=reason, path=str(path))
 
 
 def audit_spill_replay() -> int:

@@ -17,6 +17,7 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
 from django.utils import timezone
 
+from audit.alerts import ALERTED_ACTIONS, alerts_dispatch
 from audit.events import RECORD_COLUMNS, event_row
 from audit.models import ActorType, AuditEvent
 from audit.publish import audit_publish
@@ -68,6 +69,8 @@ def audit_record(
     )
     event = AuditEvent.objects.create(**row)
     transaction.on_commit(lambda: audit_publish([event]))
+    if action in ALERTED_ACTIONS:
+        transaction.on_commit(lambda: alerts_dispatch([event]))
     return event
 
 

@@ -5,6 +5,7 @@ from django.urls import path, re_path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from audit import alerts_api
 from audit import api as audit_api
 from audit import views as audit_views
 from broker.api import admin_agents, agents, backend_keys, oidc, policy
@@ -66,6 +67,14 @@ urlpatterns = [
     path("v1/admin/audit/export.csv", audit_api.AuditCsvExportView.as_view()),
     path("v1/admin/audit/export.jsonl", audit_api.AuditJsonlExportView.as_view()),
     path("activity/", audit_views.activity, name="activity"),
+    # Alerts: where they go, and what became of each (issue 17).
+    path("v1/admin/notifications/", alerts_api.ChannelListView.as_view()),
+    path("v1/admin/notifications/<str:channel_id>", alerts_api.ChannelDetailView.as_view()),
+    path("v1/admin/notifications/<str:channel_id>/test", alerts_api.ChannelTestView.as_view()),
+    path(
+        "v1/admin/notifications/<str:channel_id>/deliveries",
+        alerts_api.ChannelDeliveriesView.as_view(),
+    ),
     # The agent API (paths follow Creddy's).
     path("v1/enroll", agents.EnrollView.as_view()),
     path("v1/enroll/status", agents.EnrollStatusView.as_view()),
