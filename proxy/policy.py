@@ -29,6 +29,7 @@ import math
 import secrets
 from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import date, timedelta
 from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote
@@ -48,6 +49,7 @@ from proxy.providers import ANTHROPIC, OPENAI, Wire
 logger = logging.getLogger(__name__)
 
 DAY_SECONDS = 86_400
+EPOCH = date(1970, 1, 1)  # day numbers in the scripts count from it
 # Every token the model read or wrote counts, cached or not (as LiteLLM counts them).
 COUNTED_USAGE = (
     "input_tokens",
@@ -774,7 +776,8 @@ def budget_crossed(ticket: Ticket, crossing: str) -> None:
     if budget == "daily_tokens":
         limit = ticket.daily_tokens_limit
         amounts = f"{int(used):,} of {limit:,} tokens"
-        shown_used, shown_limit = used, str(limit)
+        shown_used: int | str = int(used)
+        shown_limit: int | str = limit
     else:
         limit = ticket.daily_usd_limit if budget == "daily_usd" else ticket.monthly_usd_limit
         shown_used = usd_text(Decimal(used) * MICRO_USD)
@@ -790,7 +793,9 @@ def budget_crossed(ticket: Ticket, crossing: str) -> None:
         percent=int(percent),
         used=shown_used,
         limit=shown_limit,
-        period=ticket.month if budget == "monthly_usd" else str(ticket.day),
+        period=f"{ticket.month[:4]}-{ticket.month[4:]}"
+        if budget == "monthly_usd"
+        else (EPOCH + timedelta(days=ticket.day)).isoformat(),
     )
 
 

@@ -27,7 +27,7 @@ from tests.fake_anthropic import FakeAnthropic
 from tests.keys import api_key
 from tests.proxy_cast import Proxied, audit_drained
 from tests.test_policy_proxy import HAIKU, HELLO, sdk, set_policy
-from tests.test_policy_usd import wait_until_spent
+from tests.test_policy_usd import spent, wait_until_spent
 from tests.waiting import wait_until
 from tests.webhook_receiver import Receiver, signature_valid
 
@@ -287,9 +287,9 @@ def test_a_budget_alerts_once_at_80_and_once_at_100_percent(
     add_channel(admin_api, url="https://example.com/hook", events=["budget.80", "budget.100"])
     set_policy(daily_usd="0.0001")  # one call costs $0.000042: 42 %, 84 %, 126 %
     client = sdk(proxied)
-    for spent in ("0.000042", "0.000084", "0.000126"):
+    for total in ("0.000042", "0.000084", "0.000126"):
         client.messages.create(model=HAIKU, max_tokens=8, messages=HELLO)
-        wait_until_spent("daily_usd", spent)
+        wait_until_spent("daily_usd", total)
     with pytest.raises(anthropic.RateLimitError):
         client.messages.create(model=HAIKU, max_tokens=8, messages=HELLO)
     audit_drained()
@@ -303,6 +303,7 @@ def test_a_budget_alerts_once_at_80_and_once_at_100_percent(
     )
     assert hundred.payload["data"]["used"] == "0.000126"
     assert hundred.payload["data"]["percent"] == 100
+    assert hundred.payload["data"]["period"] == timezone.now().date().isoformat()
     events = AuditEvent.objects.filter(action="budget.threshold").order_by("id")
     assert [e.detail["percent"] for e in events] == [80, 100]
     assert len(fake_anthropic.requests) == 3
@@ -357,3 +358,30 @@ def test_an_error_rate_spike_needs_enough_failures(admin_api: Client, anthropic:
     assert spike.rule == "error_rate"
     assert "20 of 20 calls failed in the last hour (100%)" in spike.message
     assert Agent.objects.filter(name="bob").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_daily_token_budget_alerts_in_tokens(
+    proxied: Proxied, fake_anthropic: FakeAnthropic, admin_api: Client
+) -> None:
+    add_channel(admin_api, url="https://example.com/hook", events=["budget.80", "budget.100"])
+    set_policy(daily_tokens=50)  # one call counts 21 tokens: 12 in, 3 cached, 6 out
+    client = sdk(proxied)
+    for used in (21, 42, 63):
+        client.messages.create(model=HAIKU, max_tokens=8, messages=HELLO)
+        wait_until(
+            lambda used=used: spent("daily_tokens") == used,  # type: ignore[misc]
+            timeout=5,
+            what=f"{used} tokens counted",
+        )
+    audit_drained()
+    wait_until(lambda: len(deliveries()) == 2, timeout=10, what=lambda: f"{deliveries()}")
+    eighty, hundred = deliveries()
+    assert eighty.payload["data"] | {"period": ""} == {
+        "agent": "bob", "backend": "anthropic", "budget": "daily_tokens", "percent": 80,
+        "used": 42, "limit": 50, "period": "",
+    }  # fmt: skip
+    assert hundred.payload["text"] == (
+        "Agent bob on anthropic: daily_tokens budget 100% used: 63 of 50 tokens "
+        "(it renews at 00:00 UTC)"
+    )
