@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from django.db import connections
 
 from audit import alerts, recorder
 from audit.models import DeliveryState, NotificationDelivery
@@ -148,6 +149,8 @@ async def test_the_recorder_spilling_reaches_the_webhook(
         state = recorder._recorders.pop()
         if state is not None and state.task is not None:
             state.task.cancel()
+        # The executor thread's connection would outlive the test database otherwise.
+        await sync_to_async(connections.close_all)()
     (seen,) = receiver.seen
     body = json.loads(seen.body)
     assert body["event"] == "audit.spilled"
