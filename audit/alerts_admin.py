@@ -14,7 +14,7 @@ from django.template.response import TemplateResponse
 from django.utils.html import format_html_join
 from django.utils.safestring import SafeString
 
-from audit.channels import channel_create, channel_remove, channel_test
+from audit.channels import channel_create, channel_remove, channel_test, channel_update
 from audit.models import ChannelKind, DeliveryAttempt, NotificationChannel, NotificationDelivery
 from audit.notify import SUBSCRIBABLE
 from broker.admin.history import HistoryAdmin
@@ -86,7 +86,7 @@ class NotificationChannelAdmin(admin.ModelAdmin[NotificationChannel]):
                     "created_at", "created_by"]  # fmt: skip
     readonly_fields = ["kind", "target_display", "events", "enabled", "secret_hint",
                        "created_at", "created_by", "recent"]  # fmt: skip
-    actions = ["send_test", "remove_selected"]
+    actions = ["send_test", "disable_selected", "enable_selected", "remove_selected"]
 
     def get_form(
         self,
@@ -169,6 +169,26 @@ class NotificationChannelAdmin(admin.ModelAdmin[NotificationChannel]):
             f"test alert queued to {len(queryset)} channel(s); see the notification deliveries",
             messages.SUCCESS,
         )
+
+    @admin.action(description="Pause selected channels", permissions=["test"])
+    def disable_selected(
+        self, request: HttpRequest, queryset: QuerySet[NotificationChannel]
+    ) -> None:
+        self._enable(request, queryset, enabled=False)
+
+    @admin.action(description="Resume selected channels", permissions=["test"])
+    def enable_selected(
+        self, request: HttpRequest, queryset: QuerySet[NotificationChannel]
+    ) -> None:
+        self._enable(request, queryset, enabled=True)
+
+    def _enable(
+        self, request: HttpRequest, queryset: QuerySet[NotificationChannel], *, enabled: bool
+    ) -> None:
+        for channel in queryset:
+            channel_update(channel=channel, enabled=enabled, by=request.user)
+        state = "resumed" if enabled else "paused"
+        self.message_user(request, f"{state} {len(queryset)} channel(s)", messages.SUCCESS)
 
     @admin.action(description="Remove selected channels", permissions=["remove"])
     def remove_selected(

@@ -14,11 +14,17 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from audit.channels import channel_create, channel_get, channel_remove, channel_test
+from audit.channels import (
+    channel_create,
+    channel_get,
+    channel_remove,
+    channel_test,
+    channel_update,
+)
 from audit.models import ChannelKind, NotificationChannel, NotificationDelivery
 from audit.notify import SUBSCRIBABLE
 from broker.api.auth import admin_permissions
-from broker.api.serializers import StrictCharField, StrictInputSerializer
+from broker.api.serializers import StrictBooleanField, StrictCharField, StrictInputSerializer
 
 DELIVERIES_SHOWN = 50
 
@@ -33,6 +39,16 @@ class ChannelInput(StrictInputSerializer):
     )
     events = serializers.ListField(
         child=serializers.ChoiceField(choices=SUBSCRIBABLE), allow_empty=False, max_length=20
+    )
+
+
+class ChannelUpdateInput(StrictInputSerializer):
+    enabled = StrictBooleanField(required=False, help_text="false pauses the channel")
+    events = serializers.ListField(
+        child=serializers.ChoiceField(choices=SUBSCRIBABLE),
+        allow_empty=False,
+        max_length=20,
+        required=False,
     )
 
 
@@ -105,6 +121,19 @@ class ChannelDetailView(APIView):
     @extend_schema(operation_id="admin_notifications_get", responses=ChannelOutput)
     def get(self, request: Request, channel_id: str) -> Response:
         return Response(ChannelOutput(channel_get(channel_id=channel_id)).data)
+
+    @extend_schema(
+        operation_id="admin_notifications_update",
+        request=ChannelUpdateInput,
+        responses=ChannelOutput,
+        description="Pause or resume a channel (`enabled`), or change its `events`.",
+    )
+    def patch(self, request: Request, channel_id: str) -> Response:
+        channel = channel_get(channel_id=channel_id)
+        data = ChannelUpdateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        channel = channel_update(channel=channel, **data.validated_data, by=request.user)
+        return Response(ChannelOutput(channel).data)
 
     @extend_schema(operation_id="admin_notifications_remove", responses={204: None})
     def delete(self, request: Request, channel_id: str) -> Response:

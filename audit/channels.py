@@ -11,6 +11,7 @@ import logging
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
@@ -139,6 +140,35 @@ def channel_get(*, channel_id: int | str) -> NotificationChannel:
     )
     if channel is None:
         raise NotFound(f"no alert channel {str(channel_id)[:40]!r}")
+    return channel
+
+
+@transaction.atomic
+def channel_update(
+    *,
+    channel: NotificationChannel,
+    enabled: bool | None = None,
+    events: Iterable[str] | None = None,
+    by: User = None,
+) -> NotificationChannel:
+    """Pause or resume a channel, or change what it subscribes to (None: unchanged). Its
+    URL and secret cannot change: a new one is a new channel."""
+    changed: dict[str, Any] = {}
+    if events is not None:
+        wanted = clean_events(events)
+        if wanted != channel.events:
+            channel.events = changed["events"] = wanted
+    if enabled is not None and enabled != channel.enabled:
+        channel.enabled = changed["enabled"] = enabled
+    if changed:
+        channel.save(update_fields=list(changed))
+        audit_record(
+            action="alerts.channel_updated",
+            by=by,
+            channel=channel.pk,
+            target=channel.target_display,
+            **changed,
+        )
     return channel
 
 

@@ -119,6 +119,29 @@ def test_removing_a_channel_and_unknown_ids(admin_api: Client) -> None:
     assert AuditEvent.objects.filter(action="alerts.channel_removed").count() == 1
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_paused_channel_gets_nothing_and_its_events_can_change(
+    admin_api: Client, anthropic: Any
+) -> None:
+    created = add_channel(admin_api, url="https://example.com/hook", events=["spike"])
+    url = f"{URL}{created['id']}"
+    paused = send(admin_api, "patch", url, {"enabled": False, "events": ["agent.waiting"]})
+    assert paused.status_code == 200, paused.content
+    assert (paused.json()["enabled"], paused.json()["events"]) == (False, ["agent.waiting"])
+    enroll("bob")
+    assert deliveries() == []
+    assert send(admin_api, "patch", url, {"enabled": True}).json()["enabled"] is True
+    enroll("carol")
+    assert [d.payload["data"]["agent"] for d in deliveries()] == ["carol"]
+    for bad in ({"enabled": "no"}, {"events": []}, {"url": "https://elsewhere.example"}):
+        refused = send(admin_api, "patch", url, bad)
+        assert refused.status_code == 400, bad
+        assert next(iter(bad)) in refused.json()["error"]["message"]
+    assert NotificationChannel.objects.get().events == ["agent.waiting"]
+    updates = AuditEvent.objects.filter(action="alerts.channel_updated").order_by("id")
+    assert [e.detail.get("enabled") for e in updates] == [False, True]
+
+
 @pytest.mark.django_db
 def test_the_api_is_for_admins_only(admin_api: Client) -> None:
     assert Client().get(URL).status_code in {401, 403}

@@ -118,6 +118,10 @@ def test_notify_add_ls_test_rm() -> None:
     (delivery,) = NotificationDelivery.objects.all()
     assert tested.strip() == f"test alert queued: delivery {delivery.pk}"
     assert delivery.state == DeliveryState.PENDING
+    assert command("disable", str(channel.pk))[0].strip() == f"alert channel {channel.pk} disabled"
+    assert "disabled" in command("ls")[0]
+    command("enable", str(channel.pk))
+    assert NotificationChannel.objects.get().enabled is True
     command("rm", str(channel.pk))
     assert not NotificationChannel.objects.exists()
     assert command("ls")[0].strip() == "no alert channels"

@@ -8,7 +8,13 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from audit.channels import channel_create, channel_get, channel_remove, channel_test
+from audit.channels import (
+    channel_create,
+    channel_get,
+    channel_remove,
+    channel_test,
+    channel_update,
+)
 from audit.models import ChannelKind, NotificationChannel
 from audit.notify import SUBSCRIBABLE
 from broker.management.commands._output import service_errors, table
@@ -35,6 +41,8 @@ class Command(BaseCommand):
         remove.add_argument("id")
         test = sub.add_parser("test", help="queue a test alert to a channel")
         test.add_argument("id")
+        for name, what in (("disable", "pause a channel"), ("enable", "resume a channel")):
+            sub.add_parser(name, help=what).add_argument("id")
 
     def handle(self, *args: Any, **options: Any) -> None:
         with service_errors():
@@ -65,6 +73,10 @@ class Command(BaseCommand):
                 channel = channel_get(channel_id=options["id"])
                 channel_remove(channel=channel)
                 self.stdout.write(f"removed alert channel {channel.pk}")
+            elif action in {"enable", "disable"}:
+                channel = channel_get(channel_id=options["id"])
+                channel_update(channel=channel, enabled=action == "enable")
+                self.stdout.write(f"alert channel {channel.pk} {action}d")
             else:
                 delivery = channel_test(channel=channel_get(channel_id=options["id"]))
                 self.stdout.write(f"test alert queued: delivery {delivery.pk}")
