@@ -188,7 +188,9 @@ def alerts_spilled(*, count: int, reason: str, path: str) -> None:
         except Exception as exc:
             logger.error("audit.spilled alert not queued (%s)", type(exc).__name__)
 
-    threading.Thread(target=send, name="audit-spill-alert").start()
+    # A daemon: a Redis that black-holes connections must not keep a stopping server up;
+    # a spill at shutdown whose alert does not leave in time is still in the log.
+    threading.Thread(target=send, name="audit-spill-alert", daemon=True).start()
 
 
 def spilled_alert(*, count: int, reason: str, path: str) -> Alert:

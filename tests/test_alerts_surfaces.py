@@ -28,7 +28,7 @@ SLACK_PATH = "/services/T0AAA/B0BBB/xoxSlackSecretPath42"
 
 
 @pytest.fixture
-def browser(alice: AbstractBaseUser) -> Client:
+def admin_pages(alice: AbstractBaseUser) -> Client:
     client = Client()
     client.force_login(alice)
     return client
@@ -49,8 +49,10 @@ def command(*args: str, stdin: str = "") -> tuple[str, str]:
 
 # --- the admin -------------------------------------------------------------------------------
 @pytest.mark.django_db
-def test_the_admin_adds_a_webhook_and_shows_its_secret_on_that_page_only(browser: Client) -> None:
-    page = browser.post(
+def test_the_admin_adds_a_webhook_and_shows_its_secret_on_that_page_only(
+    admin_pages: Client,
+) -> None:
+    page = admin_pages.post(
         ADD, {"kind": "webhook", "url": "https://hooks.example.com/in/Ab12", "events": ["spike"]}
     )
     assert page.status_code == 200
@@ -59,7 +61,7 @@ def test_the_admin_adds_a_webhook_and_shows_its_secret_on_that_page_only(browser
     assert channel.events == ["spike"]
     assert channel.created_by == "alice"
     for url in (CHANGELIST, f"{CHANGELIST}{channel.pk}/change/"):
-        shown = browser.get(url)
+        shown = admin_pages.get(url)
         assert shown.status_code == 200
         assert channel.signing_secret not in shown.content.decode()
         assert "in/Ab12" not in shown.content.decode()
@@ -67,22 +69,22 @@ def test_the_admin_adds_a_webhook_and_shows_its_secret_on_that_page_only(browser
 
 
 @pytest.mark.django_db
-def test_the_admin_names_bad_input_on_its_field_and_creates_nothing(browser: Client) -> None:
-    page = browser.post(ADD, {"kind": "webhook", "url": "ftp://nope", "events": ["spike"]})
+def test_the_admin_names_bad_input_on_its_field_and_creates_nothing(admin_pages: Client) -> None:
+    page = admin_pages.post(ADD, {"kind": "webhook", "url": "ftp://nope", "events": ["spike"]})
     assert page.status_code == 200
     assert "give an http:// or https:// URL" in page.content.decode()
-    page = browser.post(ADD, {"kind": "email", "url": "a@example.com"})
+    page = admin_pages.post(ADD, {"kind": "email", "url": "a@example.com"})
     assert "This field is required" in page.content.decode()
     assert not NotificationChannel.objects.exists()
 
 
 @pytest.mark.django_db(transaction=True)
 def test_send_test_from_the_admin_reaches_the_receiver_and_the_log_shows_the_try(
-    browser: Client, receiver: Receiver
+    admin_pages: Client, receiver: Receiver
 ) -> None:
-    browser.post(ADD, {"kind": "webhook", "url": f"{receiver.url}/t", "events": ["spike"]})
+    admin_pages.post(ADD, {"kind": "webhook", "url": f"{receiver.url}/t", "events": ["spike"]})
     channel = NotificationChannel.objects.get()
-    response = browser.post(
+    response = admin_pages.post(
         CHANGELIST, {"action": "send_test", "_selected_action": [channel.pk]}, follow=True
     )
     assert "Test alert queued to 1 channel(s)" in response.content.decode()
@@ -91,11 +93,13 @@ def test_send_test_from_the_admin_reaches_the_receiver_and_the_log_shows_the_try
     (seen,) = receiver.seen
     assert json.loads(seen.body)["event"] == "test"
     assert signature_valid(channel.signing_secret, seen.headers["x-keybroker-signature"], seen.body)
-    log = browser.get(f"/admin/audit/notificationdelivery/{delivery.pk}/change/").content.decode()
+    log = admin_pages.get(
+        f"/admin/audit/notificationdelivery/{delivery.pk}/change/"
+    ).content.decode()
     assert "delivered" in log
     assert ">200<" in log.replace(" ", "").replace("\n", "")
     # Removing goes through the service, audited; the delivery log goes with the channel.
-    browser.post(CHANGELIST, {"action": "remove_selected", "_selected_action": [channel.pk]})
+    admin_pages.post(CHANGELIST, {"action": "remove_selected", "_selected_action": [channel.pk]})
     assert not NotificationChannel.objects.exists()
     assert not NotificationDelivery.objects.exists()
     assert AuditEvent.objects.filter(action="alerts.channel_removed", actor="alice").exists()
@@ -142,7 +146,7 @@ def test_notify_refuses_bad_input_naming_it() -> None:
 @pytest.mark.django_db(transaction=True)
 def test_no_surface_shows_a_channels_secrets(
     admin_api: Client,
-    browser: Client,
+    admin_pages: Client,
     receiver: Receiver,
     anthropic: Any,
     caplog: pytest.LogCaptureFixture,
@@ -178,13 +182,13 @@ def test_no_surface_shows_a_channels_secrets(
         *(admin_api.get(f"/v1/admin/notifications/{c['id']}").content for c in (webhook, slack)),
         *(admin_api.get(f"/v1/admin/notifications/{c['id']}/deliveries").content
           for c in (webhook, slack)),
-        browser.get(CHANGELIST).content,
-        *(browser.get(f"{CHANGELIST}{pk}/change/").content
+        admin_pages.get(CHANGELIST).content,
+        *(admin_pages.get(f"{CHANGELIST}{pk}/change/").content
           for pk in NotificationChannel.objects.values_list("pk", flat=True)),
-        browser.get("/admin/audit/notificationdelivery/").content,
-        *(browser.get(f"/admin/audit/notificationdelivery/{pk}/change/").content
+        admin_pages.get("/admin/audit/notificationdelivery/").content,
+        *(admin_pages.get(f"/admin/audit/notificationdelivery/{pk}/change/").content
           for pk in NotificationDelivery.objects.values_list("pk", flat=True)),
-        browser.get("/admin/audit/auditevent/").content,
+        admin_pages.get("/admin/audit/auditevent/").content,
         command("ls")[0].encode(),
     ]  # fmt: skip
     with connection.cursor() as cursor:
