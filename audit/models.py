@@ -175,11 +175,15 @@ class NotificationDelivery(models.Model):
     attempts = models.PositiveSmallIntegerField(default=0)
     last_error = models.CharField(max_length=300, blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    # When the next try is due while pending or retrying: a task that comes early finds
+    # another one owns the delivery; the sweep queues again what is long overdue.
+    next_try_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
         verbose_name_plural = "notification deliveries"
+        indexes = [models.Index(fields=["state", "next_try_at"], name="delivery_due")]
 
     def __str__(self) -> str:
         return f"{self.event} → {self.channel_id} ({self.state})"

@@ -1,10 +1,10 @@
-"""Alert channels and their deliveries (issue 17): where alerts go, and sending one.
+"""Alert deliveries (issue 17): sending an alert to the channels that want it.
 
-A channel is a generic webhook (JSON, signed with HMAC-SHA256), a Slack-compatible incoming
-webhook (``{"text": …}``) or email addresses (Django's mail settings). Each alert becomes a
-NotificationDelivery per subscribed channel, sent by a Celery task that retries with
-backoff; each try is a DeliveryAttempt. docs/alerts.md has the payload and how to verify
-the signature.
+A channel (audit/channels.py) is a generic webhook (JSON, signed with HMAC-SHA256), a
+Slack-compatible incoming webhook (``{"text": …}``) or email addresses (Django's mail
+settings). Each alert becomes a NotificationDelivery per subscribed channel, sent by a
+Celery task that retries with backoff; each try is a DeliveryAttempt. docs/alerts.md has
+the payload and how to verify the signature.
 
 URLs are an admin's choice, so keybroker trusts them as it trusts a backend's base URL: it
 refuses anything but http(s), never follows a redirect, and gives every request a time
@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -44,10 +45,17 @@ logger = logging.getLogger(__name__)
 
 DELIVER_TASK = "audit.tasks.notification_deliver_task"
 SIGNATURE_HEADER = "X-Keybroker-Signature"
-# A try gives up on a receiver after this long; a delivery after this many tries.
+# A try gives up on a receiver after this long (the number of tries is a setting).
 TIMEOUT_SECONDS = 10.0
 # Answers that say "later": everything else in 4xx says the request itself is refused.
 RETRIED_4XX = frozenset({408, 409, 425, 429})
+# A task may run this early (clocks of workers differ a little).
+EARLY = timedelta(seconds=5)
+# While a try runs, no other task may start one: longer than any try takes.
+TRYING = timedelta(minutes=2)
+# A delivery this late for its next try has lost its task; the sweep queues it again.
+OVERDUE = timedelta(minutes=5)
+REQUEUE_BATCH = 500
 SUBSCRIBABLE = tuple(event for event in AlertEvent.values if event != AlertEvent.TEST)
 
 
@@ -95,13 +103,27 @@ def deliveries_create(
     return created
 
 
-def _queue(ids: list[str], countdown: float = 0) -> None:
+def _queue(ids: list[str]) -> None:
     for delivery_id in ids:
         try:
-            signature(DELIVER_TASK, args=(delivery_id,)).apply_async(countdown=countdown)
+            signature(DELIVER_TASK, args=(delivery_id,)).apply_async()
         except Exception as exc:
-            # Stays pending; the sweep (deliveries_requeue) sends it again.
+            # Stays pending; the sweep (deliveries_requeue) queues it again.
             logger.error("alert delivery %s not queued (%s)", delivery_id, type(exc).__name__)
+
+
+def deliveries_requeue(*, now: datetime | None = None) -> int:
+    """Queue again each delivery whose next try is long overdue: its task was never queued
+    (Redis was down) or was lost with a worker. Returns how many."""
+    cutoff = (now or timezone.now()) - OVERDUE
+    overdue = NotificationDelivery.objects.filter(
+        state__in=[DeliveryState.PENDING, DeliveryState.RETRYING], next_try_at__lt=cutoff
+    ).order_by("next_try_at")
+    ids = [str(pk) for pk in overdue.values_list("pk", flat=True)[:REQUEUE_BATCH]]
+    if ids:
+        logger.warning("%d alert delivery(ies) overdue; queued again", len(ids))
+        _queue(ids)
+    return len(ids)
 
 
 def sign(secret: str, body: bytes, at: int) -> str:
@@ -171,18 +193,25 @@ def _mail(channel: NotificationChannel, delivery: NotificationDelivery) -> Outco
 def delivery_attempt(*, delivery_id: str) -> float | None:
     """Try a delivery once and log the try; the seconds to wait before the next, or None
     when there is none (delivered, refused, out of tries, or gone)."""
+    now = timezone.now()
     with transaction.atomic():
         delivery = (
             NotificationDelivery.objects.select_for_update()
             .select_related("channel")
-            .filter(pk=delivery_id, state__in=[DeliveryState.PENDING, DeliveryState.RETRYING])
+            .filter(
+                pk=delivery_id,
+                state__in=[DeliveryState.PENDING, DeliveryState.RETRYING],
+                next_try_at__lte=now + EARLY,
+            )
             .first()
         )
         if delivery is None:
-            return None
+            return None  # gone, done, or not due: the task that owns the next try has it
         number = delivery.attempts + 1
-        # Claimed: a second worker with the same id (a redelivered task) finds the count moved.
-        NotificationDelivery.objects.filter(pk=delivery.pk).update(attempts=number)
+        # Claimed: a second task for it (the sweep's, a redelivered one) finds it not due.
+        NotificationDelivery.objects.filter(pk=delivery.pk).update(
+            attempts=number, next_try_at=now + TRYING
+        )
     channel = delivery.channel
     started = time.monotonic()
     send = _mail if channel.kind == ChannelKind.EMAIL else _post
@@ -215,7 +244,11 @@ def delivery_attempt(*, delivery_id: str) -> float | None:
         )  # fmt: skip
     if state != DeliveryState.RETRYING:
         return None
-    return retry_delay(number)
+    wait = retry_delay(number)
+    NotificationDelivery.objects.filter(pk=delivery.pk).update(
+        next_try_at=timezone.now() + timedelta(seconds=wait)
+    )
+    return wait
 
 
 def retry_delay(attempt: int) -> float:

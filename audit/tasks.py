@@ -9,7 +9,7 @@ from celery import shared_task
 from django.db import DatabaseError
 
 from audit.alerts import SPILLED_TASK, spilled_alert
-from audit.notify import DELIVER_TASK, deliveries_create, delivery_attempt
+from audit.notify import DELIVER_TASK, deliveries_create, deliveries_requeue, delivery_attempt
 from audit.services import audit_prune
 from audit.spikes import spikes_check
 from broker.infra.redis import redis_client, redis_key
@@ -30,6 +30,12 @@ def notification_deliver_task(self: Any, delivery_id: str) -> None:
     wait = delivery_attempt(delivery_id=delivery_id)
     if wait is not None:
         raise self.retry(countdown=wait)
+
+
+@shared_task(ignore_result=True)
+def notification_requeue_task() -> None:
+    """Beat, every 5 minutes: deliveries whose task was lost are queued again."""
+    deliveries_requeue()
 
 
 @shared_task(ignore_result=True)

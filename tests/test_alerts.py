@@ -12,14 +12,16 @@ from typing import Any
 
 import anthropic
 import pytest
+from django.conf import settings
 from django.core import mail
 from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
 from audit.models import AuditEvent, DeliveryState, NotificationChannel, NotificationDelivery
-from audit.notify import delivery_attempt, retry_delay
+from audit.notify import deliveries_requeue, delivery_attempt, retry_delay
 from audit.spikes import spikes_check
+from broker.infra.redis import redis_client
 from broker.models import Agent
 from broker.services.backends import backend_add, backend_validate
 from tests.agents import as_agent, enroll, send
@@ -55,6 +57,12 @@ def deliveries(event: str | None = None) -> list[NotificationDelivery]:
 def attempt_all() -> None:
     for delivery in deliveries():
         delivery_attempt(delivery_id=str(delivery.pk))
+
+
+def try_now(delivery: NotificationDelivery) -> float | None:
+    """The next try at once, as the task would run it once its backoff has passed."""
+    NotificationDelivery.objects.filter(pk=delivery.pk).update(next_try_at=timezone.now())
+    return delivery_attempt(delivery_id=str(delivery.pk))
 
 
 # --- channels over REST ----------------------------------------------------------------------
@@ -263,8 +271,12 @@ def test_a_receiver_that_fails_is_retried_with_backoff_and_each_try_logged(
     add_channel(admin_api, url=f"{receiver.url}/hook", events=["agent.waiting"])
     enroll("bob")
     (delivery,) = deliveries()
-    waits = [delivery_attempt(delivery_id=str(delivery.pk)) for _ in range(4)]
-    assert waits == [retry_delay(1), retry_delay(2), None, None]
+    assert delivery_attempt(delivery_id=str(delivery.pk)) == retry_delay(1)
+    # A task that comes before the backoff has passed (a duplicate) tries nothing.
+    assert delivery_attempt(delivery_id=str(delivery.pk)) is None
+    assert len(receiver.seen) == 1
+    waits = [try_now(delivery) for _ in range(3)]
+    assert waits == [retry_delay(2), None, None]
     assert retry_delay(2) == 2 * retry_delay(1)
     assert retry_delay(30) == settings.ALERT_RETRY_MAX_SECONDS
     delivery.refresh_from_db()
@@ -300,6 +312,22 @@ def test_a_redirect_is_not_followed_and_not_retried(admin_api: Client, anthropic
         DeliveryState.FAILED, "redirects are not followed",
     )  # fmt: skip
     assert len(redirector.seen) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_delivery_whose_task_was_lost_is_queued_again(admin_api: Client, anthropic: Any) -> None:
+    add_channel(admin_api, url="https://example.com/hook", events=["agent.waiting"])
+    enroll("bob")
+    (delivery,) = deliveries()
+    queue = f"{settings.REDIS_KEY_PREFIX}:celery:{settings.CELERY_TASK_DEFAULT_QUEUE}"
+    redis_client().delete(queue)  # the task is lost
+    assert deliveries_requeue() == 0  # not overdue yet: its task may just be slow
+    NotificationDelivery.objects.update(next_try_at=timezone.now() - timedelta(minutes=6))
+    assert deliveries_requeue() == 1
+    (message,) = redis_client().lrange(queue, 0, -1)
+    headers = json.loads(message)["headers"]
+    assert headers["task"] == "audit.tasks.notification_deliver_task"
+    assert str(delivery.pk) in headers["argsrepr"]
 
 
 # --- budgets, through the proxy ----------------------------------------------------------------

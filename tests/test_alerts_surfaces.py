@@ -16,6 +16,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.core.management import CommandError, call_command
 from django.db import connection
 from django.test import Client
+from django.utils import timezone
 
 from audit.models import AuditEvent, DeliveryState, NotificationChannel, NotificationDelivery
 from audit.notify import delivery_attempt
@@ -166,6 +167,7 @@ def test_no_surface_shows_a_channels_secrets(
     signing = webhook["signing_secret"]
     enroll("bob")
     for _ in range(2):
+        NotificationDelivery.objects.update(next_try_at=timezone.now())  # backoff passed
         for delivery in NotificationDelivery.objects.exclude(state=DeliveryState.DELIVERED):
             delivery_attempt(delivery_id=str(delivery.pk))
     # A bad request that carries the secret URL: refused without echoing it.

@@ -459,6 +459,12 @@ except InvalidOperation:
         f"KEYBROKER_ALERT_SPIKE_MIN_USD must be an amount of dollars such as 1.00, "
         f"not {ALERT_SPIKE_MIN_USD!r}"
     ) from None
+ALERT_REQUEUE_INTERVAL_SECONDS = 300
+CELERY_BEAT_SCHEDULE["alerts-requeue"] = {
+    "task": "audit.tasks.notification_requeue_task",
+    "schedule": ALERT_REQUEUE_INTERVAL_SECONDS,
+    "options": {"expires": ALERT_REQUEUE_INTERVAL_SECONDS - 30},
+}
 CELERY_BEAT_SCHEDULE["alerts-spike"] = {
     "task": "audit.tasks.alerts_spike_task",
     "schedule": ALERT_SPIKE_INTERVAL_SECONDS,
