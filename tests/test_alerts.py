@@ -436,3 +436,16 @@ def test_a_daily_token_budget_alerts_in_tokens(
         "Agent bob on anthropic: daily_tokens budget 100% used: 63 of 50 tokens "
         "(it renews at 00:00 UTC)"
     )
+
+
+def test_beat_checks_spikes_and_overdue_deliveries_each_run_expiring_before_the_next() -> None:
+    from audit import tasks
+
+    for name, task in (
+        ("alerts-spike", tasks.alerts_spike_task),
+        ("alerts-requeue", tasks.notification_requeue_task),
+    ):
+        entry = settings.CELERY_BEAT_SCHEDULE[name]
+        assert entry["task"] == task.name
+        assert 0 < entry["options"]["expires"] < entry["schedule"]
+    assert tasks.notification_deliver_task.name == "audit.tasks.notification_deliver_task"
