@@ -180,3 +180,7 @@ class AuditEventAdmin(HistoryAdmin[AuditEvent]):
     @admin.display(description="detail")
     def detail_json(self, event: AuditEvent) -> SafeString:
         return format_html("<pre>{}</pre>", json.dumps(event.detail, indent=2, sort_keys=True))
+
+
+# Alerts: channels and the delivery log (issue 17).
+from audit import alerts_admin  # noqa: E402, F401

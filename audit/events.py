@@ -27,6 +27,8 @@ KNOWN_ACTIONS = (
     "oidc.identity_token_issued", "identity.granted", "identity.updated", "identity.revoked",
     "backend.token_exchanged", "backend.token_exchange_failed", "backend.key_added",
     "backend.key_enabled", "backend.key_disabled", "backend.key_updated", "backend.key_removed",
+    "budget.threshold", "agent.spike", "alerts.channel_added",
+    "alerts.channel_updated", "alerts.channel_removed",
 )  # fmt: skip
 
 # Keyword → column, for the fields that have one. Callers keep the names they already

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import uuid
 from typing import Any, ClassVar
 
 from django.db import models
 from django.utils import timezone
+
+from broker.infra.fields import EncryptedTextField
 
 
 class ActorType(models.TextChoices):
@@ -198,3 +201,109 @@ class AuditCheckpoint(models.Model):
 
     def __str__(self) -> str:
         return f"audit checkpoint at #{self.seq}"
+
+
+# --- alerts (issue 17): where events are sent, and what became of each sending ---------------
+class ChannelKind(models.TextChoices):
+    WEBHOOK = "webhook"
+    SLACK = "slack"
+    EMAIL = "email"
+
+
+class AlertEvent(models.TextChoices):
+    """What a channel may subscribe to (docs/alerts.md has each payload)."""
+
+    AGENT_WAITING = "agent.waiting"
+    SCOPES_REQUESTED = "agent.scopes_requested"
+    KEY_INVALID = "backend.key_invalid"
+    BUDGET_80 = "budget.80"
+    BUDGET_100 = "budget.100"
+    SPIKE = "spike"
+    AUDIT_SPILLED = "audit.spilled"
+    TEST = "test"
+
+
+class NotificationChannel(models.Model):
+    """A place alerts go: a webhook, a Slack incoming webhook or email addresses.
+
+    ``target`` (the URL, or the addresses) is encrypted like a backend's key: a Slack URL
+    is itself a credential and a webhook URL often carries one. ``target_display`` is what
+    every surface shows instead; ``signing_secret`` (webhooks) is shown once, at creation.
+    """
+
+    kind = models.CharField(max_length=16, choices=ChannelKind.choices)
+    target = EncryptedTextField()
+    target_display = models.CharField(max_length=300)
+    signing_secret = EncryptedTextField(blank=True, default="")
+    secret_hint = models.CharField(max_length=32, blank=True)
+    events = models.JSONField(default=list)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    created_by = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.target_display}"
+
+
+class DeliveryState(models.TextChoices):
+    PENDING = "pending"
+    RETRYING = "retrying"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class NotificationDelivery(models.Model):
+    """One alert for one channel; its id is the ``X-Keybroker-Delivery`` a receiver dedupes on.
+
+    ``payload`` is the JSON body a webhook receives (event data, never a secret).
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    channel = models.ForeignKey(
+        NotificationChannel, on_delete=models.CASCADE, related_name="deliveries"
+    )
+    event = models.CharField(max_length=64)
+    payload = models.JSONField(default=dict)
+    state = models.CharField(
+        max_length=16, choices=DeliveryState.choices, default=DeliveryState.PENDING
+    )
+    attempts = models.PositiveSmallIntegerField(default=0)
+    last_error = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    # When the next try is due while pending or retrying: a task that comes early finds
+    # another one owns the delivery; the sweep queues again what is long overdue.
+    next_try_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name_plural = "notification deliveries"
+        indexes = [models.Index(fields=["state", "next_try_at"], name="delivery_due")]
+
+    def __str__(self) -> str:
+        return f"{self.event} → {self.channel_id} ({self.state})"
+
+
+class DeliveryAttempt(models.Model):
+    """One try of a delivery: the receiver's status or the error, and how long it took."""
+
+    delivery = models.ForeignKey(
+        NotificationDelivery, on_delete=models.CASCADE, related_name="attempt_log"
+    )
+    number = models.PositiveSmallIntegerField()
+    at = models.DateTimeField(default=timezone.now)
+    status = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=300, blank=True)
+    duration_ms = models.FloatField(default=0)
+
+    class Meta:
+        ordering = ["delivery", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["delivery", "number"], name="attempt_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"attempt {self.number}: {self.status or self.error}"

@@ -38,6 +38,7 @@ from django.conf import settings
 from django.db import DataError, IntegrityError
 from django.utils import timezone
 
+from audit.alerts import ALERTED_ACTIONS, alerts_dispatch, alerts_spilled
 from audit.chain import chain_write
 from audit.events import PROXY_COLUMNS, event_json, event_row
 from audit.metrics import calls_observe
@@ -149,7 +150,16 @@ def _write(batch: list[Row]) -> list[AuditEvent]:
     events = chain_write(batch)
     # Counted once written, in this thread: the metrics cost the event loop nothing.
     calls_observe(batch)
-    return events
+    return _alert(events)
+
+
+def _alert(written: list[AuditEvent]) -> list[AuditEvent]:
+    """Hand the few events that are alerts (a budget crossed) to the dispatcher; a batch
+    of proxied calls alone costs one set lookup per event."""
+    alerted = [event for event in written if event.action in ALERTED_ACTIONS]
+    if alerted:
+        alerts_dispatch(alerted)
+    return written
 
 
 def _write_one_by_one(batch: list[Row]) -> tuple[list[AuditEvent], list[Row], list[Row]]:
@@ -172,7 +182,7 @@ def _write_one_by_one(batch: list[Row]) -> tuple[list[AuditEvent], list[Row], li
             rest = batch[index:]
             break
     calls_observe(written_rows)
-    return written, refused, rest
+    return _alert(written), refused, rest
 
 
 def _write_described(batch: list[Row]) -> list[Event]:
@@ -331,6 +341,7 @@ def _spill(rows: list[Row], stats: RecorderStats, *, reason: str) -> None:
     stats.spilled += len(rows)
     AUDIT_SPILLED.inc(len(rows))
     logger.error("%s: %d audit event(s) spilled to %s", reason, len(rows), path)
+    alerts_spilled(count=len(rows), reason=reason, path=str(path))
 
 
 def audit_spill_replay() -> int:

@@ -17,6 +17,7 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
 from django.utils import timezone
 
+from audit.alerts import ALERTED_ACTIONS, alerts_dispatch
 from audit.chain import chain_prune, chain_write
 from audit.events import RECORD_COLUMNS, event_row
 from audit.models import ActorType, AuditEvent
@@ -70,6 +71,8 @@ def audit_record(
     )
     (event,) = chain_write([row])
     transaction.on_commit(lambda: audit_publish([event]))
+    if action in ALERTED_ACTIONS:
+        transaction.on_commit(lambda: alerts_dispatch([event]))
     return event
 
 

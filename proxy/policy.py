@@ -29,6 +29,7 @@ import math
 import secrets
 from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import date, timedelta
 from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote
@@ -37,6 +38,7 @@ import redis
 import redis.asyncio
 from django.conf import settings
 
+from audit.recorder import audit_enqueue
 from broker.infra.loops import LoopLocal
 from broker.infra.redis import async_counting_client, async_redis_client, redis_breaker
 from broker.selectors.policy import USAGE_CLOCK, seconds_until, usage_key
@@ -47,6 +49,7 @@ from proxy.providers import ANTHROPIC, OPENAI, Wire
 logger = logging.getLogger(__name__)
 
 DAY_SECONDS = 86_400
+EPOCH = date(1970, 1, 1)  # day numbers in the scripts count from it
 # Every token the model read or wrote counts, cached or not (as LiteLLM counts them).
 COUNTED_USAGE = (
     "input_tokens",
@@ -164,14 +167,39 @@ end
 
 # ARGV: key base, window seconds, window, day, tokens, count in the window (1/0), count in
 # the day (1/0), micro-dollars, count them in the day (1/0), month (yyyymm), the day the
-# next month starts on, count them in the month (1/0).
+# next month starts on, count them in the month (1/0); then the daily token budget and the
+# daily and monthly USD budgets in micro-dollars (0 = none), for the alerts: returns each
+# threshold (80 and 100 % of a budget) this call's counting took the total past for the
+# first time in its period, as '<budget>:<percent>:<used>'. A flag per budget, period and
+# threshold (SET NX, gone with the period) makes each crossing said once, whichever
+# process counted it.
 SETTLE = (
     _SETTLE_FUNCTION
     + """
 settle(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]),
        ARGV[6] == '1', ARGV[7] == '1', tonumber(ARGV[8]), ARGV[9] == '1', ARGV[10],
        tonumber(ARGV[11]), ARGV[12] == '1')
-return 1
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local crossed = {}
+local function check(name, key, limit, ends_ms)
+  if limit <= 0 or now_ms >= ends_ms then return end
+  local used = tonumber(redis.call('GET', key) or '0')
+  for _, percent in ipairs({80, 100}) do
+    if used * 100 >= limit * percent
+        and redis.call('SET', key .. ':alerted:' .. percent, '1', 'NX',
+                       'PX', ends_ms - now_ms + 1000) then
+      table.insert(crossed, name .. ':' .. percent .. ':' .. string.format('%d', used))
+    end
+  end
+end
+local day = tonumber(ARGV[4])
+local d = string.format('%d', day)
+check('daily_tokens', ARGV[1] .. ':day:' .. d, tonumber(ARGV[13]), (day + 1) * 86400000)
+check('daily_usd', ARGV[1] .. ':usd:day:' .. d, tonumber(ARGV[14]), (day + 1) * 86400000)
+check('monthly_usd', ARGV[1] .. ':usd:month:' .. ARGV[10], tonumber(ARGV[15]),
+      tonumber(ARGV[11]) * 86400000)
+return crossed
 """
 )
 
@@ -265,6 +293,13 @@ class Ticket:
     month_end: int = 0
     usd_daily: bool = False
     usd_monthly: bool = False
+    # Who the budgets belong to and how big they are, for the alert when one is crossed
+    # (micro-dollars; 0 = no such budget).
+    agent: str = ""
+    backend: str = ""
+    daily_tokens_limit: int = 0
+    daily_usd_limit: int = 0
+    monthly_usd_limit: int = 0
 
     @property
     def counts_tokens(self) -> bool:
@@ -654,6 +689,11 @@ class PolicyGate:
             month_end=int(month_end),
             usd_daily=policy.daily_usd is not None,
             usd_monthly=policy.monthly_usd is not None,
+            agent=agent,
+            backend=backend,
+            daily_tokens_limit=policy.daily_tokens or 0,
+            daily_usd_limit=_micros(policy.daily_usd),
+            monthly_usd_limit=_micros(policy.monthly_usd),
         )
 
     def settle(
@@ -675,10 +715,16 @@ class PolicyGate:
         args = [
             ticket.key, ticket.window_seconds, ticket.window, ticket.day, tokens,
             int(ticket.tpm), int(ticket.daily), micros, int(ticket.usd_daily), ticket.month,
-            ticket.month_end, int(ticket.usd_monthly),
+            ticket.month_end, int(ticket.usd_monthly), ticket.daily_tokens_limit,
+            ticket.daily_usd_limit, ticket.monthly_usd_limit,
         ]  # fmt: skip
         what = f"count {tokens} tokens and {micros} micro-dollars for {ticket.key}"
-        return self._spawn(self._run("settle", args, what))
+        return self._spawn(self._settle(ticket, args, what))
+
+    async def _settle(self, ticket: Ticket, args: list[Any], what: str) -> None:
+        crossed = await self._run("settle", args, what)
+        for crossing in crossed or ():
+            budget_crossed(ticket, crossing.decode() if isinstance(crossing, bytes) else crossing)
 
     def hold_batch(self, ticket: Ticket, batch_id: str) -> asyncio.Future[None]:
         """Keep a created batch's reservation until its results are read (settle_batch)."""
@@ -713,13 +759,44 @@ class PolicyGate:
         except (redis.RedisError, OSError) as exc:
             logger.error("policy could not hold a batch's reservation (%s)", type(exc).__name__)
 
-    async def _run(self, script: str, args: list[Any], what: str) -> None:
+    async def _run(self, script: str, args: list[Any], what: str) -> Any:
         try:
-            await self._script(script)(keys=[], args=args, client=async_counting_client())
+            return await self._script(script)(keys=[], args=args, client=async_counting_client())
         except (redis.RedisError, OSError) as exc:
             # Lost, not queued: a limit that undercounts during an outage beats a proxy that
             # holds calls open for Redis.
             logger.error("policy could not %s (%s)", what, type(exc).__name__)
+            return None
+
+
+def budget_crossed(ticket: Ticket, crossing: str) -> None:
+    """Record a budget crossing 80 or 100 % (``'<budget>:<percent>:<used>'`` from SETTLE) as
+    a ``budget.threshold`` audit event, which the alerts send (audit/alerts.py)."""
+    budget, percent, used = crossing.split(":")
+    if budget == "daily_tokens":
+        limit = ticket.daily_tokens_limit
+        amounts = f"{int(used):,} of {limit:,} tokens"
+        shown_used: int | str = int(used)
+        shown_limit: int | str = limit
+    else:
+        limit = ticket.daily_usd_limit if budget == "daily_usd" else ticket.monthly_usd_limit
+        shown_used = usd_text(Decimal(used) * MICRO_USD)
+        shown_limit = usd_text(Decimal(limit) * MICRO_USD)
+        amounts = f"${shown_used} of ${shown_limit}"
+    renews = "at 00:00 UTC" if budget != "monthly_usd" else f"on {_next_month(ticket.month)}"
+    audit_enqueue(
+        action="budget.threshold",
+        agent=ticket.agent,
+        backend=ticket.backend,
+        message=f"{budget} budget {percent}% used: {amounts} (it renews {renews})",
+        budget=budget,
+        percent=int(percent),
+        used=shown_used,
+        limit=shown_limit,
+        period=f"{ticket.month[:4]}-{ticket.month[4:]}"
+        if budget == "monthly_usd"
+        else (EPOCH + timedelta(days=ticket.day)).isoformat(),
+    )
 
 
 _gates = LoopLocal(PolicyGate)

@@ -27,6 +27,7 @@ pytest_plugins = [
     "tests.proxy_cast",
     "tests.wif",
     "tests.fake_openai",
+    "tests.webhook_receiver",
 ]
 
 

@@ -18,6 +18,7 @@ from django.conf import settings
 from django.db import connection
 
 from audit.recorder import audit_backlog
+from broker.infra.redis import redis_client, redis_key
 from broker.runtime.serve import uvicorn_command
 from tests.conftest import REPO, clean_env, free_port
 from tests.fake_anthropic import Receive, Scope, Send, serve_in_thread
@@ -198,3 +199,35 @@ def second_process(live_url: str) -> Iterator[str]:
     URL. Needs ``transactional_db``."""
     with uvicorn_serving(port=free_port(), env=process_env(KEYBROKER_PUBLIC_URL=live_url)) as url:
         yield url
+
+
+@contextmanager
+def celery_worker_running(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A real Celery worker process with ``env`` (``process_env``: the test's database and
+    Redis), as in production, once it is ready."""
+    heartbeat = redis_key("worker", "heartbeat")
+    redis_client().delete(heartbeat)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "broker", "worker", "--pool", "solo",
+         "--loglevel", "WARNING", "--without-mingle", "--without-gossip"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+    def ready() -> bool:  # the worker writes its heartbeat when it is ready
+        return worker.poll() is not None or bool(redis_client().exists(heartbeat))
+
+    try:
+        wait_until(ready, timeout=60, what="the Celery worker's first heartbeat", interval=0.1)
+        if worker.poll() is not None:
+            pytest.fail(f"the worker died: {worker.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        yield worker
+    finally:
+        worker.terminate()
+        worker.wait(timeout=20)
+
+
+@pytest.fixture
+def celery_worker() -> Iterator[subprocess.Popen[bytes]]:
+    """A real Celery worker process on the test database and Redis."""
+    with celery_worker_running(process_env()) as worker:
+        yield worker

@@ -21,7 +21,8 @@ from django.contrib.auth.models import AbstractBaseUser, Permission
 from django.test import Client, override_settings
 from django.urls import URLPattern, URLResolver, get_resolver
 
-from audit.models import AuditEvent
+from audit.channels import channel_create
+from audit.models import AuditEvent, NotificationChannel, NotificationDelivery
 from broker.models import Agent, Backend, BackendKey, Grant, IdentityGrant, Token
 from broker.services.admin_tokens import admintoken_create
 from broker.services.agents import agent_enroll
@@ -89,7 +90,9 @@ def world(fake_anthropic: FakeAnthropic, alice: AbstractBaseUser) -> dict[str, s
     dave = agent_enroll(name="dave", scopes=["anthropic"]).agent
     token = token_issue(agent=bob, backend_name="anthropic").token
     identity = identity_grant(agent=bob, audience="https://api.anthropic.com", by=alice)
+    channel = channel_create(kind="webhook", url="https://hooks.example.com/x", events=["spike"])
     return {
+        "channel": str(channel.channel.pk),
         "bob": str(bob.pk),
         "dave": str(dave.pk),
         "token": str(token.pk),
@@ -125,6 +128,8 @@ def snapshot() -> dict[str, Any]:
         "identities": list(IdentityGrant.objects.values_list("agent__name", "audience")),
         "tokens": list(Token.objects.values_list("id", "revoked_at")),
         "events": AuditEvent.objects.count(),
+        "channels": list(NotificationChannel.objects.values_list("id", "enabled", "events")),
+        "deliveries": NotificationDelivery.objects.count(),
     }
 
 
@@ -239,6 +244,32 @@ ENDPOINTS: list[tuple[str, str, str, Any, bool, bool]] = [
     ("get", "v1/admin/audit/export.csv", "/v1/admin/audit/export.csv", None, True, True),
     ("get", "v1/admin/audit/export.jsonl", "/v1/admin/audit/export.jsonl", None, True, True),
     ("get", "v1/admin/usage/", "/v1/admin/usage/", None, True, True),
+    # Alert channels (issue 17): sending a test is an action on the channel, change.
+    ("get", "v1/admin/notifications/", "/v1/admin/notifications/", None, True, True),
+    (
+        "post", "v1/admin/notifications/", "/v1/admin/notifications/",
+        {"url": "https://hooks.example.com/y", "events": ["spike"]}, False, False,
+    ),
+    (
+        "get", "v1/admin/notifications/<str:channel_id>", "/v1/admin/notifications/{channel}",
+        None, True, True,
+    ),
+    (
+        "patch", "v1/admin/notifications/<str:channel_id>", "/v1/admin/notifications/{channel}",
+        {"enabled": False}, False, True,
+    ),
+    (
+        "delete", "v1/admin/notifications/<str:channel_id>",
+        "/v1/admin/notifications/{channel}", None, False, False,
+    ),
+    (
+        "post", "v1/admin/notifications/<str:channel_id>/test",
+        "/v1/admin/notifications/{channel}/test", None, False, True,
+    ),
+    (
+        "get", "v1/admin/notifications/<str:channel_id>/deliveries",
+        "/v1/admin/notifications/{channel}/deliveries", None, True, True,
+    ),
 ]  # fmt: skip
 COLUMNS = ("method", "route", "url", "body", "vera_may", "carl_may")
 IDS = [f"{method} {url}" for method, _, url, *_ in ENDPOINTS]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -28,14 +27,10 @@ from websockets.asyncio.client import connect
 
 from audit.services import audit_record
 from broker.asgi import application
-from broker.infra.redis import redis_client, redis_key
 from broker.services.backends import backend_add
-from tests.conftest import REPO
 from tests.fake_anthropic import FakeAnthropic
 from tests.keys import api_key
 from tests.proxy_cast import Proxied
-from tests.servers import process_env
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -229,31 +224,6 @@ async def test_a_real_websocket_client_is_refused_without_a_session_or_from_else
             async with connect(ws_url, origin=origin, additional_headers=headers, proxy=None):  # type: ignore[arg-type]
                 pass
         assert refused.value.response.status_code == 403
-
-
-@pytest.fixture
-def celery_worker() -> Iterator[subprocess.Popen[bytes]]:
-    """A real Celery worker process on the test database and Redis, as in production."""
-    heartbeat = redis_key("worker", "heartbeat")
-    redis_client().delete(heartbeat)
-    env = process_env()
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "broker", "worker", "--pool", "solo",
-         "--loglevel", "WARNING", "--without-mingle", "--without-gossip"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-
-    def ready() -> bool:  # the worker writes its heartbeat when it is ready
-        return worker.poll() is not None or bool(redis_client().exists(heartbeat))
-
-    try:
-        wait_until(ready, timeout=60, what="the Celery worker's first heartbeat", interval=0.1)
-        if worker.poll() is not None:
-            pytest.fail(f"the worker died: {worker.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-        yield worker
-    finally:
-        worker.terminate()
-        worker.wait(timeout=20)
 
 
 @pytest.mark.slow

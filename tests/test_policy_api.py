@@ -17,6 +17,7 @@ from broker.services.agents import agent_approve
 from broker.services.policy import grant_policy, grant_update, grant_values
 from proxy.policy import PolicyDenied, PolicyGate
 from tests.agents import as_agent, enroll, send
+from tests.proxy_cast import loop_audit_dropped
 
 pytestmark = pytest.mark.django_db
 
@@ -144,6 +145,7 @@ def spend(grant: Grant, tokens: int) -> None:
         counting = gate.settle(ticket, {"input_tokens": tokens - 1, "output_tokens": 1})
         assert counting is not None
         await counting
+        loop_audit_dropped()
 
     asyncio.run(call())
 

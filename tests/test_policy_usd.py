@@ -24,7 +24,7 @@ from broker.services.policy import grant_policy
 from proxy.policy import PolicyDenied, PolicyGate
 from tests.agents import as_agent, enroll, send
 from tests.fake_anthropic import FakeAnthropic
-from tests.proxy_cast import Proxied, audit_drained
+from tests.proxy_cast import Proxied, audit_drained, loop_audit_dropped
 from tests.test_policy_api import bobs_grant, grant_url
 from tests.test_policy_proxy import HAIKU, HELLO, sdk, set_policy
 from tests.waiting import wait_until
@@ -203,6 +203,7 @@ def spend(cost: Decimal | None) -> bool:
         if counting is None:
             return False
         await counting
+        loop_audit_dropped()
         return True
 
     return asyncio.run(call())

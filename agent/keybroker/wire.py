@@ -34,11 +34,13 @@ def is_loopback_host(host: str) -> bool:
 
 
 # --- credentials -----------------------------------------------------------------------------
-# keybroker's own secrets (crd_, ckr_, cks_, cka_), Anthropic keys and OAuth tokens, and
-# JWTs (keybroker's identity tokens and federation assertions are bearer credentials too).
+# keybroker's own secrets (crd_, ckr_, cks_, cka_, and ckw_ the alert webhooks' signing
+# secrets), Anthropic keys and OAuth tokens, JWTs (keybroker's identity tokens and
+# federation assertions are bearer credentials too), and Slack incoming-webhook URLs.
 SECRET_PATTERN = re.compile(
-    r"\b(?:crd|ckr|cks|cka)_[A-Za-z0-9_-]{8,}|sk-ant-[A-Za-z0-9_-]{8,}"
+    r"\b(?:crd|ckr|cks|cka|ckw)_[A-Za-z0-9_-]{8,}|sk-ant-[A-Za-z0-9_-]{8,}"
     r"|\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"
+    r"|hooks\.slack\.com/services/[A-Za-z0-9/_-]+"
 )
 
 
@@ -52,6 +54,8 @@ def redact(text: str, *, keep_kind: bool = False) -> str:
 def _kind(secret: str) -> str:
     if secret.startswith("sk-ant-"):
         return "sk-ant-"
+    if secret.startswith("hooks."):
+        return "hooks.slack.com/services/"
     return "eyJ" if secret.startswith("eyJ") else secret[:4]
 
 

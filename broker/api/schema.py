@@ -125,6 +125,7 @@ AUDIENCES: tuple[tuple[str, str], ...] = (
     ("/v1/admin/audit/", "admin: audit"),
     ("/v1/admin/usage/", "admin: usage and monitoring"),
     ("/metrics", "admin: usage and monitoring"),
+    ("/v1/admin/notifications/", "admin: alerts"),
     ("/v1/proxy/", "proxy"),
     ("/v1/", "agent"),
     ("/.well-known/", "oidc"),
@@ -151,6 +152,7 @@ TAGS: list[dict[str, str]] = [
         "name": "admin: usage and monitoring",
         "description": "Calls, tokens and cost per agent, backend and model; Prometheus metrics.",
     },
+    {"name": "admin: alerts", "description": "Where alerts go, and each delivery's fate."},
     {"name": "health", "description": "Liveness and readiness, for load balancers."},
 ]
 

@@ -473,3 +473,49 @@ POLICY_WINDOW_SECONDS = 60
 METRICS_ALLOW = _networks(env_str("KEYBROKER_METRICS_ALLOW"), variable="KEYBROKER_METRICS_ALLOW")
 # Agent names as a label of the per-call metrics: one series per agent, so opt-in.
 METRICS_AGENT_LABEL = env_bool("KEYBROKER_METRICS_AGENT_LABEL", default=False)
+
+# --- Alerts (issue 17): channels, deliveries, the spike rule, email --------------------------
+# A delivery is tried at most this many times, waiting base * 2^(n-1) seconds (capped)
+# between tries.
+ALERT_MAX_ATTEMPTS = env_int("KEYBROKER_ALERT_MAX_ATTEMPTS", default=8, minimum=1, maximum=50)
+ALERT_RETRY_BASE_SECONDS = env_int("KEYBROKER_ALERT_RETRY_BASE", default=10, minimum=1)
+ALERT_RETRY_MAX_SECONDS = env_int("KEYBROKER_ALERT_RETRY_MAX", default=3600, minimum=1)
+# The spike rule (docs/alerts.md): an agent's last hour against the mean hour of the 24
+# before it; at most one spike alert per agent and rule in this many seconds.
+ALERT_SPIKE_FACTOR = env_int("KEYBROKER_ALERT_SPIKE_FACTOR", default=3, minimum=2)
+ALERT_SPIKE_MIN_USD = env_str("KEYBROKER_ALERT_SPIKE_MIN_USD", "1.00")
+ALERT_SPIKE_MIN_ERRORS = env_int("KEYBROKER_ALERT_SPIKE_MIN_ERRORS", default=20, minimum=1)
+ALERT_SPIKE_INTERVAL_SECONDS = 600
+ALERT_SPIKE_QUIET_SECONDS = 6 * 3600
+try:
+    from decimal import Decimal, InvalidOperation
+
+    if not Decimal(ALERT_SPIKE_MIN_USD) >= 0:
+        raise InvalidOperation
+except InvalidOperation:
+    raise ImproperlyConfigured(
+        f"KEYBROKER_ALERT_SPIKE_MIN_USD must be an amount of dollars such as 1.00, "
+        f"not {ALERT_SPIKE_MIN_USD!r}"
+    ) from None
+ALERT_REQUEUE_INTERVAL_SECONDS = 300
+CELERY_BEAT_SCHEDULE["alerts-requeue"] = {
+    "task": "audit.tasks.notification_requeue_task",
+    "schedule": ALERT_REQUEUE_INTERVAL_SECONDS,
+    "options": {"expires": ALERT_REQUEUE_INTERVAL_SECONDS - 30},
+}
+CELERY_BEAT_SCHEDULE["alerts-spike"] = {
+    "task": "audit.tasks.alerts_spike_task",
+    "schedule": ALERT_SPIKE_INTERVAL_SECONDS,
+    "options": {"expires": ALERT_SPIKE_INTERVAL_SECONDS - 30},
+}
+# Email channels send through Django's SMTP backend with these.
+EMAIL_HOST = env_str("KEYBROKER_EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("KEYBROKER_EMAIL_PORT", default=25, minimum=1, maximum=65535)
+EMAIL_HOST_USER = env_str("KEYBROKER_EMAIL_USER")
+EMAIL_HOST_PASSWORD = env_secret("KEYBROKER_EMAIL_PASSWORD") or ""
+EMAIL_USE_TLS = env_bool("KEYBROKER_EMAIL_STARTTLS", default=False)
+EMAIL_USE_SSL = env_bool("KEYBROKER_EMAIL_SSL", default=False)
+EMAIL_TIMEOUT = 10
+DEFAULT_FROM_EMAIL = env_str("KEYBROKER_EMAIL_FROM", f"keybroker@{_public_host or 'localhost'}")
+if EMAIL_USE_TLS and EMAIL_USE_SSL:
+    raise ImproperlyConfigured("set KEYBROKER_EMAIL_STARTTLS or KEYBROKER_EMAIL_SSL, not both")

@@ -5,8 +5,8 @@ from django.urls import path, re_path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from audit import alerts_api, metrics_view, usage_api, usage_page
 from audit import api as audit_api
-from audit import metrics_view, usage_api, usage_page
 from audit import views as audit_views
 from broker.api import admin_agents, agents, backend_keys, oidc, policy
 from broker.api.backends import (
@@ -74,6 +74,14 @@ urlpatterns = [
     path("v1/admin/usage/", usage_api.UsageView.as_view(), name="admin-usage"),
     path("usage/", usage_page.usage, name="usage"),
     path("v1/usage", usage_api.AgentUsageView.as_view()),
+    # Alerts: where they go, and what became of each (issue 17).
+    path("v1/admin/notifications/", alerts_api.ChannelListView.as_view()),
+    path("v1/admin/notifications/<str:channel_id>", alerts_api.ChannelDetailView.as_view()),
+    path("v1/admin/notifications/<str:channel_id>/test", alerts_api.ChannelTestView.as_view()),
+    path(
+        "v1/admin/notifications/<str:channel_id>/deliveries",
+        alerts_api.ChannelDeliveriesView.as_view(),
+    ),
     # The agent API (paths follow Creddy's).
     path("v1/enroll", agents.EnrollView.as_view()),
     path("v1/enroll/status", agents.EnrollStatusView.as_view()),
