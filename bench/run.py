@@ -889,8 +889,9 @@ class Harness:
         uvicorn = self.spawn(target.name, [sys.executable, *argv], env=env, stop_timeout=30)
         celery = self.spawn(
             f"{target.name}-celery",
-            [sys.executable, "-m", "celery", "-A", "broker", "worker", "--loglevel", "INFO",
-             "--without-mingle", "--without-gossip"],
+            # As the README runs a worker that shares a machine with web processes.
+            ["nice", "-n", "10", sys.executable, "-m", "celery", "-A", "broker", "worker",
+             "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
             env=env,
             stop_timeout=30,
         )  # fmt: skip

@@ -145,6 +145,9 @@ def test_serve_runs_redis_worker_and_web_and_stops_cleanly_on_sigterm(broker: Br
 
     children = broker.child_pids()
     assert set(children) == {"redis", "celery", "uvicorn"}
+    # The worker yields the CPU to the web process (issue 13): nice 10 against 0.
+    assert os.getpriority(os.PRIO_PROCESS, children["celery"]) == 10
+    assert os.getpriority(os.PRIO_PROCESS, children["uvicorn"]) == 0
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
     assert not [name for name, pid in children.items() if alive(pid)]

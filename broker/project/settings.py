@@ -43,6 +43,9 @@ HOST = env_str("KEYBROKER_HOST", "127.0.0.1")
 PORT = env_int("KEYBROKER_PORT", default=8400, minimum=1, maximum=65535)
 # Celery worker processes `serve` starts beside uvicorn.
 WORKER_CONCURRENCY = env_int("KEYBROKER_WORKER_CONCURRENCY", default=2, minimum=1)
+# The CPU priority `serve` gives them, as `nice` counts (0 to 19; higher yields more): the
+# proxy's calls come first on a machine they share.
+WORKER_NICENESS = env_int("KEYBROKER_WORKER_NICE", default=10, minimum=0, maximum=19)
 # uvicorn worker processes `serve` starts: one per core, since one Python process can use
 # only one. Revocation, rates and budgets are shared through Redis whatever the count.
 WEB_WORKERS = env_int("KEYBROKER_WEB_WORKERS", default=os.cpu_count() or 1, minimum=1)

@@ -146,7 +146,12 @@ def serve(
         python = sys.executable
         env = metrics_env()
         supervisor.spawn(
-            "celery", celery_command(python, concurrency=settings.WORKER_CONCURRENCY), env=env
+            "celery",
+            celery_command(python, concurrency=settings.WORKER_CONCURRENCY),
+            env=env,
+            # Background work waits for the proxy on a machine it shares (issue 13): a rollup
+            # or a sweep must not take a core from calls in flight.
+            niceness=settings.WORKER_NICENESS,
         )
         supervisor.spawn(
             "uvicorn",
