@@ -27,6 +27,7 @@ KNOWN_ACTIONS = (
     "oidc.identity_token_issued", "identity.granted", "identity.updated", "identity.revoked",
     "backend.token_exchanged", "backend.token_exchange_failed", "backend.key_added",
     "backend.key_enabled", "backend.key_disabled", "backend.key_updated", "backend.key_removed",
+    "proxy.held", "proxy.hold_decided",
 )  # fmt: skip
 
 # Keyword → column, for the fields that have one. Callers keep the names they already
