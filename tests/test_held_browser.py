@@ -44,9 +44,7 @@ def test_alice_approves_one_held_call_and_denies_another_from_the_activity_page(
     other.wait_for_selector("#kb-connection.kb-live")
 
     with ThreadPoolExecutor(1) as pool:
-        approved = pool.submit(
-            client.messages.create, model=OPUS, max_tokens=8, messages=HELLO
-        )
+        approved = pool.submit(client.messages.create, model=OPUS, max_tokens=8, messages=HELLO)
         row = page.locator("#kb-held-calls tr.kb-held")
         row.wait_for()
         assert row.locator(".kb-agent").inner_text() == "bob"
