@@ -127,6 +127,7 @@ class HoldDesk:
         else:
             decision = await self._claim(call, Decision(EXPIRED))
         exchange.hold_decision = decision.decision
+        await self._unlist(call)
         if gone.done() and not gone.cancelled():
             return False  # whatever was decided, nobody is there to answer
         if decision.approved:
@@ -154,13 +155,19 @@ class HoldDesk:
                 raw = await client.get(decision_key(call.id))
                 if raw is not None:
                     return Decision.decode(raw)
-            await client.zrem(redis_key(HELD_INDEX), call.id)
         except (redis.RedisError, OSError) as exc:
             logger.warning("a held call's end was not recorded in Redis (%s)", type(exc).__name__)
         _audit(call, "proxy.hold_decided", f"held call {call.method} {call.path} {mine.said()}",
                decision=mine.decision, decided_by=mine.by, reason=mine.reason,
                held_ms=round((mine.at - call.held_at) * 1000, 2))  # fmt: skip
         return mine
+
+    async def _unlist(self, call: HeldCall) -> None:
+        """Out of the index at once; left there, the listing skips it as decided."""
+        try:
+            await async_redis_client().zrem(redis_key(HELD_INDEX), call.id)
+        except (redis.RedisError, OSError) as exc:
+            logger.debug("a held call stays listed until its deadline (%s)", type(exc).__name__)
 
     def _follow(self) -> None:
         if self._listener is None or self._listener.done():
