@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
 RETRY_SECONDS = 0.5
 STOPPED_REASON = "keybroker stopped while the call was held"
+STOP_WAIT_SECONDS = 3.0
 
 
 class _Stopping(Exception):
@@ -59,6 +60,9 @@ class HoldDesk:
     def __init__(self) -> None:
         self._waiting: dict[str, asyncio.Future[Decision]] = {}
         self._listener: asyncio.Task[None] | None = None
+        # The tasks of calls held since, until each has answered its client: a stopping
+        # process waits for them (``close``), or its denials would die with it.
+        self._calls: set[asyncio.Task[object]] = set()
 
     async def hold(self, exchange: Exchange, *, rule: str, timeout: int, receive: Receive) -> bool:
         """Hold the call until a person decides. True: approved, send it on; False: its
@@ -84,6 +88,10 @@ class HoldDesk:
         )
         exchange.hold_id = call.id
         started = time.perf_counter()
+        task = asyncio.current_task()
+        if task is not None:
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
         try:
             await self._register(call)
         except (redis.RedisError, OSError) as exc:
@@ -108,7 +116,6 @@ class HoldDesk:
             )
         except asyncio.CancelledError:
             # uvicorn gave up waiting for open calls at the end of its graceful shutdown.
-            task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
             decided.cancel()
@@ -205,11 +212,10 @@ class HoldDesk:
         for decided in self._waiting.values():
             if not decided.done():
                 decided.set_exception(_Stopping())
-        # Each holder answers at once; a bound all the same, as a shutdown must end.
-        for _ in range(200):
-            if not self._waiting:
-                break
-            await asyncio.sleep(0.01)
+        # Each answers at once; a bound all the same, as a shutdown must end.
+        calls = {call for call in self._calls if call is not asyncio.current_task()}
+        if calls:
+            await asyncio.wait(calls, timeout=STOP_WAIT_SECONDS)
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
