@@ -58,7 +58,13 @@ def test_an_approved_call_goes_upstream_as_sent_and_the_trail_says_who_approved(
     assert client.messages.create(model=HAIKU, max_tokens=8, messages=HELLO).usage
     assert len(fake_anthropic.requests) == 1
     with ThreadPoolExecutor(1) as pool:
-        answer = in_thread(pool, client.messages.create, model=OPUS, max_tokens=8, messages=HELLO)
+        answer = in_thread(
+            pool,
+            client.messages.with_raw_response.create,
+            model=OPUS,
+            max_tokens=8,
+            messages=HELLO,
+        )
         (call,) = held_now()
         assert (call.agent, call.backend, call.model, call.rule) == (
             "bob",
@@ -71,8 +77,10 @@ def test_an_approved_call_goes_upstream_as_sent_and_the_trail_says_who_approved(
         assert not answer.done()
         assert len(fake_anthropic.requests) == 1
         held_call_decide(held_id=call.id, approve=True, by=alice)
-        message = answer.result(timeout=10)
-    assert message.model == OPUS
+        raw = answer.result(timeout=10)
+    assert raw.parse().model == OPUS
+    # keybroker's own time leaves the wait out, and says how long it was.
+    assert "held;dur=" in raw.headers["server-timing"]
     sent = fake_anthropic.requests[1]
     assert json.loads(sent.body) == {"model": OPUS, "max_tokens": 8, "messages": HELLO}
     assert sent.headers["x-api-key"] == proxied.key

@@ -26,6 +26,7 @@ from audit.services import audit_record
 from broker.infra.errors import Conflict, NotFound, Unavailable
 from broker.infra.redis import redis_client, redis_key
 from broker.models import Agent
+from keybroker.wire import redact
 
 User = AbstractBaseUser | AnonymousUser | None
 
@@ -145,7 +146,8 @@ def held_call_decide(*, held_id: str, approve: bool, by: User, reason: str = "")
         raise NotFound(f"no held call {held_id[:40]!r}: it never was, or it ended a while ago")
     if call.deadline <= time.time():
         raise Conflict(f"held call {held_id} timed out before anyone decided")
-    reason = reason.strip()[:200]
+    # Shown to the agent and kept in the trail: a key pasted into it never is.
+    reason = redact(reason.strip()[:200])
     decision = Decision(
         decision=APPROVED if approve else DENIED, by=user_name(by), reason=reason, at=time.time()
     )
