@@ -112,7 +112,9 @@ class HoldDesk:
         gone = asyncio.ensure_future(wait_for_disconnect(receive))
         try:
             await asyncio.wait(
-                (decided, gone), timeout=call.deadline - time.time(), return_when="FIRST_COMPLETED"
+                (decided, gone),
+                timeout=call.deadline - time.time(),
+                return_when=asyncio.FIRST_COMPLETED,
             )
         except asyncio.CancelledError:
             # uvicorn gave up waiting for open calls at the end of its graceful shutdown.

@@ -333,3 +333,16 @@ def test_the_cli_sets_a_hold_rule_and_decides_held_calls(
     assert "no held call 'hld_nope'" in refused.stderr
     call_command("agent", "grant", "bob", "anthropic", "--hold", "default")
     assert bobs_grant().hold is None
+
+
+def test_a_call_to_hold_while_redis_is_unreachable_is_a_503_and_never_goes_upstream(
+    proxied: Proxied, fake_anthropic: FakeAnthropic, settings: Any
+) -> None:
+    set_policy(hold={"all": True})
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    answer = httpx.get(
+        f"{proxied.base_url}/v1/models", headers={"x-api-key": proxied.token}, timeout=30
+    )
+    assert answer.status_code == 503
+    assert "held calls cannot be recorded right now" in answer.json()["error"]["message"]
+    assert fake_anthropic.requests == []
