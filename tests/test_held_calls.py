@@ -282,9 +282,9 @@ def test_a_restart_denies_the_calls_it_held(
 def test_a_bad_hold_rule_is_a_400_naming_it_and_changes_nothing(
     admin_api: Any, anthropic: Any, hold: Any, says: str
 ) -> None:
-    from tests.agents import enroll, send
+    from tests.agents import as_agent, enroll, send
 
-    agent, _ = enroll()
+    agent, vend = enroll()
     send(admin_api, "post", f"/v1/admin/pending/{agent.pk}/approve", {})
     url = f"/v1/admin/agents/{agent.pk}/grants/anthropic"
     assert send(admin_api, "patch", url, {"hold": {"all": True}}).status_code == 200
@@ -296,6 +296,9 @@ def test_a_bad_hold_rule_is_a_400_naming_it_and_changes_nothing(
         "all": True, "models": [], "paths": [], "max_tokens_above": None, "timeout": 120,
     }  # fmt: skip
     assert body["policy"]["rpm"] is None
+    # The agent reads it too: why a call of its may wait, and for how long.
+    (grant,) = send(as_agent(vend), "get", "/v1/status").json()["grants"]
+    assert grant["limits"]["hold"] == body["policy"]["hold"]
 
 
 def test_the_cli_sets_a_hold_rule_and_decides_held_calls(
