@@ -349,3 +349,21 @@ def test_a_call_to_hold_while_redis_is_unreachable_is_a_503_and_never_goes_upstr
     assert answer.status_code == 503
     assert "held calls cannot be recorded right now" in answer.json()["error"]["message"]
     assert fake_anthropic.requests == []
+
+
+def test_the_activity_page_offers_the_buttons_only_to_who_may_decide(
+    alice: AbstractBaseUser,
+) -> None:
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Permission
+    from django.test import Client
+
+    vera = get_user_model().objects.create_user("vera", password="vera-pw-123", is_staff=True)
+    vera.user_permissions.add(Permission.objects.get(codename="view_auditevent"))
+    for user, may in ((vera, False), (alice, True)):
+        client = Client()
+        client.force_login(user)
+        page = client.get("/activity/")
+        assert page.status_code == 200
+        assert page.context["kb_settings"]["can_decide"] is may
+        assert 'id="kb-held"' in page.content.decode()
