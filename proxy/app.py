@@ -315,6 +315,13 @@ class ProxyApp:
         if matched is None:
             return True
         if await hold_desk().hold(exchange, rule=matched, timeout=rule.timeout, receive=receive):
+            # A hold can outlast a revocation: what the approval lets through must still be
+            # allowed to go on, as an open call must (AccessCache.watch).
+            reason = await self.access_cache().withdrawn(exchange.token_digest, exchange.backend)
+            if reason:
+                raise AccessDenied(
+                    403, "permission_error", f"approved while held, but meanwhile: {reason}"
+                )
             return True
         exchange.outcome = "client_gone"
         exchange.record("the client hung up while the call was held for approval")

@@ -367,3 +367,21 @@ def test_the_activity_page_offers_the_buttons_only_to_who_may_decide(
         assert page.status_code == 200
         assert page.context["kb_settings"]["can_decide"] is may
         assert 'id="kb-held"' in page.content.decode()
+
+
+def test_a_token_revoked_while_its_call_was_held_is_not_let_through_by_the_approval(
+    proxied: Proxied, fake_anthropic: FakeAnthropic, alice: AbstractBaseUser
+) -> None:
+    from broker.models import Token
+    from broker.services.tokens import token_revoke
+
+    set_policy(hold={"all": True})
+    with ThreadPoolExecutor(1) as pool:
+        answer = in_thread(pool, sdk(proxied).models.list)
+        (call,) = held_now()
+        token_revoke(token=Token.objects.get(pk=proxied.token_id), by=alice)
+        held_call_decide(held_id=call.id, approve=True, by=alice)
+        with pytest.raises(anthropic.PermissionDeniedError) as refused:
+            answer.result(timeout=10)
+    assert "approved while held, but meanwhile: token revoked" in refused.value.message
+    assert fake_anthropic.requests == []
