@@ -12,6 +12,7 @@ process dies. What the proxy does while it waits is proxy/hold.py's; docs/decisi
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +30,8 @@ from broker.models import Agent
 from keybroker.wire import redact
 
 User = AbstractBaseUser | AnonymousUser | None
+
+logger = logging.getLogger(__name__)
 
 HELD_INDEX = "held:calls"  # sorted set: hold id → deadline, in ms since the epoch
 HELD_CHANNEL = "held:decided"  # publishes the id of each decided hold
@@ -151,21 +154,28 @@ def held_call_decide(*, held_id: str, approve: bool, by: User, reason: str = "")
     decision = Decision(
         decision=APPROVED if approve else DENIED, by=user_name(by), reason=reason, at=time.time()
     )
-    client = redis_client()
+    # Recorded first, in the transaction that a lost race rolls back: the trail then shows
+    # the decision before the call it let through.
+    with transaction.atomic():
+        _audit_decided(call, decision, by)
+        client = redis_client()
+        try:
+            if not client.set(decision_key(held_id), decision.encode(), nx=True, ex=call.ttl):
+                _, decided = held_call_get(held_id=held_id)
+                said = decided.said() if decided is not None else "decided"
+                raise Conflict(f"held call {held_id} was already {said}")
+        except (redis.RedisError, OSError) as exc:
+            raise Unavailable(
+                f"the decision was not recorded: Redis is unreachable ({exc})"
+            ) from None
     try:
-        if not client.set(decision_key(held_id), decision.encode(), nx=True, ex=call.ttl):
-            _, decided = held_call_get(held_id=held_id)
-            said = decided.said() if decided is not None else "decided"
-            raise Conflict(f"held call {held_id} was already {said}")
         client.publish(redis_key(HELD_CHANNEL), held_id)
     except (redis.RedisError, OSError) as exc:
-        raise Unavailable(f"the decision was not recorded: Redis is unreachable ({exc})") from None
-    # The holding process polls the decision key too, so a lost publish only slows it.
-    _audit_decided(call, decision, by)
+        # Decided all the same: the holding process reads the decision keys every moment.
+        logger.warning("a held call's decision was not announced (%s)", type(exc).__name__)
     return call
 
 
-@transaction.atomic
 def _audit_decided(call: HeldCall, decision: Decision, by: User) -> None:
     audit_record(
         action="proxy.hold_decided",
