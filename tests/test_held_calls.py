@@ -385,3 +385,36 @@ def test_a_token_revoked_while_its_call_was_held_is_not_let_through_by_the_appro
             answer.result(timeout=10)
     assert "approved while held, but meanwhile: token revoked" in refused.value.message
     assert fake_anthropic.requests == []
+
+
+@pytest.mark.parametrize(
+    ("rule", "path", "body", "held_by"),
+    [
+        ({"all": True}, "/v1/models", b"", "all"),
+        ({"paths": ["/v1/messages/batches**"]}, "/v1/messages/batches/b1/results", b"", "paths"),
+        # * stays within a segment, as in the allow list.
+        ({"paths": ["/v1/messages*"]}, "/v1/messages/batches", b"", None),
+        ({"models": ["claude-opus-*"]}, "/v1/messages", b'{"model": "claude-opus-4-1"}', "models"),
+        ({"models": ["claude-opus-*"]}, "/v1/messages", b'{"model": "claude-haiku-4-5"}', None),
+        # Each request of a batch is read, as the allow list reads them.
+        (
+            {"models": ["claude-opus-*"]},
+            "/v1/messages/batches",
+            b'{"requests": [{"custom_id": "a", "params": {"model": "claude-haiku-4-5"}},'
+            b' {"custom_id": "b", "params": {"model": "claude-opus-4-1"}}]}',
+            "models",
+        ),
+        ({"max_tokens_above": 100}, "/v1/messages", b'{"max_tokens": 101}', "max_tokens_above"),
+        ({"max_tokens_above": 100}, "/v1/messages", b'{"max_tokens": 100}', None),
+        ({"max_tokens_above": 0}, "/v1/messages", b'{"max_tokens": true}', None),
+    ],
+)
+def test_which_calls_a_hold_rule_holds(
+    rule: dict[str, Any], path: str, body: bytes, held_by: str | None
+) -> None:
+    from broker.services.policy import hold_rule_of
+    from proxy.policy import hold_match
+
+    held = hold_rule_of(rule)
+    assert held is not None
+    assert hold_match(held, path=path, headers=[], body=body) == held_by
