@@ -127,6 +127,26 @@ def _spike(event: AuditEvent) -> Alert:
     )
 
 
+def _held(event: AuditEvent) -> Alert:
+    """A call that waits for a person (issue 18): the activity page has its buttons."""
+    detail = event.detail
+    return Alert(
+        event=AlertEvent.CALL_HELD,
+        text=f"A call of agent {event.agent} to {event.backend} waits for approval: "
+        f"{event.message}",
+        link=_admin_url(reverse("activity")),
+        data={
+            "agent": event.agent,
+            "backend": event.backend,
+            "model": event.model,
+            "path": event.path,
+            "hold_id": detail.get("hold_id"),
+            "rule": detail.get("hold_rule"),
+            "held_until": detail.get("held_until"),
+        },
+    )
+
+
 _ALERT_OF: dict[str, Callable[[AuditEvent], Alert | None]] = {
     "agent.enrolled": _waiting,
     "agent.scopes_requested": _scopes_requested,
@@ -134,6 +154,7 @@ _ALERT_OF: dict[str, Callable[[AuditEvent], Alert | None]] = {
     "backend.validated": _key_valid,
     "budget.threshold": _budget,
     "agent.spike": _spike,
+    "proxy.held": _held,
 }
 ALERTED_ACTIONS = frozenset(_ALERT_OF)
 

@@ -8,6 +8,9 @@ Protocol (JSON text frames):
   to narrow the feed (empty or missing means "any"); answered with
   ``{"type": "filter", ...}`` echoing what is now in force;
 - server → client ``{"type": "error", "message": "..."}`` for a frame it cannot use;
+- server → client ``{"type": "held", "event": {...}}`` for every ``proxy.held`` and
+  ``proxy.hold_decided`` event whatever the filters: the page's held calls, with their
+  Approve and Deny buttons, follow them (docs/decisions.md, "Held calls");
 - server → client ``{"type": "missed", "since": "<ISO time>"}`` when a process could not
   publish events made since then (Redis failed for a moment under a socket that stayed
   open): they are in the trail, and the page reloads it (audit/publish.py).
@@ -39,6 +42,7 @@ from audit.publish import ACTIVITY_GROUP
 from audit.selectors import FILTER_TEXT_LIMIT, FeedFilter, audit_viewer
 
 FILTER_FIELDS = ("agent", "backend", "action")
+HELD_ACTIONS = frozenset({"proxy.held", "proxy.hold_decided"})
 # "Try again later": the page reconnects on any close, a client reading codes knows why.
 CLOSE_LAYER_FAILED = 1013
 # Leaving the group is best effort once the layer has failed: a frozen Redis must not hold
@@ -114,5 +118,7 @@ class ActivityConsumer(AsyncJsonWebsocketConsumer):
     async def audit_event(self, message: dict[str, Any]) -> None:
         """A group message from audit/publish.py: one or more new events."""
         for event in message.get("events", []):
+            if event.get("action") in HELD_ACTIONS:
+                await self.send_json({"type": "held", "event": event})
             if self.filters.matches(event):
                 await self.send_json({"type": "audit.event", "event": event})

@@ -29,6 +29,7 @@ KNOWN_ACTIONS = (
     "backend.key_enabled", "backend.key_disabled", "backend.key_updated", "backend.key_removed",
     "budget.threshold", "agent.spike", "alerts.channel_added",
     "alerts.channel_updated", "alerts.channel_removed",
+    "proxy.held", "proxy.hold_decided",
 )  # fmt: skip
 
 # Keyword → column, for the fields that have one. Callers keep the names they already

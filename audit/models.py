@@ -220,6 +220,7 @@ class AlertEvent(models.TextChoices):
     BUDGET_100 = "budget.100"
     SPIKE = "spike"
     AUDIT_SPILLED = "audit.spilled"
+    CALL_HELD = "call.held"
     TEST = "test"
 
 

@@ -279,6 +279,8 @@ class Grant(models.Model):
     max_ttl = models.PositiveIntegerField(
         null=True, blank=True, help_text="seconds; lowers the backend's token TTL bound"
     )
+    # Which calls wait for a person's approval (broker/services/policy.py, HoldRule).
+    hold = models.JSONField(null=True, blank=True, help_text="calls held for approval")
     created_at = models.DateTimeField(auto_now_add=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL

@@ -418,6 +418,12 @@ class AccessCache:
         self._routes[name] = (route, now)
         return route
 
+    async def withdrawn(self, digest: str, backend: str) -> str:
+        """Why a call of this token may no longer go on (revoked, unenrolled, grant removed,
+        backend disabled), read from the database; empty when it may. Expiry does not
+        count, as for open calls (``watch``)."""
+        return await _withdrawn_async(digest, backend)
+
     def watch(self, digest: str, backend: str) -> asyncio.Future[str]:
         """A future that resolves, with the reason, once the token of an open call is
         revoked, its agent unenrolled, its grant removed or its backend disabled. Expiry

@@ -23,6 +23,7 @@ from django.db import Error as DatabaseError
 from broker.infra.loops import LoopLocal
 from broker.infra.secrets import secret_digest
 from broker.services.access import token_misplaced
+from broker.services.policy import HoldRule
 from proxy.access import AccessCache, AccessDenied, Route, TokenAccess
 from proxy.errors import BadRequest, ProxyError
 from proxy.forwarding import (
@@ -39,8 +40,15 @@ from proxy.forwarding import (
     upstream_secret,
     usage_settle,
 )
+from proxy.hold import hold_desk
 from proxy.paths import PathRefused, proxy_path_parse, upstream_url
-from proxy.policy import policy_check_request, policy_demand, policy_gate, process_load
+from proxy.policy import (
+    hold_match,
+    policy_check_request,
+    policy_demand,
+    policy_gate,
+    process_load,
+)
 from proxy.providers import ANTHROPIC, Wire, wire_for
 from proxy.record import Exchange
 
@@ -151,6 +159,7 @@ class ProxyApp:
         self.access_cache().listen()
 
     async def shutdown(self) -> None:
+        await hold_desk().close()  # its held calls are denied: nobody can approve them now
         await self.access_cache().close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -244,8 +253,9 @@ class ProxyApp:
         headers: Headers = scope["headers"]
         # Held whole only when something must read it: policy, or the audit's facts and
         # the reservation of a messages call. Anything else (file uploads) streams through.
+        policy = access.policy
         must_read = path.startswith(exchange.wire.metered_paths) or (
-            access.policy is not None and access.policy.reads_body
+            policy is not None and (policy.reads_body or policy.hold is not None)
         )
         body = await self._read_body(headers, receive, exchange, whole=must_read)
         if body is None:
@@ -268,6 +278,11 @@ class ProxyApp:
                 backend=route.name,
                 wire=exchange.wire,
             )
+            # Before the rates and budgets: a call waiting for a person takes none of them.
+            if access.policy.hold is not None and not await self._held(
+                receive, exchange, access.policy.hold, path, headers, whole
+            ):
+                return
             exchange.ticket = await policy_gate().admit(
                 access.policy,
                 agent=access.agent_name,
@@ -284,6 +299,33 @@ class ProxyApp:
             secret=await upstream_secret(headers, route),
         )
         await forward(request, receive, send, exchange, self.access_cache())
+
+    async def _held(
+        self,
+        receive: Receive,
+        exchange: Exchange,
+        rule: HoldRule,
+        path: str,
+        headers: Headers,
+        body: bytes,
+    ) -> bool:
+        """Whether the call may go on: not held, or held and approved. False when its
+        client hung up while it was held (recorded here)."""
+        matched = hold_match(rule, path=path, headers=headers, body=body, wire=exchange.wire)
+        if matched is None:
+            return True
+        if await hold_desk().hold(exchange, rule=matched, timeout=rule.timeout, receive=receive):
+            # A hold can outlast a revocation: what the approval lets through must still be
+            # allowed to go on, as an open call must (AccessCache.watch).
+            reason = await self.access_cache().withdrawn(exchange.token_digest, exchange.backend)
+            if reason:
+                raise AccessDenied(
+                    403, "permission_error", f"approved while held, but meanwhile: {reason}"
+                )
+            return True
+        exchange.outcome = "client_gone"
+        exchange.record("the client hung up while the call was held for approval")
+        return False
 
     async def _read_body(
         self,

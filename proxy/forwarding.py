@@ -373,7 +373,7 @@ class Hangup:
 
     def __init__(self, receive: Receive) -> None:
         self._call = asyncio.current_task()
-        self.task: asyncio.Future[None] = asyncio.ensure_future(_wait_for_disconnect(receive))
+        self.task: asyncio.Future[None] = asyncio.ensure_future(wait_for_disconnect(receive))
         self._armed = False
         self._fired = False
         self.task.add_done_callback(self._done)
@@ -518,9 +518,7 @@ async def _stream(
     pump = asyncio.ensure_future(_pump(send, upstream, exchange))
     # The call's watcher when it has one (Hangup.close ends it), else one for the answer.
     hangup = (
-        watcher.task
-        if watcher is not None
-        else asyncio.ensure_future(_wait_for_disconnect(receive))
+        watcher.task if watcher is not None else asyncio.ensure_future(wait_for_disconnect(receive))
     )
     withdrawn = access_cache.watch(exchange.token_digest, exchange.backend)
     waiting: set[asyncio.Future[Any]] = {pump, hangup, withdrawn}
@@ -626,7 +624,7 @@ def _is_event_stream(response: aiohttp.ClientResponse) -> bool:
     return response.headers.get("content-type", "").startswith("text/event-stream")
 
 
-async def _wait_for_disconnect(receive: Receive) -> None:
+async def wait_for_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
 

@@ -42,7 +42,14 @@ from audit.recorder import audit_enqueue
 from broker.infra.loops import LoopLocal
 from broker.infra.redis import async_counting_client, async_redis_client, redis_breaker
 from broker.selectors.policy import USAGE_CLOCK, seconds_until, usage_key
-from broker.services.policy import MICRO_USD, Policy, path_allowed, usd_micros, usd_text
+from broker.services.policy import (
+    MICRO_USD,
+    HoldRule,
+    Policy,
+    path_allowed,
+    usd_micros,
+    usd_text,
+)
 from proxy.access import AccessDenied
 from proxy.providers import ANTHROPIC, OPENAI, Wire
 
@@ -475,6 +482,39 @@ def policy_check_request(
                     rule="max_tokens",
                     message=f"{name} {wanted} is over the cap of {cap} for {who}",
                 )
+
+
+def hold_match(
+    rule: HoldRule,
+    *,
+    path: str,
+    headers: Iterable[tuple[bytes, bytes]],
+    body: bytes,
+    wire: Wire = ANTHROPIC,
+) -> str | None:
+    """Which part of a grant's hold rule this call meets (``all``, ``paths``, ``models``,
+    ``max_tokens_above``), or None when it goes on without a person. The same matchers as
+    the allow lists: segment-aware path globs, fnmatch model globs, each request of a batch."""
+    if rule.all:
+        return "all"
+    if rule.paths and path_allowed(unquote(path), rule.paths):
+        return "paths"
+    if not rule.reads_body:
+        return None
+    for asked in _asked("hold", headers, body):
+        model = asked.get("model")
+        if rule.models and isinstance(model, str) and _matches(model, rule.models):
+            return "models"
+        above = rule.max_tokens_above
+        if above is not None and any(
+            _whole_above(asked.get(name), above) for name in wire.max_tokens_fields
+        ):
+            return "max_tokens_above"
+    return None
+
+
+def _whole_above(value: Any, bound: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > bound
 
 
 # --- what one process holds ---------------------------------------------------------------

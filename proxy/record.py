@@ -57,11 +57,20 @@ class Exchange:
     # Anthropic's, which a refusal before the route was read may still correct.
     wire: Wire = ANTHROPIC
     wire_known: bool = False
+    # A call held for a person's approval (proxy/hold.py): its hold, how long it waited
+    # (left out of Server-Timing's keybroker time, and shown as its own metric) and how
+    # the hold ended.
+    hold_id: str = ""
+    held_seconds: float = 0.0
+    hold_decision: str = ""
 
     def server_timing(self) -> tuple[bytes, bytes]:
         """keybroker's own time so far, upstream excluded (docs/decisions.md, Server-Timing)."""
-        own = time.perf_counter() - self.started - self.upstream_seconds
-        return b"server-timing", f"keybroker;dur={max(0.0, own) * 1000:.3f}".encode()
+        own = time.perf_counter() - self.started - self.upstream_seconds - self.held_seconds
+        timing = f"keybroker;dur={max(0.0, own) * 1000:.3f}"
+        if self.hold_id:
+            timing += f", held;dur={self.held_seconds * 1000:.3f}"
+        return b"server-timing", timing.encode()
 
     def answered_by(self, error: ProxyError) -> None:
         """keybroker answered in the upstream's place; the error says how to audit it."""
@@ -123,6 +132,10 @@ class Exchange:
                 fields["failed_status"] = self.failed_status
             if self.failed_error:
                 fields["failed_error"] = self.failed_error
+        if self.hold_id:
+            fields["hold_id"] = self.hold_id
+            fields["held_ms"] = round(self.held_seconds * 1000, 2)
+            fields["hold_decision"] = self.hold_decision
         if self.access is not None:
             fields["token_id"] = self.access.token_id
             fields["token"] = self.access.token_prefix

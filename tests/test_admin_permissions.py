@@ -270,6 +270,17 @@ ENDPOINTS: list[tuple[str, str, str, Any, bool, bool]] = [
         "get", "v1/admin/notifications/<str:channel_id>/deliveries",
         "/v1/admin/notifications/{channel}/deliveries", None, True, True,
     ),
+    # Held calls: deciding one lets through what the grant's policy set aside, as changing
+    # that policy would (an unknown hold is a 404 to whoever may decide).
+    ("get", "v1/admin/held/", "/v1/admin/held/", None, True, True),
+    (
+        "post", "v1/admin/held/<str:held_id>/approve",
+        "/v1/admin/held/hld_0000000000000000/approve", None, False, True,
+    ),
+    (
+        "post", "v1/admin/held/<str:held_id>/deny", "/v1/admin/held/hld_0000000000000000/deny",
+        {"reason": "no"}, False, True,
+    ),
 ]  # fmt: skip
 COLUMNS = ("method", "route", "url", "body", "vera_may", "carl_may")
 IDS = [f"{method} {url}" for method, _, url, *_ in ENDPOINTS]

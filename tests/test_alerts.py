@@ -6,6 +6,7 @@ the Celery task calls; tests/test_alerts_worker.py sends them through a real wor
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -23,7 +24,9 @@ from audit.notify import deliveries_requeue, delivery_attempt, retry_delay
 from audit.spikes import spikes_check
 from broker.infra.redis import redis_client
 from broker.models import Agent
+from broker.selectors.held import held_calls_waiting
 from broker.services.backends import backend_add, backend_validate
+from broker.services.held import held_call_decide
 from tests.agents import as_agent, enroll, send
 from tests.fake_anthropic import FakeAnthropic
 from tests.keys import api_key
@@ -449,3 +452,28 @@ def test_beat_checks_spikes_and_overdue_deliveries_each_run_expiring_before_the_
         assert entry["task"] == task.name
         assert 0 < entry["options"]["expires"] < entry["schedule"]
     assert tasks.notification_deliver_task.name == "audit.tasks.notification_deliver_task"
+
+
+# --- held calls (issue 18, part 2) ----------------------------------------------------------------
+@pytest.mark.django_db(transaction=True)
+def test_a_held_call_alerts_with_a_link_to_the_activity_page(
+    proxied: Proxied, fake_anthropic: FakeAnthropic, admin_api: Client, alice: Any
+) -> None:
+    add_channel(admin_api, url="https://example.com/hook", events=["call.held"])
+    set_policy(hold={"all": True})
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(
+            sdk(proxied).messages.create, model=HAIKU, max_tokens=8, messages=HELLO
+        )
+        wait_until(lambda: deliveries("call.held"), timeout=10, what="the held call's alert")
+        (call,) = held_calls_waiting()
+        held_call_decide(held_id=call.id, approve=True, by=alice)
+        assert answer.result(timeout=10).usage
+    (alert,) = deliveries("call.held")
+    assert alert.payload["text"].startswith(
+        "A call of agent bob to anthropic waits for approval: held for approval (all)"
+    )
+    assert alert.payload["link"].endswith("/activity/")
+    assert alert.payload["data"]["hold_id"] == call.id
+    assert alert.payload["data"]["model"] == HAIKU
+    assert len(fake_anthropic.requests) == 1

@@ -139,3 +139,22 @@ def test_usd_budgets_in_the_admin_set_inherited_and_checked(
     response = admin_client.post(policy_url(bob), {**data, "next": page(bob)}, follow=True)
     assert "monthly_usd: must be an amount in US dollars" in response.content.decode()
     assert grant_values(Grant.objects.get(agent=bob))["monthly_usd"] is None
+
+
+def test_a_hold_rule_in_the_admin_set_shown_and_checked(admin_client: Client, bob: Agent) -> None:
+    grant = Grant.objects.get(agent=bob)
+    field = f"policy-{grant.pk}-hold"
+    rule = "models=claude-opus-*; max_tokens_above=4000; timeout=5m"
+    data = {**form_data(bob), field: rule, "next": page(bob)}
+    assert "saved" in admin_client.post(policy_url(bob), data, follow=True).content.decode()
+    assert grant_values(Grant.objects.get(agent=bob))["hold"] == {
+        "all": False, "models": ["claude-opus-*"], "paths": [], "max_tokens_above": 4000,
+        "timeout": 300,
+    }  # fmt: skip
+    assert f'value="{rule}"' in admin_client.get(page(bob)).content.decode()
+
+    data = {**form_data(bob), field: "all; timeout=3h", "next": page(bob)}
+    html = admin_client.post(policy_url(bob), data, follow=True).content.decode()
+    assert "hold: timeout: must be 5s to 1h, not 3h" in html
+    assert "Nothing was saved" in html
+    assert grant_values(Grant.objects.get(agent=bob))["hold"]["timeout"] == 300

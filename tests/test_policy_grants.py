@@ -165,7 +165,7 @@ def test_the_cli_grants_with_a_policy_and_lists_it(bob: Agent, staging: Backend)
     listed = manage("agent", "grants", "bob").splitlines()
     assert listed[0].split() == [
         "BACKEND", "MODELS", "PATHS", "RPM", "TPM", "DAILY", "TOKENS", "DAILY", "USD", "MONTHLY",
-        "USD", "MAX", "TOKENS", "MAX", "CONCURRENT", "MAX", "TTL", "GRANTED",
+        "USD", "MAX", "TOKENS", "MAX", "CONCURRENT", "MAX", "TTL", "HOLD", "GRANTED",
     ]  # fmt: skip
     anthropic_row, staging_row = listed[1].split(), listed[2].split()
     assert anthropic_row[:6] == ["anthropic", "-", "-", "-", "20000", "(backend)"]

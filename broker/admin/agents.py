@@ -43,6 +43,7 @@ from broker.services.policy import (
     backend_defaults,
     grant_update,
     grant_values,
+    hold_text,
     policy_parse_texts,
     usd_text,
 )
@@ -92,6 +93,12 @@ class GrantPolicyForm(forms.Form):
         required=False, label="max concurrent", help_text="calls in flight, per proxy process"
     )
     max_ttl = forms.CharField(required=False, label="max TTL", help_text="of minted tokens")
+    hold = forms.CharField(
+        required=False,
+        label="hold for approval",
+        help_text="calls a person approves on the activity page: 'all; timeout=2m' or "
+        "'models=claude-opus-*; paths=/v1/messages/batches**; max_tokens_above=4000'",
+    )
 
     def __init__(self, grant: Grant, *args: Any, **kwargs: Any) -> None:
         own = grant_values(grant)
@@ -112,6 +119,8 @@ def _policy_text(name: str, value: Any) -> str:
         return ",".join(value)
     if name in USD_FIELDS:
         return usd_text(value)
+    if name == "hold":
+        return hold_text(value)
     return duration_format(value) if name == "max_ttl" else str(value)
 
 

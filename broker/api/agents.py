@@ -12,6 +12,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from broker.api.auth import AgentAuthentication, IsAgent, client_address
+from broker.api.policy import HoldRuleSchema
 from broker.api.serializers import StrictCharField, StrictInputSerializer
 from broker.infra.ratelimit import rate_limit_hit
 from broker.models import Agent, Grant, Token
@@ -131,6 +132,11 @@ class GrantLimitsOutput(serializers.Serializer[Any]):
     daily_usd = UsdLeftOutput(allow_null=True, help_text="USD spent today (UTC)")
     monthly_usd = UsdLeftOutput(allow_null=True, help_text="USD spent this UTC calendar month")
     window_seconds = serializers.IntegerField(help_text="the rpm and tpm window")
+    hold = HoldRuleSchema(
+        allow_null=True,
+        help_text="calls that wait for a person's approval (up to timeout seconds, then 403); "
+        "null = none",
+    )
 
 
 class GrantOutput(serializers.Serializer[Any]):
@@ -156,6 +162,7 @@ def grant_status(grant: Grant) -> dict[str, Any]:
             "paths": list(policy.paths),
             "max_tokens": policy.max_tokens,
             "max_concurrent": policy.max_concurrent,
+            "hold": policy.hold.json() if policy.hold is not None else None,
             **policy_left(policy),
         },
     }

@@ -21,6 +21,9 @@ from broker.models import Backend, Grant
 from broker.services.agents import agent_get_by_id, agent_ungrant
 from broker.services.backends import backend_get
 from broker.services.policy import (
+    HOLD_TIMEOUT_DEFAULT,
+    HOLD_TIMEOUT_MAX,
+    HOLD_TIMEOUT_MIN,
     MAX_PATTERN_LENGTH,
     MAX_PATTERNS,
     backend_defaults,
@@ -81,6 +84,32 @@ def _limit(text: str) -> StrictIntegerField:
     )
 
 
+class HoldRuleSchema(serializers.Serializer[Any]):
+    all = serializers.BooleanField(required=False, help_text="hold every call")
+    models = serializers.ListField(
+        child=serializers.CharField(), required=False, help_text="model globs (claude-opus-*)"
+    )
+    paths = serializers.ListField(
+        child=serializers.CharField(),
+        required=False,
+        help_text="upstream path globs: * within a segment, ** across",
+    )
+    max_tokens_above = serializers.IntegerField(
+        required=False, allow_null=True, help_text="hold a call asking for more max_tokens"
+    )
+    timeout = serializers.IntegerField(
+        required=False,
+        help_text=f'seconds (or "2m" on input) a call waits for a person, '
+        f"{HOLD_TIMEOUT_MIN} to {HOLD_TIMEOUT_MAX}; default {HOLD_TIMEOUT_DEFAULT}; then denied",
+    )
+
+
+# The service checks every key and value of a hold rule, so its refusals name them.
+@extend_schema_field(HoldRuleSchema(allow_null=True))
+class HoldRuleField(serializers.JSONField):
+    pass
+
+
 class BackendPolicyInput(StrictInputSerializer):
     """Fields left out stay as they are."""
 
@@ -102,6 +131,11 @@ class GrantPolicyInput(BackendPolicyInput):
         help_text='longest token minted for this grant: seconds or "30m"; at most the '
         "backend's bound; null = the backend's bound",
     )
+    hold = HoldRuleField(
+        required=False,
+        allow_null=True,
+        help_text="calls that wait for a person's approval on the activity page; null = none",
+    )
 
 
 class PolicyValuesOutput(serializers.Serializer[Any]):
@@ -115,6 +149,7 @@ class PolicyValuesOutput(serializers.Serializer[Any]):
     max_tokens = serializers.IntegerField(allow_null=True)
     max_concurrent = serializers.IntegerField(allow_null=True)
     max_ttl = serializers.IntegerField(allow_null=True, help_text="seconds")
+    hold = HoldRuleSchema(allow_null=True, required=False, help_text="null = no call is held")
 
 
 class GrantPolicyOutput(serializers.Serializer[Any]):

@@ -121,6 +121,7 @@ AUDIENCES: tuple[tuple[str, str], ...] = (
     ("/v1/admin/backends/", "admin: backends"),
     ("/v1/admin/agents/", "admin: agents"),
     ("/v1/admin/pending/", "admin: agents"),
+    ("/v1/admin/held/", "admin: agents"),
     ("/v1/admin/tokens/", "admin: tokens"),
     ("/v1/admin/audit/", "admin: audit"),
     ("/v1/admin/usage/", "admin: usage and monitoring"),

@@ -41,6 +41,13 @@ class Conflict(ServiceError):
     error_type = "conflict"
 
 
+class Unavailable(ServiceError):
+    """A service this needs (Redis) does not answer: retry shortly."""
+
+    status_code = 503
+    error_type = "unavailable"
+
+
 class Unauthenticated(ServiceError):
     status_code = 401
     error_type = "authentication_error"

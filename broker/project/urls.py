@@ -8,7 +8,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from audit import alerts_api, metrics_view, usage_api, usage_page
 from audit import api as audit_api
 from audit import views as audit_views
-from broker.api import admin_agents, agents, backend_keys, oidc, policy
+from broker.api import admin_agents, agents, backend_keys, held, oidc, policy
 from broker.api.backends import (
     BackendDetailView,
     BackendListView,
@@ -65,6 +65,10 @@ urlpatterns = [
     path("v1/admin/pending/<str:agent_id>/reject", admin_agents.PendingRejectView.as_view()),
     path("v1/admin/tokens/", admin_agents.TokenListView.as_view()),
     path("v1/admin/tokens/<str:token_id>", admin_agents.TokenDetailView.as_view()),
+    # Calls held for a person's approval (a grant's hold rule); the activity page decides.
+    path("v1/admin/held/", held.HeldListView.as_view(), name="admin-held"),
+    path("v1/admin/held/<str:held_id>/approve", held.HeldApproveView.as_view()),
+    path("v1/admin/held/<str:held_id>/deny", held.HeldDenyView.as_view()),
     # The audit trail: its admin API and the live activity page (the feed is /ws/activity/).
     path("v1/admin/audit/", audit_api.AuditListView.as_view(), name="admin-audit"),
     path("v1/admin/audit/export.csv", audit_api.AuditCsvExportView.as_view()),

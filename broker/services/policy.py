@@ -13,6 +13,7 @@ enforcement and the Redis counters are in proxy/policy.py.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ from broker.models import Agent, Backend, Grant
 from broker.services.access import access_changed
 from broker.services.agents import agent_grant
 from broker.services.tokens import ttl_parse
-from keybroker.wire import duration_format
+from keybroker.wire import duration_format, duration_parse
 
 User = AbstractBaseUser | AnonymousUser | None
 
@@ -44,6 +45,7 @@ POLICY_FIELDS = (
     "max_tokens",
     "max_concurrent",
     "max_ttl",
+    "hold",
 )
 GRANT_COLUMNS = {
     "models": "allowed_models",
@@ -56,12 +58,15 @@ GRANT_COLUMNS = {
     "max_tokens": "max_tokens",
     "max_concurrent": "max_concurrent",
     "max_ttl": "max_ttl",
+    "hold": "hold",
 }
-# A backend has no max_ttl default: its token_ttl_max is that bound already.
+# A backend has no max_ttl default: its token_ttl_max is that bound already. A hold rule is
+# a grant's own: which calls of which agent a person must see (docs/decisions.md).
+GRANT_ONLY = ("max_ttl", "hold")
 BACKEND_COLUMNS = {
     name: f"default_{column.removeprefix('allowed_')}"
     for name, column in GRANT_COLUMNS.items()
-    if name != "max_ttl"
+    if name not in GRANT_ONLY
 }
 LIST_FIELDS = ("models", "paths")
 # Budgets in US dollars: counted in Redis as whole micro-dollars, the precision of a call's
@@ -84,6 +89,49 @@ MAX_PATTERN_LENGTH = 200
 _GLOB_CHARS = re.compile(r"^[A-Za-z0-9._:@/*?\[\]!~+=-]+$")
 # Said in the CLI and the admin form: back to the backend's default.
 INHERIT_WORDS = {"", "default"}
+# How long a held call waits for a person (docs/decisions.md, "Held calls").
+HOLD_TIMEOUT_DEFAULT = 120
+HOLD_TIMEOUT_MIN = 5
+HOLD_TIMEOUT_MAX = 3600
+HOLD_KEYS = ("all", "models", "paths", "max_tokens_above", "timeout")
+
+
+@dataclass(frozen=True)
+class HoldRule:
+    """Which calls of a grant wait for a person's decision, and for how long: every call
+    (``all``), a model or path matching a glob, or a ``max_tokens`` above a number."""
+
+    all: bool = False
+    models: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    max_tokens_above: int | None = None
+    timeout: int = HOLD_TIMEOUT_DEFAULT
+
+    @property
+    def reads_body(self) -> bool:
+        return bool(self.models) or self.max_tokens_above is not None
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "all": self.all,
+            "models": list(self.models),
+            "paths": list(self.paths),
+            "max_tokens_above": self.max_tokens_above,
+            "timeout": self.timeout,
+        }
+
+
+def hold_rule_of(stored: Mapping[str, Any] | None) -> HoldRule | None:
+    """The rule a grant's ``hold`` column holds (as ``_clean_hold`` wrote it)."""
+    if not stored:
+        return None
+    return HoldRule(
+        all=bool(stored.get("all")),
+        models=tuple(stored.get("models") or ()),
+        paths=tuple(stored.get("paths") or ()),
+        max_tokens_above=stored.get("max_tokens_above"),
+        timeout=int(stored.get("timeout") or HOLD_TIMEOUT_DEFAULT),
+    )
 
 
 @dataclass(frozen=True)
@@ -107,6 +155,8 @@ class Policy:
     # Calls of this grant in flight at once, counted per proxy process (not in Redis).
     max_concurrent: int | None = None
     max_ttl: int | None = None
+    # Calls a person must approve first (proxy/hold.py); None for nearly every grant.
+    hold: HoldRule | None = None
 
     @property
     def counted(self) -> bool:
@@ -157,6 +207,9 @@ def policy_value_json(name: str, value: Any) -> Any:
     """A policy value as JSON carries it: lists as lists, dollars as decimal strings."""
     if value is None:
         return None
+    if name == "hold":
+        rule = value if isinstance(value, HoldRule) else hold_rule_of(value)
+        return rule.json() if rule is not None else None
     if name in LIST_FIELDS:
         return list(value)
     if name in USD_FIELDS:
@@ -188,6 +241,7 @@ def grant_policy(grant: Grant) -> Policy:
         max_concurrent=pick("max_concurrent"),
         # A backend bound lowered after the grant was set still wins.
         max_ttl=min(max_ttl, bound) if max_ttl is not None else None,
+        hold=hold_rule_of(own["hold"]),
     )
 
 
@@ -403,6 +457,7 @@ def policy_clean(
     unknown = [name for name in changes if name not in allowed]
     if unknown:
         hint = " (a backend's bound is its token TTL max)" if "max_ttl" in unknown else ""
+        hint += " (a hold rule is set on each grant)" if "hold" in unknown else ""
         raise ServiceError(f"unknown policy field: {', '.join(unknown)}{hint}")
     clean: dict[str, Any] = {}
     problems = Problems()
@@ -414,10 +469,124 @@ def policy_clean(
                 clean[name] = _clean_max_ttl(backend, value)
             elif name in USD_FIELDS:
                 clean[name] = _clean_usd(name, value)
+            elif name == "hold":
+                clean[name] = _clean_hold(value)
             else:
                 clean[name] = _clean_int(name, value)
     problems.raise_if_any()
     return clean
+
+
+def _clean_hold(value: object) -> dict[str, Any] | None:
+    """A hold rule as stored: every key present, patterns checked, the timeout bounded."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ServiceError(
+            'give an object such as {"all": true} or {"models": ["claude-opus-*"]}, '
+            "or null for no hold",
+            "hold",
+        )
+    unknown = sorted(str(key) for key in value if key not in HOLD_KEYS)
+    if unknown:
+        raise ServiceError(
+            f"unknown key(s) {', '.join(unknown)}; use {', '.join(HOLD_KEYS)}", "hold"
+        )
+    every = value.get("all", False)
+    if not isinstance(every, bool):
+        raise ServiceError("all: must be true or false", "hold")
+    patterns: dict[str, list[str]] = {}
+    for kind in ("models", "paths"):
+        try:
+            patterns[kind] = _clean_patterns(kind, value.get(kind)) or []
+        except ServiceError as exc:
+            raise ServiceError(f"{kind}: {exc.text}", "hold") from None
+    above = value.get("max_tokens_above")
+    if above is not None and (
+        isinstance(above, bool) or not isinstance(above, int) or not above >= 0
+    ):
+        raise ServiceError("max_tokens_above: must be a whole number, 0 or more", "hold")
+    if above is not None and above > INT_BOUNDS["max_tokens"]:
+        raise ServiceError(
+            f"max_tokens_above: must be at most {INT_BOUNDS['max_tokens']:,}", "hold"
+        )
+    timeout = _hold_timeout(value.get("timeout"))
+    if not (every or patterns["models"] or patterns["paths"] or above is not None):
+        raise ServiceError(
+            "holds no call: set all, models, paths or max_tokens_above (null removes the hold)",
+            "hold",
+        )
+    return {"all": every, **patterns, "max_tokens_above": above, "timeout": timeout}
+
+
+def _hold_timeout(value: object) -> int:
+    if value is None:
+        return HOLD_TIMEOUT_DEFAULT
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ServiceError('timeout: give seconds or a duration such as "2m"', "hold")
+    try:
+        seconds = int(duration_parse(str(value)))
+    except ValueError as exc:
+        raise ServiceError(f"timeout: {exc}", "hold") from None
+    if not HOLD_TIMEOUT_MIN <= seconds <= HOLD_TIMEOUT_MAX:
+        raise ServiceError(
+            f"timeout: must be {duration_format(HOLD_TIMEOUT_MIN)} to "
+            f"{duration_format(HOLD_TIMEOUT_MAX)}, not {duration_format(seconds)}",
+            "hold",
+        )
+    return seconds
+
+
+def hold_text(value: Mapping[str, Any] | HoldRule | None) -> str:
+    """A hold rule as the CLI and the admin form write it: ``all; models=claude-opus-*;
+    max_tokens_above=4000; timeout=2m`` (``hold_parse_text`` reads it back)."""
+    rule = value if isinstance(value, HoldRule) or value is None else hold_rule_of(value)
+    if rule is None:
+        return ""
+    parts = ["all"] if rule.all else []
+    if rule.models:
+        parts.append("models=" + ",".join(rule.models))
+    if rule.paths:
+        parts.append("paths=" + ",".join(rule.paths))
+    if rule.max_tokens_above is not None:
+        parts.append(f"max_tokens_above={rule.max_tokens_above}")
+    parts.append(f"timeout={duration_format(rule.timeout)}")
+    return "; ".join(parts)
+
+
+def hold_parse_text(text: str) -> object:
+    """``hold_text``'s form, or the JSON object the API takes; ``_clean_hold`` judges it."""
+    if text.startswith("{"):
+        try:
+            parsed: object = json.loads(text)
+        except ValueError:
+            raise ServiceError("is not a JSON object", "hold") from None
+        return parsed
+    rule: dict[str, object] = {}
+    for part in (item.strip() for item in text.split(";")):
+        if not part:
+            continue
+        key, equals, found = (piece.strip() for piece in part.partition("="))
+        key = key.replace("-", "_")
+        if key == "all" and not equals:
+            rule["all"] = True
+        elif key in ("models", "paths") and equals:
+            rule[key] = [item.strip() for item in found.split(",") if item.strip()]
+        elif key == "max_tokens_above" and equals:
+            if not re.fullmatch(r"\d{1,20}", found):
+                raise ServiceError(
+                    f"max_tokens_above: {found[:20]!r} is not a whole number", "hold"
+                )
+            rule[key] = int(found)
+        elif key == "timeout" and equals:
+            rule[key] = found
+        else:
+            raise ServiceError(
+                f"{part[:40]!r} is not understood; write e.g. "
+                "'all; timeout=2m' or 'models=claude-opus-*; max_tokens_above=4000'",
+                "hold",
+            )
+    return rule
 
 
 def policy_parse_text(name: str, text: str) -> object:
@@ -431,6 +600,8 @@ def policy_parse_text(name: str, text: str) -> object:
         return [item.strip() for item in value.split(",") if item.strip()]
     if name == "max_ttl":
         return value  # ttl_parse takes seconds or 90s, 30m, 1h
+    if name == "hold":
+        return hold_parse_text(value)
     if name in USD_FIELDS:
         return value.removeprefix("$")  # _clean_usd reads the amount
     if not re.fullmatch(r"-?\d{1,20}", value):

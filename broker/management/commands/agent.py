@@ -32,6 +32,7 @@ from broker.services.policy import (
     grant_describe,
     grant_set,
     grants_of,
+    hold_text,
     policy_parse_texts,
     usd_text,
 )
@@ -49,6 +50,11 @@ POLICY_FLAGS = {
     "max_tokens": ("N", "cap on a request's max_tokens"),
     "max_concurrent": ("N", "calls in flight at once (per proxy process)"),
     "max_ttl": ("TTL", "longest token minted for it (90s, 30m, 1h); at most the backend's"),
+    "hold": (
+        "RULE",
+        "calls a person must approve on the activity page: 'all; timeout=2m' or "
+        "'models=claude-opus-*; paths=/v1/messages/batches**; max_tokens_above=4000'",
+    ),
 }
 
 
@@ -60,9 +66,9 @@ def _scopes(option: str | None) -> list[str] | None:
     return None if option is None else [s.strip() for s in option.split(",") if s.strip()]
 
 
-def _policy_flags(parser: CommandParser, *, with_ttl: bool = True) -> None:
+def _policy_flags(parser: CommandParser, *, for_grant: bool = True) -> None:
     for name, (metavar, text) in POLICY_FLAGS.items():
-        if name == "max_ttl" and not with_ttl:
+        if name not in BACKEND_COLUMNS and not for_grant:
             continue
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, dest=name, metavar=metavar, help=f"{text}; 'default' unsets")
@@ -75,6 +81,8 @@ def _shown(name: str, value: Any) -> str:
         return ",".join(value) or "-"
     if name in USD_FIELDS:
         return f"${usd_text(Decimal(value))}"
+    if name == "hold":
+        return hold_text(value)
     return duration_format(value) if name == "max_ttl" else str(value)
 
 
@@ -124,7 +132,7 @@ class Command(BaseCommand):
             "defaults", help="policy defaults for every grant on a backend (a grant's own wins)"
         )
         defaults.add_argument("backend")
-        _policy_flags(defaults, with_ttl=False)
+        _policy_flags(defaults, for_grant=False)
         identity = sub.add_parser(
             "grant-identity",
             help="let an agent get identity tokens (JWTs) for an audience, e.g. Anthropic's "
@@ -240,7 +248,8 @@ class Command(BaseCommand):
                 cells.append(cell)
             rows.append((grant.backend.name, *cells, _when(grant.created_at)))
         headers = ["BACKEND", "MODELS", "PATHS", "RPM", "TPM", "DAILY TOKENS", "DAILY USD",
-                   "MONTHLY USD", "MAX TOKENS", "MAX CONCURRENT", "MAX TTL", "GRANTED"]  # fmt: skip
+                   "MONTHLY USD", "MAX TOKENS", "MAX CONCURRENT", "MAX TTL", "HOLD",
+                   "GRANTED"]  # fmt: skip
         return table(rows, headers)
 
     def do_defaults(self, **options: Any) -> None:
