@@ -37,6 +37,9 @@ class FederationCache:
         self._flights: dict[str, asyncio.Future[FederatedToken]] = {}
         self._failures: dict[str, tuple[float, FederationError]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # A refused token being dropped from the shared cache, by cache key: the next
+        # exchange waits for it, or it could be handed the same token back from there.
+        self._forgetting: dict[str, asyncio.Task[Any]] = {}
 
     async def token(self, federation: Federation) -> str:
         key = federation.cache_key
@@ -73,6 +76,9 @@ class FederationCache:
     async def _exchange(self, federation: Federation) -> FederatedToken:
         key = federation.cache_key
         try:
+            forgetting = self._forgetting.get(key)
+            if forgetting is not None:
+                await asyncio.wait({forgetting})
             token = await _federation_token(federation)
         except FederationError as exc:
             self._failures[key] = (time.monotonic() + FAILURE_COOLDOWN_SECONDS, exc)
@@ -91,7 +97,16 @@ class FederationCache:
             del self._tokens[key]
         task = asyncio.ensure_future(_federation_forget(federation, token))
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._forgetting[key] = task
+
+        def done(finished: asyncio.Task[Any]) -> None:
+            if not finished.cancelled():
+                finished.exception()  # logged by the service; retrieved here
+            self._background.discard(finished)
+            if self._forgetting.get(key) is finished:
+                del self._forgetting[key]
+
+        task.add_done_callback(done)
 
 
 _caches = LoopLocal(FederationCache)

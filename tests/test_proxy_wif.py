@@ -147,6 +147,28 @@ def test_a_token_the_upstream_refuses_is_dropped_and_exchanged_anew(
     assert bearer_of(last) == fake_anthropic.exchanges[1].access_token
 
 
+def test_the_next_call_after_a_refusal_waits_for_the_shared_cache_to_drop_the_token(
+    federated: Federated, fake_anthropic: FakeAnthropic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refused token leaves the shared cache in the background; a call right behind the
+    401 must not be handed it back from there (a CI run saw exactly that)."""
+    import proxy.federation
+
+    forget = proxy.federation._federation_forget
+
+    async def slow_forget(*args: Any) -> None:
+        await asyncio.sleep(0.5)
+        await forget(*args)
+
+    monkeypatch.setattr(proxy.federation, "_federation_forget", slow_forget)
+    http = httpx.Client(base_url=federated.base_url, headers={"x-api-key": federated.token})
+    assert http.get("/v1/models").status_code == 200
+    fake_anthropic.valid_keys.discard(fake_anthropic.exchanges[0].access_token)
+    assert http.get("/v1/models").status_code == 401
+    assert http.get("/v1/models").status_code == 200
+    assert len(fake_anthropic.exchanges) == 2
+
+
 def test_a_refused_exchange_is_a_502_naming_the_backend_and_leaking_nothing(
     federated: Federated, fake_anthropic: FakeAnthropic, caplog: pytest.LogCaptureFixture
 ) -> None:
