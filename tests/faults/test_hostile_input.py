@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.core.parameters import ParameterLocation
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from audit.channels import channel_create
 from broker.runtime.health import worker_heartbeat_record
 from broker.services.admin_tokens import admintoken_create
 from broker.services.agents import agent_enroll
@@ -90,6 +91,9 @@ def cast(alice: AbstractBaseUser, fake_anthropic: FakeAnthropic, settings: Any) 
     token = token_issue(agent=bob.agent, backend_name="anthropic")
     grant = identity_grant(agent=bob.agent, audience="https://api.anthropic.com", by=alice)
     admin = admintoken_create(name="schemathesis", username="alice").plaintext
+    channel = channel_create(
+        kind="webhook", url="https://hooks.example.com/fuzz", events=["spike"], by=alice
+    )
     return Cast(
         admin=admin,
         agent=bob.vend_token,
@@ -100,6 +104,9 @@ def cast(alice: AbstractBaseUser, fake_anthropic: FakeAnthropic, settings: Any) 
             "fingerprint": [k.fingerprint for k in backend.keys.all()],
             "token_id": [str(token.token.pk)],
             "grant_id": [str(grant.pk)],
+            "channel_id": [str(channel.channel.pk)],
+            # No call is held here: a well-formed id that names none (a 404).
+            "held_id": ["hld_0000000000000000"],
         },
         secrets=[admin, key, bob.vend_token, carol.vend_token, token.plaintext],
     )
