@@ -91,8 +91,11 @@ def broker() -> Iterator[Broker]:
         instance.process.kill()
         instance.process.wait()
     for pid in instance.child_pids().values():
+        # Each child leads a process group of its own (serve starts them in new sessions):
+        # killing the group takes Celery's pool and beat processes too, which a kill of the
+        # worker alone left running, orphaned, after the suite.
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
     shutil.rmtree(data_dir, ignore_errors=True)
 
 
