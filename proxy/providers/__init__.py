@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from broker.kinds import ProviderError, provider_for
 from proxy.providers.anthropic import ANTHROPIC
-from proxy.providers.base import Headers, Usage, Wire
+from proxy.providers.base import Usage, Wire
 from proxy.providers.openai import OPENAI
 
 WIRES: dict[str, Wire] = {wire.dialect: wire for wire in (ANTHROPIC, OPENAI)}
@@ -26,4 +26,4 @@ def wire_for(kind: str) -> Wire:
         return ANTHROPIC
 
 
-__all__ = ["ANTHROPIC", "OPENAI", "WIRES", "Headers", "Usage", "Wire", "wire_for"]
+__all__ = ["ANTHROPIC", "OPENAI", "WIRES", "Usage", "Wire", "wire_for"]

@@ -9,8 +9,6 @@ from typing import Any
 
 from broker.prices import CACHE_WRITE_1H
 
-Headers = list[tuple[bytes, bytes]]
-
 # The names usage is kept under, whoever the provider: Anthropic's. Policy and the audit
 # trail add them up, so a provider maps its counts onto them with the sum it bills.
 USAGE_FIELDS = (
