@@ -420,9 +420,7 @@ def aiohttp_app(shape: Shape, stats: Stats) -> Any:
     from aiohttp import web
 
     async def messages(request: web.Request) -> web.StreamResponse:
-        stats.requests += 1
-        headers = {k.lower().encode(): v.encode("latin-1") for k, v in request.headers.items()}
-        stats.count(b"/v1/messages", b"POST", headers)
+        _count(request, stats)
         params = dict(request.query)
         if "status" in params:
             status = int(params["status"])
@@ -470,9 +468,7 @@ def aiohttp_app(shape: Shape, stats: Stats) -> Any:
         return answer
 
     async def models(request: web.Request) -> web.Response:
-        stats.requests += 1
-        headers = {k.lower().encode(): v.encode("latin-1") for k, v in request.headers.items()}
-        stats.count(b"/v1/models", b"GET", headers)
+        _count(request, stats)
         return web.Response(body=MODELS_BODY, headers=_reply_headers(stats, {}))
 
     async def bench_stats(request: web.Request) -> web.Response:
@@ -485,6 +481,13 @@ def aiohttp_app(shape: Shape, stats: Stats) -> Any:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/_bench/stats", bench_stats)
     return app
+
+
+def _count(request: Any, stats: Stats) -> None:
+    """One request to the aiohttp build, counted as UpstreamProtocol counts its own."""
+    stats.requests += 1
+    headers = {k.lower().encode(): v.encode("latin-1") for k, v in request.headers.items()}
+    stats.count(request.path.encode(), request.method.encode(), headers)
 
 
 def _reply_headers(stats: Stats, extra: dict[str, str]) -> dict[str, str]:
